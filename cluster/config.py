@@ -1,0 +1,65 @@
+"""Typed configuration of a training run, as it crosses into the workers.
+
+Ray's ``train_loop_config`` is a plain dict; it is built from
+:class:`TrainLoopConfig` on the driver and rebuilt into one on each worker's
+first line, so a typo or a bad value fails on the driver, before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from cluster.errors import UserError
+
+FRAMEWORKS = ("torch",)
+MODELS = ("seed_cnn",)
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainLoopConfig:
+    """Everything one worker needs to train; the data is a local directory."""
+
+    data_dir: str
+    model: str = "seed_cnn"
+    epochs: int = 10
+    batch_size: int = 64  # global: split evenly across workers
+    lr: float = 0.001
+    momentum: float = 0.9
+    seed: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise UserError(f"model={self.model!r} is unknown; choose one of {', '.join(MODELS)}.")
+        if self.epochs < 1:
+            raise UserError(f"epochs={self.epochs} must be at least 1.")
+        if not 1 <= self.batch_size <= 65536:
+            raise UserError(f"batch_size={self.batch_size} is out of range; choose 1 to 65536.")
+        if not 0 < self.lr <= 10:
+            raise UserError(f"lr={self.lr} is out of range; choose a learning rate in (0, 10].")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"momentum={self.momentum} must be in [0, 1).")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainLoopConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def local_batch_size(self, world_size: int) -> int:
+        """This worker's share of the global batch.
+
+        Raises:
+            UserError: when the global batch does not split evenly.
+        """
+        if self.batch_size % world_size:
+            raise UserError(f"batch_size={self.batch_size} does not split evenly over {world_size} workers; "
+                            f"use a multiple of {world_size}.")
+        return self.batch_size // world_size

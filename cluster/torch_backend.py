@@ -1,0 +1,146 @@
+"""PyTorch pieces: the model, one train step, one eval pass, checkpoint files.
+
+Imported lazily (only by training workers, evaluation and benchmarks), so the
+flow can be imported and deployed without loading torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODEL_FILE = "model.pt"
+OPTIM_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """What it takes to rebuild a model and feed it: shape, classes, normalisation."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+
+class SeedCNN(nn.Module):
+    """The source article's network: conv64-conv128-conv256 (each + 2x2 max-pool),
+    then fc1024-fc512-fc(classes). The classifier's input width follows from the
+    configured image size, so any size >= 8 works."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1)
+        self.conv2 = nn.Conv2d(64, 128, 3, padding=1)
+        self.conv3 = nn.Conv2d(128, 256, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, 2)
+        side = image_size // 2 // 2 // 2
+        self.fc1 = nn.Linear(256 * side * side, 1024)
+        self.fc2 = nn.Linear(1024, 512)
+        self.fc3 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = self.pool(F.relu(self.conv3(x)))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    if spec.name != "seed_cnn":
+        raise ValueError(f"unknown model {spec.name!r}")
+    return SeedCNN(spec.in_channels, spec.num_classes, spec.image_size)
+
+
+class Normalizer:
+    """uint8 NHWC batches → float NCHW, normalised, as a few tensor ops on the batch's device."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, channels_last: bool) -> None:
+        shape = (1, spec.in_channels, 1, 1)
+        self.scale = (1.0 / (255.0 * torch.tensor(spec.std))).view(shape).to(device)
+        self.shift = (torch.tensor(spec.mean) / torch.tensor(spec.std)).view(shape).to(device)
+        self.channels_last = channels_last
+
+    def __call__(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
+        x = batch_nhwc.permute(0, 3, 1, 2)  # a free view: NCHW shape with channels-last strides
+        if not self.channels_last:
+            x = x.contiguous()
+        return x.float() * self.scale - self.shift
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               autocast: torch.autocast) -> torch.Tensor:
+    """One SGD step; returns the (detached) summed loss of the batch."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach() * len(y)
+
+
+@torch.no_grad()
+def eval_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Normalizer,
+              autocast: torch.autocast, batch_size: int = 512) -> tuple[float, int, int]:
+    """Summed loss, number correct and number seen over uint8 images ``x``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = normalize(x[i:i + batch_size]), y[i:i + batch_size]
+        with autocast:
+            logits = model(xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train()
+    return loss_sum, correct, len(y)
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, spec: ModelSpec,
+                    epoch: int, history: list[dict]) -> None:
+    """Write model weights, optimizer state and progress; ``model`` must already be unwrapped from DDP."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), directory / MODEL_FILE)
+    torch.save(optimizer.state_dict(), directory / OPTIM_FILE)
+    state = {"epoch": epoch, "history": history, "spec": asdict(spec)}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def read_state(directory: Path) -> tuple[ModelSpec, int, list[dict]]:
+    """The spec, last finished epoch and metric history stored in a checkpoint."""
+    state = json.loads((directory / STATE_FILE).read_text())
+    raw = state["spec"]
+    spec = ModelSpec(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]), "classes": tuple(raw["classes"])})
+    return spec, state["epoch"], state["history"]
+
+
+def load_weights(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    # weights_only: a checkpoint is data, never code
+    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=True))
+
+
+def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class indices predicted for uint8 NHWC ``images`` by the checkpoint's model, on the CPU."""
+    spec, _, _ = read_state(checkpoint_dir)
+    model = build_model(spec)
+    load_weights(checkpoint_dir, model)
+    model.eval()
+    normalize = Normalizer(spec, torch.device("cpu"), channels_last=False)
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    with torch.no_grad():
+        return torch.cat([model(normalize(x[i:i + batch_size])).argmax(1)
+                          for i in range(0, len(x), batch_size)]).numpy()

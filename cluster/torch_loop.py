@@ -1,0 +1,191 @@
+"""The per-worker PyTorch training loop, independent of Ray.
+
+Ray (``cluster.launch``) supplies rank, world size, reporting and checkpoint
+storage through a :class:`WorkerContext`; without Ray, :class:`LocalContext`
+does the same for one process or for each process under ``torchrun``::
+
+    python -m cluster.torch_loop --data DIR --epochs 2            # one process
+    torchrun --nproc-per-node 2 -m cluster.torch_loop --data DIR  # DDP, no Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cluster import torch_backend as tb
+from cluster.config import TrainLoopConfig
+from cluster.data import load_split, read_meta
+
+log = logging.getLogger("trainflow.worker")
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        """Called by every rank once per epoch; only rank 0 passes a checkpoint."""
+
+    def restore(self, into: Path) -> bool:
+        """Copy the latest checkpoint into ``into``; False when there is none."""
+
+
+@dataclass
+class LocalContext:
+    """Rank and world from torchrun's environment (or 0/1), checkpoints in a folder."""
+
+    checkpoint_root: Path
+    rank: int = field(default_factory=lambda: int(os.environ.get("RANK", 0)))
+    world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", 1)))
+    device: torch.device = torch.device("cpu")
+    reports: list[dict] = field(default_factory=list)
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            target = self.checkpoint_root / f"epoch_{metrics['epoch']:04d}"
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+        if self.rank == 0:
+            print(json.dumps(metrics), flush=True)
+
+    def restore(self, into: Path) -> bool:
+        done = sorted(self.checkpoint_root.glob("epoch_*")) if self.checkpoint_root.is_dir() else []
+        if not done:
+            return False
+        shutil.copytree(done[-1], into, dirs_exist_ok=True)
+        return True
+
+
+def _all_sum(values: list[float], ctx: WorkerContext) -> list[float]:
+    if ctx.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _epoch_indices(n: int, seed: int, epoch: int, ctx: WorkerContext) -> torch.Tensor:
+    """This rank's equal-length shard of a permutation every rank draws identically."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[ctx.rank::ctx.world_size][: n // ctx.world_size]
+
+
+def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
+    """Train for ``cfg.epochs``, resuming from the context's checkpoint; returns the metric history."""
+    torch.manual_seed(cfg.seed + ctx.rank)
+    data_dir = Path(cfg.data_dir)
+    meta = read_meta(data_dir)
+    spec = tb.ModelSpec(name=cfg.model, in_channels=meta.channels, num_classes=len(meta.classes),
+                        image_size=meta.image_size, mean=meta.mean, std=meta.std, classes=meta.classes)
+    to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
+    x_train, y_train = map(to_device, load_split(data_dir, "train"))
+    x_val, y_val = map(to_device, load_split(data_dir, "val"))
+    val_shard = slice(ctx.rank, None, ctx.world_size)
+    x_val, y_val = x_val[val_shard], y_val[val_shard]
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = tb.build_model(spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    start_epoch, history = 0, []
+    with tempfile.TemporaryDirectory() as tmp:
+        if ctx.restore(Path(tmp)):
+            tb.load_weights(Path(tmp), model, optimizer)
+            _, start_epoch, history = tb.read_state(Path(tmp))
+            log.warning("rank %d: resuming from the checkpoint of epoch %d", ctx.rank, start_epoch)
+    torch.manual_seed(cfg.seed + ctx.rank)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(ctx.device, memory_format=memory_format)
+    net = model
+    if ctx.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    normalize = tb.Normalizer(spec, ctx.device, cfg.channels_last)
+    autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else nullcontext())
+    local_batch = cfg.local_batch_size(ctx.world_size)
+    if ctx.rank == 0:
+        log.warning("global batch %d = %d workers x %d per worker; %d training images",
+                    cfg.batch_size, ctx.world_size, local_batch, len(y_train))
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        metrics = run_epoch(net, optimizer, (x_train, y_train), (x_val, y_val), normalize, autocast,
+                            local_batch, cfg, epoch, ctx)
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if ctx.rank == 0:
+                tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history)
+                ckpt = Path(tmp)
+            ctx.report(metrics, ckpt)
+    return history
+
+
+def run_epoch(net, optimizer, train, val, normalize, autocast, local_batch: int, cfg: TrainLoopConfig,
+              epoch: int, ctx: WorkerContext) -> dict:
+    """One pass over this rank's shard, then validation; metrics are summed over all ranks."""
+    x_train, y_train = train
+    t0 = time.perf_counter()
+    idx = _epoch_indices(len(y_train), cfg.seed, epoch, ctx).to(ctx.device)
+    loss_sum = torch.zeros((), device=ctx.device)
+    for i in range(0, len(idx), local_batch):
+        j = idx[i:i + local_batch]
+        loss_sum += tb.train_step(net, optimizer, normalize(x_train[j]), y_train[j], autocast)
+    train_loss_sum = loss_sum.item()  # one host sync per epoch, not per step
+    seconds = time.perf_counter() - t0
+    model = net.module if hasattr(net, "module") else net
+    val_loss, correct, seen = tb.eval_pass(model, *val, normalize, autocast)
+    total_loss, total_seen, v_loss, v_correct, v_seen = _all_sum(
+        [train_loss_sum, float(len(idx)), val_loss, float(correct), float(seen)], ctx)
+    return {
+        "epoch": epoch,
+        "train_loss": total_loss / total_seen,
+        "val_loss": v_loss / v_seen if v_seen else None,
+        "val_accuracy": v_correct / v_seen if v_seen else None,
+        "epoch_seconds": seconds,
+        "train_images_per_s": total_seen / seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the loop without Ray: one process, or one per rank under torchrun."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="a prepared-data directory (see cluster.data)")
+    ap.add_argument("--checkpoints", default=None, help="checkpoint folder (default: a temporary one)")
+    for name, kind, default in (("epochs", int, 1), ("batch-size", int, 64), ("lr", float, 0.001),
+                                ("seed", int, 0), ("precision", str, "fp32")):
+        ap.add_argument(f"--{name}", type=kind, default=default)
+    ap.add_argument("--channels-last", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = TrainLoopConfig(data_dir=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          seed=args.seed, precision=args.precision, channels_last=args.channels_last,
+                          use_gpu=torch.cuda.is_available())
+    ctx = LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-")))
+    if cfg.use_gpu:
+        ctx.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(ctx.device)
+    if ctx.world_size > 1:
+        dist.init_process_group("nccl" if cfg.use_gpu else "gloo")
+    try:
+        train_loop(cfg, ctx)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

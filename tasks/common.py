@@ -1,0 +1,29 @@
+"""Small helpers every stage's task adapter shares."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cluster.errors import UserError
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """The local cache for raw and downloaded data.
+
+    An explicit ``cache_dir`` wins, then ``TRAINFLOW_CACHE_DIR``, then
+    ``~/.cache/trainflow``. Read at call time, never at import.
+    """
+    chosen = cache_dir or os.environ.get("TRAINFLOW_CACHE_DIR") or "~/.cache/trainflow"
+    return Path(chosen).expanduser()
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry IO hiccups, never inputs that cannot succeed."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return False

@@ -1,0 +1,202 @@
+"""Stage 2, preprocess: decode every image exactly once into uint8 arrays.
+
+Splits are cut here, seeded and stratified: a test split when the source has
+none, and a validation split from train. Decoding runs in parallel over the
+machine's cores. The output (see ``cluster.data``) goes to the store under
+``prepared/<key>/`` with ``meta.json`` written last, so a reader never sees a
+half-written dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from cluster.data import META, Meta, split_files
+from cluster.errors import UserError
+from tasks.ingest import scan_split
+from tasks.refs import PreparedData, RawData
+from tasks.store import open_store
+
+Item = tuple[str, int]  # (image path, class index)
+_PARALLEL_THRESHOLD = 2000  # below this, a process pool costs more than it saves
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessConfig:
+    image_size: int = 32
+    channels: str = "auto"  # auto | rgb | grayscale
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2  # only for sources without a test split
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.image_size <= 512:
+            raise UserError(f"image_size={self.image_size} is out of range; choose 8 to 512 pixels.")
+        if self.channels not in ("auto", "rgb", "grayscale"):
+            raise UserError(f"channels={self.channels!r} is unknown; choose auto, rgb or grayscale.")
+        if not 0.0 <= self.val_fraction < 0.5 or not 0.0 < self.test_fraction < 0.5:
+            raise UserError("val_fraction must be in [0, 0.5) and test_fraction in (0, 0.5); adjust the data parameters.")
+
+
+def stratified_split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Seeded split keeping each class's share: returns (kept, held_out)."""
+    rng = random.Random(seed)
+    kept: list[Item] = []
+    held: list[Item] = []
+    for label in sorted({y for _, y in items}):
+        members = [it for it in items if it[1] == label]
+        rng.shuffle(members)
+        n_held = round(len(members) * fraction) if len(members) > 1 else 0
+        if fraction > 0 and len(members) > 1:
+            n_held = max(1, n_held)
+        held += members[:n_held]
+        kept += members[n_held:]
+    return sorted(kept), sorted(held)
+
+
+def subsample(items: list[Item], limit: int | None, seed: int) -> list[Item]:
+    """A fixed random subset: the same draw as ``random.Random(seed).sample`` over the sorted list."""
+    if limit is None or limit >= len(items):
+        return items
+    return random.Random(seed).sample(items, limit)
+
+
+def plan_splits(raw: RawData, cfg: PreprocessConfig) -> dict[str, list[Item]]:
+    """Decide which file goes to which split, before decoding anything."""
+    items: dict[str, list[Item]] = {}
+    for split, directory in raw.splits.items():
+        by_class, _ = scan_split(Path(directory))
+        items[split] = [(str(p), raw.classes.index(c)) for c in raw.classes for p in by_class[c]]
+    if "all" in items:
+        items["train"], items["test"] = stratified_split(items.pop("all"), cfg.test_fraction, cfg.seed)
+    elif "test" not in items:
+        items["train"], items["test"] = stratified_split(items["train"], cfg.test_fraction, cfg.seed)
+    train = subsample(items["train"], cfg.limit_train, cfg.seed)
+    test = subsample(items["test"], cfg.limit_test, cfg.seed)
+    train, val = stratified_split(train, cfg.val_fraction, cfg.seed + 1)
+    return {"train": train, "val": val, "test": test}
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[bool], list[str]]:
+    from PIL import Image
+
+    paths, size = args
+    out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    gray: list[bool] = []
+    bad: list[str] = []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                gray.append(img.mode in ("1", "L", "LA", "I", "I;16", "F"))
+                rgb = img.convert("RGB")
+                if rgb.size != (size, size):
+                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+                out[i] = np.asarray(rgb)
+        except Exception as exc:  # PIL raises many types for bad files
+            bad.append(f"{path} ({type(exc).__name__})")
+    return out, gray, bad
+
+
+def decode_images(paths: list[str], size: int) -> tuple[np.ndarray, bool]:
+    """Decode and resize images to (N, size, size, 3) uint8; also say if all were grayscale.
+
+    Raises:
+        UserError: listing up to ten files that could not be decoded.
+    """
+    n_proc = os.cpu_count() or 1
+    step = max(64, len(paths) // (n_proc * 4) + 1)
+    chunks = [(paths[i:i + step], size) for i in range(0, len(paths), step)]
+    if len(paths) < _PARALLEL_THRESHOLD or n_proc == 1:
+        results = list(map(_decode_chunk, chunks))
+    else:
+        # fork: children only run PIL on their chunk, and start in milliseconds
+        with multiprocessing.get_context("fork").Pool(n_proc) as pool:
+            results = pool.map(_decode_chunk, chunks)
+    bad = [b for _, _, chunk_bad in results for b in chunk_bad]
+    if bad:
+        raise UserError(f"{len(bad)} image(s) could not be decoded, e.g. {', '.join(bad[:10])}; remove or fix them.")
+    images = np.concatenate([r[0] for r in results]) if results else np.zeros((0, size, size, 3), np.uint8)
+    return images, all(g for _, gray, _ in results for g in gray)
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    if channels == 3:
+        return images
+    # ITU-R 601 luma, the same weights PIL uses for convert("L")
+    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 NHWC images, on the 0..1 scale."""
+    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    std = np.maximum(flat.std(axis=0), 1e-3)  # a constant channel must not divide by zero
+    return tuple(float(v) for v in flat.mean(axis=0)), tuple(float(v) for v in std)
+
+
+def prepare_arrays(raw: RawData, cfg: PreprocessConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+    """Decode every planned image once; return arrays per split and the channel count."""
+    plan = plan_splits(raw, cfg)
+    if not plan["train"]:
+        raise UserError(f"--dataset {raw.source!r} leaves no training images after the splits; add images.")
+    names = [s for s in ("train", "val", "test")]
+    paths = [p for s in names for p, _ in plan[s]]
+    images, all_gray = decode_images(paths, cfg.image_size)
+    channels = {"rgb": 3, "grayscale": 1}.get(cfg.channels, 1 if all_gray else 3)
+    images = to_channels(images, channels)
+    arrays = {}
+    start = 0
+    for s in names:
+        n = len(plan[s])
+        arrays[s] = (images[start:start + n], np.array([y for _, y in plan[s]], dtype=np.int64))
+        start += n
+    return arrays, channels
+
+
+def write_prepared(arrays: dict[str, tuple[np.ndarray, np.ndarray]], meta_fields: dict, store_uri: str,
+                   prefix: str) -> PreparedData:
+    """Save the arrays to the store, hash them, and write ``meta.json`` last."""
+    store = open_store(store_uri)
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, (x, y) in arrays.items():
+            for name, array in zip(split_files(split), (x, y)):
+                path = Path(tmp) / name
+                np.save(path, array)
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                store.put_file(f"{prefix}/{name}", path)
+    meta = Meta(fingerprint=digest.hexdigest(), **meta_fields)
+    store.put_bytes(f"{prefix}/{META}", meta.to_json().encode())
+    return PreparedData(uri=store.child_uri(prefix), fingerprint=meta.fingerprint, classes=meta.classes,
+                        image_size=meta.image_size, channels=meta.channels, counts=meta.counts,
+                        mean=meta.mean, std=meta.std)
+
+
+def preprocess(raw: RawData, cfg: PreprocessConfig, store_uri: str) -> PreparedData:
+    """Decode ``raw`` into prepared arrays in the store at ``store_uri``."""
+    key = hashlib.sha256(json.dumps([raw.fingerprint, asdict(cfg)], sort_keys=True).encode()).hexdigest()[:16]
+    arrays, channels = prepare_arrays(raw, cfg)
+    mean, std = channel_stats(arrays["train"][0])
+    fields = dict(classes=raw.classes, image_size=cfg.image_size, channels=channels,
+                  counts={s: len(y) for s, (_, y) in arrays.items()}, mean=mean, std=std)
+    return write_prepared(arrays, fields, store_uri, f"prepared/{key}")
+
+
+@task(name="preprocess", task_run_name="preprocess {raw.source}", cache_policy=INPUTS + TASK_SOURCE,
+      persist_result=True)
+def preprocess_task(raw: RawData, cfg: PreprocessConfig, store: str) -> PreparedData:
+    """Prefect task: decode the raw images once into prepared arrays in ``store``."""
+    return preprocess(raw, cfg, store)

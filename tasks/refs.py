@@ -1,0 +1,98 @@
+"""Frozen references that travel between the pipeline's stages.
+
+Each stage hands the next a small JSON-serialisable description of where its
+output lives plus a content fingerprint, never the data itself. Prefect hashes
+these for cache keys, so a fingerprint change is what invalidates a cache.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Ref(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RawData(_Ref):
+    """Raw image files available on local disk, in class folders.
+
+    ``splits`` maps a split name (``train``/``test``, or ``all`` when the
+    source has no test split) to the directory holding its class folders.
+    """
+
+    source: str
+    fingerprint: str
+    splits: dict[str, str]
+    classes: tuple[str, ...]
+    counts: dict[str, int]
+    ignored_files: int = 0
+
+
+class PreparedData(_Ref):
+    """Decoded uint8 NHWC arrays per split plus ``meta.json``, in the store."""
+
+    uri: str
+    fingerprint: str
+    classes: tuple[str, ...]
+    image_size: int
+    channels: int
+    counts: dict[str, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class EpochMetrics(_Ref):
+    """What every epoch reports (averaged over all workers)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    val_accuracy: float | None
+    epoch_seconds: float
+    train_images_per_s: float
+
+
+class TrainedModel(_Ref):
+    """A finished training run: its final checkpoint and how it got there."""
+
+    checkpoint_uri: str
+    framework: str
+    model: str
+    run_id: str
+    history: tuple[EpochMetrics, ...]
+    num_workers: int
+    resumed_from_epoch: int = 0
+    reused: bool = False
+
+
+class ClassMetrics(_Ref):
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Evaluation(_Ref):
+    """Test-set metrics of one trained model."""
+
+    accuracy: float
+    precision_macro: float
+    recall_macro: float
+    f1_macro: float
+    per_class: tuple[ClassMetrics, ...]
+    confusion: tuple[tuple[int, ...], ...]
+    confusion_png_uri: str
+    test_size: int
+
+
+class Release(_Ref):
+    """A published model version and the promotion decision made for it."""
+
+    name: str
+    version: int
+    uri: str
+    promoted: bool
+    champion_version: int | None
+    reason: str
