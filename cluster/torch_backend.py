@@ -76,9 +76,12 @@ class Normalizer:
 
     def __call__(self, batch_nhwc: torch.Tensor) -> torch.Tensor:
         x = batch_nhwc.permute(0, 3, 1, 2)  # a free view: NCHW shape with channels-last strides
-        if not self.channels_last:
-            x = x.contiguous()
-        return x.float() * self.scale - self.shift
+        if self.channels_last:
+            x = x.float()
+        else:
+            # a fresh NCHW buffer: .contiguous() is a no-op for one channel and would keep odd strides
+            x = torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
+        return x.mul_(self.scale).sub_(self.shift)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from cluster.errors import UserError
+from tasks.store import Store
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -27,3 +28,8 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     except Exception:
         return True
     return False
+
+
+def result_storage(store: Store) -> Path:
+    """Where Prefect persists cached task results: inside the artifact store, so caches follow the data."""
+    return Path(store.ray_storage_path("prefect-results"))

@@ -1,0 +1,111 @@
+"""The pipeline's parameters: one pydantic model with nested sections.
+
+These render as the run form in the Prefect UI, so every field has a title,
+a description and bounds; invalid values are rejected before a run starts.
+Secrets never belong here: S3 credentials come from the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.preprocess import PreprocessConfig
+from tasks.train import Resources, TrainLoopConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    dataset: str = Field("digits", title="Dataset",
+                         description="'digits' (bundled), 'cifar10' (download) or 'folder:<dir or .tar.gz>'")
+    image_size: int = Field(32, ge=8, le=512, title="Image size", description="Images are resized to this square")
+    channels: Literal["auto", "rgb", "grayscale"] = Field("auto", title="Channels",
+                                                          description="auto: grayscale only if every image is")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, title="Validation fraction", description="Cut from train")
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, title="Test fraction",
+                                 description="Only for datasets without a test split")
+    seed: int = Field(0, ge=0, title="Split seed")
+    limit_train: int | None = Field(None, ge=1, title="Train subset", description="Use a fixed random subset")
+    limit_test: int | None = Field(None, ge=1, title="Test subset", description="Use a fixed random subset")
+    cache_dir: str | None = Field(None, title="Local cache",
+                                  description="Raw-data cache (default $TRAINFLOW_CACHE_DIR or ~/.cache/trainflow)")
+
+    def to_config(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=self.image_size, channels=self.channels, val_fraction=self.val_fraction,
+                                test_fraction=self.test_fraction, seed=self.seed, limit_train=self.limit_train,
+                                limit_test=self.limit_test)
+
+
+class TrainParams(_Section):
+    framework: Literal["torch"] = Field("torch", title="Framework")
+    model: Literal["seed_cnn"] = Field("seed_cnn", title="Model",
+                                       description="seed_cnn: the article's conv64-128-256 + fc1024-512 network")
+    epochs: int = Field(10, ge=1, le=1000, title="Epochs")
+    batch_size: int = Field(64, ge=1, le=65536, title="Global batch size", description="Split evenly over workers")
+    lr: float = Field(0.001, gt=0.0, le=10.0, title="Learning rate", description="SGD")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, title="Momentum")
+    seed: int = Field(0, ge=0, title="Training seed")
+    precision: Literal["fp32", "bf16"] = Field("fp32", title="Precision", description="bf16 autocast is faster on "
+                                               "CPUs with AVX-512 BF16 and on GPUs")
+    channels_last: bool = Field(False, title="Channels-last memory format")
+
+    def to_config(self) -> TrainLoopConfig:
+        return TrainLoopConfig(data_dir="", model=self.model, epochs=self.epochs, batch_size=self.batch_size,
+                               lr=self.lr, momentum=self.momentum, seed=self.seed, precision=self.precision,
+                               channels_last=self.channels_last)
+
+
+class ClusterParams(_Section):
+    num_workers: int = Field(2, ge=1, le=4096, title="Ray workers")
+    use_gpu: bool = Field(False, title="One GPU per worker")
+    cpus_per_worker: int = Field(1, ge=1, le=256, title="CPUs per worker")
+    ray_address: str | None = Field(None, title="Ray address", description="Empty: start Ray locally")
+    max_failures: int = Field(2, ge=0, le=100, title="Worker-group restarts",
+                              description="Ray restarts from the last checkpoint this many times")
+
+    def to_resources(self) -> Resources:
+        return Resources(num_workers=self.num_workers, use_gpu=self.use_gpu, cpus_per_worker=self.cpus_per_worker,
+                         ray_address=self.ray_address or None, max_failures=self.max_failures)
+
+
+class PublishParams(_Section):
+    store: str = Field("./artifacts", title="Artifact store", description="A directory or file:// URI")
+    model_name: str = Field("seed-cnn", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                            title="Registry name")
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0, title="Promotion margin",
+                                   description="Test accuracy a new version must gain over the champion")
+
+
+class PipelineParams(_Section):
+    data: DataParams = Field(default_factory=DataParams, title="Data")
+    train: TrainParams = Field(default_factory=TrainParams, title="Training")
+    cluster: ClusterParams = Field(default_factory=ClusterParams, title="Ray cluster")
+    publish: PublishParams = Field(default_factory=PublishParams, title="Publishing")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The article's recipe as is: SGD lr 0.001, momentum 0.9, batch 64.
+    "article": {},
+    # Tuned for the bundled digits: a 10x larger step passes 95 % test accuracy in about a minute.
+    "digits-quickstart": {"data": {"dataset": "digits"}, "train": {"epochs": 12, "lr": 0.01}},
+}
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def build_params(preset: str | None = None, overrides: dict[str, Any] | None = None) -> PipelineParams:
+    """Parameters from a named preset plus nested overrides (e.g. ``{"train": {"epochs": 3}}``)."""
+    from cluster.errors import UserError
+
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}.")
+    return PipelineParams.model_validate(_merge(PRESETS.get(preset or "article", {}), overrides or {}))

@@ -1,0 +1,85 @@
+"""The training pipeline flow: ingest → preprocess → train → evaluate → publish.
+
+Wiring only: the flow calls the five tasks in order, notes which were served
+from cache, and leaves artifacts. Ingest and preprocess results persist in the
+store, so a re-run over unchanged data skips both.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from pydantic import BaseModel
+
+from flows.artifacts import evaluation_artifacts, release_artifact
+from flows.params import PipelineParams
+from tasks.evaluate import evaluate_task
+from tasks.ingest import ingest_task
+from tasks.preprocess import preprocess_task
+from tasks.publish import publish_task
+from tasks.refs import Evaluation, Release, TrainedModel
+from tasks.common import result_storage
+from tasks.store import open_store
+from tasks.train import train_task
+
+
+class StageTime(BaseModel):
+    name: str
+    seconds: float
+    skipped: bool
+
+
+class RunSummary(BaseModel):
+    stages: list[StageTime]
+    accuracy: float
+    f1_macro: float
+    test_size: int
+    epochs_trained: int
+    training_seconds: float
+    run_id: str
+    model_name: str
+    version: int
+    promoted: bool
+    reason: str
+    release_uri: str
+
+    @classmethod
+    def build(cls, stages: list[StageTime], model: TrainedModel, evaluation: Evaluation,
+              release: Release) -> RunSummary:
+        trained = [] if model.reused else model.history[model.resumed_from_epoch:]
+        return cls(stages=stages, accuracy=evaluation.accuracy, f1_macro=evaluation.f1_macro,
+                   test_size=evaluation.test_size, epochs_trained=len(trained),
+                   training_seconds=sum(m.epoch_seconds for m in trained), run_id=model.run_id,
+                   model_name=release.name, version=release.version, promoted=release.promoted,
+                   reason=release.reason, release_uri=release.uri)
+
+
+def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
+    """Call a task, recording its wall time and whether Prefect served it from cache."""
+    start = time.perf_counter()
+    state = call(*args, return_state=True, **kwargs)
+    result = state.result()
+    stages.append(StageTime(name=name, seconds=time.perf_counter() - start, skipped=state.name == "Cached"))
+    return result
+
+
+@flow(name="train-pipeline", flow_run_name="{params.data.dataset} · {params.train.framework} · "
+      "{params.train.epochs} epochs", log_prints=True)
+def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
+    """Ingest, preprocess, train on Ray, evaluate and publish one image classifier."""
+    store = open_store(params.publish.store)
+    results = result_storage(store)
+    cache_dir = params.data.cache_dir
+    stages: list[StageTime] = []
+    raw = _run(stages, "ingest", ingest_task.with_options(result_storage=results), params.data.dataset, cache_dir)
+    prepared = _run(stages, "preprocess", preprocess_task.with_options(result_storage=results), raw,
+                    params.data.to_config(), store.uri)
+    model = _run(stages, "train", train_task, prepared, params.train.to_config(), params.cluster.to_resources(),
+                 store.uri, cache_dir)
+    evaluation = _run(stages, "evaluate", evaluate_task, model, prepared, store.uri, cache_dir)
+    evaluation_artifacts(params.publish.model_name, model, evaluation)
+    release = _run(stages, "publish", publish_task, model, evaluation, prepared, params.model_dump(mode="json"),
+                   store.uri, params.publish.model_name, params.publish.min_improvement)
+    release_artifact(release)
+    return RunSummary.build(stages, model, evaluation, release)

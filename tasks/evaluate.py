@@ -1,0 +1,78 @@
+"""Stage 4, evaluate: test-set metrics of a trained model.
+
+Accuracy, macro and per-class precision/recall/F1 and the confusion matrix
+(scikit-learn), plus a confusion-matrix PNG stored next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from prefect import task
+
+from cluster.data import load_split
+from tasks.common import cache_root
+from tasks.refs import ClassMetrics, Evaluation, PreparedData, TrainedModel
+from tasks.store import open_store
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """Accuracy, macro and per-class precision/recall/F1 and the confusion matrix."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision_macro": float(mp), "recall_macro": float(mr), "f1_macro": float(mf),
+        "per_class": tuple(ClassMetrics(name=c, precision=float(p[i]), recall=float(r[i]), f1=float(f[i]),
+                                        support=int(s[i])) for i, c in enumerate(classes)),
+        "confusion": tuple(tuple(int(v) for v in row) for row in confusion_matrix(y_true, y_pred, labels=labels)),
+    }
+
+
+def confusion_png(confusion: tuple[tuple[int, ...], ...], classes: tuple[str, ...]) -> bytes:
+    """Render the confusion matrix as a PNG (counts in each cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; safe in workers and CI
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(confusion)
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title="Confusion matrix (test set)")
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > threshold else "black")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def evaluate(model: TrainedModel, prepared: PreparedData, store_uri: str, cache_dir: str | None = None) -> Evaluation:
+    """Predict the test split with the model's final checkpoint and score it."""
+    from cluster.torch_backend import predict  # lazy: keeps torch out of flow imports
+
+    store = open_store(store_uri)
+    cache = cache_root(cache_dir)
+    data_dir = store.local_dir(store.key_of(prepared.uri), cache / "prepared")
+    checkpoint_dir = store.local_dir(store.key_of(model.checkpoint_uri), cache / "checkpoints")
+    x_test, y_test = load_split(data_dir, "test")
+    metrics = compute_metrics(y_test, predict(checkpoint_dir, x_test), prepared.classes)
+    png_key = f"evaluations/{model.run_id}/confusion.png"
+    store.put_bytes(png_key, confusion_png(metrics["confusion"], prepared.classes))
+    return Evaluation(confusion_png_uri=store.child_uri(png_key), test_size=len(y_test), **metrics)
+
+
+@task(name="evaluate", task_run_name="evaluate {model.model} on {prepared.counts[test]} test images")
+def evaluate_task(model: TrainedModel, prepared: PreparedData, store: str, cache_dir: str | None = None) -> Evaluation:
+    """Prefect task: score the trained model on the test split."""
+    return evaluate(model, prepared, store, cache_dir)

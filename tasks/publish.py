@@ -1,0 +1,177 @@
+"""Stage 5, publish: a new model version in the registry, then the promotion gate.
+
+Registry layout in the store::
+
+    models/<name>/versions/<n>/{model.pt, state.json, metrics.json, lineage.json, card.md, confusion.png}
+    models/<name>/versions/<n>/manifest.json   # written last: every file, size, sha256
+    models/<name>/champion.json                # replaced only by compare-and-swap
+
+A version number is claimed create-only before anything is written, so two
+publishers never share one; a version without its manifest does not exist for
+readers; the champion pointer moves only to a version whose manifest is in
+place, and only if it still points where the gate read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+
+from prefect import task
+
+from cluster.errors import UserError
+from tasks.common import retry_unless_user_error
+from tasks.refs import Evaluation, PreparedData, Release, TrainedModel
+from tasks.store import AlreadyExists, Store, open_store
+
+MANIFEST = "manifest.json"
+CHAMPION = "champion.json"
+_PACKAGES = ("trainflow", "torch", "ray", "prefect", "numpy", "scikit-learn", "pillow", "pydantic")
+
+
+def versions_prefix(name: str) -> str:
+    return f"models/{name}/versions"
+
+
+def published_versions(store: Store, name: str) -> list[int]:
+    """Versions that have a manifest, ascending."""
+    prefix = versions_prefix(name)
+    return sorted(int(k.split("/")[-2]) for k in store.list(prefix) if k.endswith(f"/{MANIFEST}"))
+
+
+def claim_version(store: Store, name: str) -> int:
+    """Reserve the next free version number (create-only marker) and return it."""
+    prefix = versions_prefix(name)
+    taken = {int(k[len(prefix) + 1:].split("/")[0]) for k in store.list(prefix)}
+    n = max(taken, default=0) + 1
+    while True:
+        try:
+            store.put_bytes(f"{prefix}/{n}/.claim", b"", if_absent=True)
+            return n
+        except AlreadyExists:
+            n += 1
+
+
+def read_champion(store: Store, name: str) -> tuple[bytes | None, dict | None]:
+    """The champion pointer's raw bytes (for compare-and-swap) and its content."""
+    key = f"models/{name}/{CHAMPION}"
+    if not store.exists(key):
+        return None, None
+    raw = store.get_bytes(key)
+    return raw, json.loads(raw)
+
+
+def gate(accuracy: float, champion: dict | None, min_improvement: float) -> tuple[bool, str]:
+    """Promote when there is no champion, or when accuracy beats it by at least ``min_improvement``."""
+    if champion is None:
+        return True, "first version: no champion yet"
+    delta = accuracy - champion["test_accuracy"]
+    verdict = delta > 0 and delta >= min_improvement
+    comparison = f"test accuracy {accuracy:.4f} vs champion v{champion['version']} {champion['test_accuracy']:.4f}"
+    return verdict, f"{comparison} (delta {delta:+.4f}, needed > 0 and >= {min_improvement:g})"
+
+
+def package_versions() -> dict[str, str | None]:
+    found = {}
+    for package in _PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def model_card(name: str, version: int, model: TrainedModel, evaluation: Evaluation, prepared: PreparedData,
+               source: str) -> str:
+    rows = "\n".join(f"| {c.name} | {c.precision:.4f} | {c.recall:.4f} | {c.f1:.4f} | {c.support} |"
+                     for c in evaluation.per_class)
+    last = model.history[-1]
+    return f"""# {name} v{version}
+
+A `{model.model}` image classifier ({model.framework}) trained on `{source}`
+({prepared.counts.get('train', 0)} train / {prepared.counts.get('val', 0)} val / {evaluation.test_size} test images,
+{prepared.image_size}x{prepared.image_size}, {prepared.channels} channel(s)) over {len(model.history)} epochs
+on {model.num_workers} Ray workers. Final train loss {last.train_loss:.4f}.
+
+| test metric | value |
+|---|---|
+| accuracy | {evaluation.accuracy:.4f} |
+| precision (macro) | {evaluation.precision_macro:.4f} |
+| recall (macro) | {evaluation.recall_macro:.4f} |
+| F1 (macro) | {evaluation.f1_macro:.4f} |
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+Data fingerprint `{prepared.fingerprint}`; training run `{model.run_id}`.
+"""
+
+
+def version_files(model: TrainedModel, evaluation: Evaluation, prepared: PreparedData, params: dict,
+                  store: Store, name: str, version: int) -> dict[str, bytes]:
+    """Every file of a version, by file name."""
+    checkpoint = store.key_of(model.checkpoint_uri)
+    lineage = {
+        "name": name, "version": version, "created_at": datetime.now(timezone.utc).isoformat(),
+        "data_fingerprint": prepared.fingerprint, "prepared_uri": prepared.uri, "run_id": model.run_id,
+        "checkpoint_uri": model.checkpoint_uri, "parameters": params, "packages": package_versions(),
+        "python": platform.python_version(), "git_commit": git_commit(),
+    }
+    return {
+        "model.pt": store.get_bytes(f"{checkpoint}/model.pt"),
+        "state.json": store.get_bytes(f"{checkpoint}/state.json"),
+        "metrics.json": evaluation.model_dump_json(indent=2).encode(),
+        "lineage.json": json.dumps(lineage, indent=2, default=str).encode(),
+        "card.md": model_card(name, version, model, evaluation, prepared, str(params.get("data", {}).get("dataset")))
+        .encode(),
+        "confusion.png": store.get_bytes(store.key_of(evaluation.confusion_png_uri)),
+    }
+
+
+def publish(model: TrainedModel, evaluation: Evaluation, prepared: PreparedData, params: dict, store_uri: str,
+            name: str, min_improvement: float = 0.0) -> Release:
+    """Write a new version (manifest last), then run the promotion gate with compare-and-swap."""
+    if not name or "/" in name:
+        raise UserError(f"model_name={name!r} is not usable; choose a non-empty name without '/'.")
+    store = open_store(store_uri)
+    version = claim_version(store, name)
+    prefix = f"{versions_prefix(name)}/{version}"
+    files = version_files(model, evaluation, prepared, params, store, name, version)
+    for file_name, data in files.items():
+        store.put_bytes(f"{prefix}/{file_name}", data)
+    manifest = {"name": name, "version": version,
+                "files": [{"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                          for n, d in sorted(files.items())]}
+    store.put_bytes(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    while True:
+        raw, champion = read_champion(store, name)
+        promoted, reason = gate(evaluation.accuracy, champion, min_improvement)
+        if not promoted:
+            break
+        pointer = {"version": version, "test_accuracy": evaluation.accuracy,
+                   "promoted_at": datetime.now(timezone.utc).isoformat()}
+        if store.swap(f"models/{name}/{CHAMPION}", json.dumps(pointer, indent=2).encode(), expected=raw):
+            break  # else another publisher moved the pointer: judge again against the new champion
+    return Release(name=name, version=version, uri=store.child_uri(prefix), promoted=promoted,
+                   champion_version=version if promoted else (champion or {}).get("version"), reason=reason)
+
+
+@task(name="publish", task_run_name="publish {name}", retries=3, retry_delay_seconds=[2, 8, 30],
+      retry_condition_fn=retry_unless_user_error)
+def publish_task(model: TrainedModel, evaluation: Evaluation, prepared: PreparedData, params: dict, store: str,
+                 name: str, min_improvement: float = 0.0) -> Release:
+    """Prefect task: publish a version and apply the promotion gate."""
+    return publish(model, evaluation, prepared, params, store, name, min_improvement)

@@ -1,0 +1,97 @@
+"""Stage 3, train: run distributed training on Ray and return the final checkpoint.
+
+A training run has a stable identity derived from the prepared data's
+fingerprint and the parameters that change the result (not the worker count,
+which only changes speed). Its checkpoints live under that identity in the
+store, so a retry of this task, or a re-run of the flow after a crash, resumes
+from the last finished epoch, and a run that already finished is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from cluster.config import TrainLoopConfig
+from cluster.launch import Resources, fit_torch
+from cluster.runtime import ray_session
+from tasks.common import cache_root
+from tasks.refs import EpochMetrics, PreparedData, TrainedModel
+from tasks.store import Store, open_store
+
+__all__ = ["Resources", "TrainLoopConfig", "run_identity", "train", "train_task"]
+
+_IDENTITY_FIELDS = ("model", "epochs", "batch_size", "lr", "momentum", "seed")
+
+
+def run_identity(prepared: PreparedData, cfg: TrainLoopConfig) -> str:
+    """A name for this training run that is the same whenever its result would be."""
+    fields = {name: getattr(cfg, name) for name in _IDENTITY_FIELDS}
+    blob = json.dumps({"data": prepared.fingerprint, "framework": "torch", **fields}, sort_keys=True)
+    return f"{cfg.model}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def latest_checkpoint(store: Store, run_prefix: str) -> tuple[str, dict] | None:
+    """The most advanced checkpoint stored for a run: (key prefix, its state), or None."""
+    best: tuple[str, dict] | None = None
+    for key in store.list(run_prefix):
+        if key.endswith("/state.json"):
+            state = json.loads(store.get_bytes(key))
+            if best is None or state["epoch"] > best[1]["epoch"]:
+                best = (key.rsplit("/", 1)[0], state)
+    return best
+
+
+def to_trained_model(store: Store, checkpoint_key: str, state: dict, run_id: str, workers: int,
+                     resumed_from: int, reused: bool) -> TrainedModel:
+    return TrainedModel(
+        checkpoint_uri=store.child_uri(checkpoint_key), framework="torch", model=state["spec"]["name"],
+        run_id=run_id, history=tuple(EpochMetrics(**m) for m in state["history"]), num_workers=workers,
+        resumed_from_epoch=resumed_from, reused=reused)
+
+
+def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store_uri: str,
+          on_report: Callable[[dict], None] = lambda m: None, cache_dir: str | None = None) -> TrainedModel:
+    """Train (or resume, or reuse) the run that ``prepared`` and ``cfg`` identify."""
+    store = open_store(store_uri)
+    run_id = run_identity(prepared, cfg)
+    run_prefix = f"checkpoints/{run_id}"
+    found = latest_checkpoint(store, run_prefix)
+    if found and found[1]["epoch"] >= cfg.epochs:
+        return to_trained_model(store, found[0], found[1], run_id, resources.num_workers, found[1]["epoch"], True)
+    data_dir = store.local_dir(store.key_of(prepared.uri), cache_root(cache_dir) / "prepared")
+    cfg = replace(cfg, data_dir=str(data_dir), use_gpu=resources.use_gpu)
+    with ray_session(resources.ray_address):
+        final = fit_torch(cfg, resources, run_name=run_id, storage_path=store.ray_storage_path("checkpoints"),
+                          on_report=on_report)
+    key = f"{run_prefix}/{Path(final).name}"
+    state = json.loads(store.get_bytes(f"{key}/state.json"))
+    return to_trained_model(store, key, state, run_id, resources.num_workers, found[1]["epoch"] if found else 0,
+                            False)
+
+
+def format_epoch(m: dict, epochs: int) -> str:
+    val = f"val_loss {m['val_loss']:.4f} val_acc {m['val_accuracy']:.4f}" if m["val_loss"] is not None else "no val"
+    return (f"epoch {m['epoch']}/{epochs}: train_loss {m['train_loss']:.4f} {val} "
+            f"({m['epoch_seconds']:.1f}s, {m['train_images_per_s']:.0f} img/s)")
+
+
+@task(name="train", task_run_name="train {cfg.model} x{resources.num_workers} workers, {cfg.epochs} epochs",
+      retries=1, retry_delay_seconds=5)
+def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store: str,
+               cache_dir: str | None = None) -> TrainedModel:
+    """Prefect task: distributed training on Ray; per-epoch metrics go to the run's log."""
+    log = get_run_logger()
+    log.info("training on %d Ray workers, global batch %d (%d per worker)", resources.num_workers,
+             cfg.batch_size, cfg.local_batch_size(resources.num_workers))
+    model = train(prepared, cfg, resources, store, lambda m: log.info(format_epoch(m, cfg.epochs)), cache_dir)
+    if model.reused:
+        log.info("reused finished run %s: its inputs and parameters are unchanged", model.run_id)
+    elif model.resumed_from_epoch:
+        log.info("resumed run %s after epoch %d", model.run_id, model.resumed_from_epoch)
+    return model
