@@ -64,8 +64,10 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     try:
+        # ERROR: without the dashboard, Ray Train's helper actors warn every few seconds that the
+        # state API is unavailable; our workers print what matters (batch split, resume epoch).
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))
     except ConnectionError as exc:
         raise UserError(f"ray_address={address!r}: cannot reach the Ray cluster ({exc}); "
                         "check the address or leave it empty to start Ray locally.") from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -29,9 +28,6 @@ import torch.distributed as dist
 from cluster import torch_backend as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
-
-log = logging.getLogger("trainflow.worker")
-
 
 class WorkerContext(Protocol):
     rank: int
@@ -106,7 +102,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
         if ctx.restore(Path(tmp)):
             tb.load_weights(Path(tmp), model, optimizer)
             _, start_epoch, history = tb.read_state(Path(tmp))
-            log.warning("rank %d: resuming from the checkpoint of epoch %d", ctx.rank, start_epoch)
+            print(f"rank {ctx.rank}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
     torch.manual_seed(cfg.seed + ctx.rank)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
@@ -119,8 +115,8 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
                 else nullcontext())
     local_batch = cfg.local_batch_size(ctx.world_size)
     if ctx.rank == 0:
-        log.warning("global batch %d = %d workers x %d per worker; %d training images",
-                    cfg.batch_size, ctx.world_size, local_batch, len(y_train))
+        print(f"global batch {cfg.batch_size} = {ctx.world_size} workers x {local_batch} per worker; "
+              f"{len(y_train)} training images", flush=True)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         metrics = run_epoch(net, optimizer, (x_train, y_train), (x_val, y_val), normalize, autocast,

@@ -46,6 +46,17 @@ def parse_source(source: str) -> tuple[str, str]:
     )
 
 
+def check_source(source: str) -> None:
+    """Cheap up-front validation (name and path existence), before any server or cluster starts.
+
+    Raises:
+        UserError: for an unknown source or a missing path.
+    """
+    kind, location = parse_source(source)
+    if kind == "folder" and not Path(location).expanduser().exists():
+        raise UserError(f"--dataset {source!r}: {location} does not exist; check the path.")
+
+
 def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 

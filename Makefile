@@ -1,0 +1,30 @@
+# Two commands for a fresh machine:  make run   and   make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: run test test-fast bench clean
+
+# The venv is (re)built when it is missing or pyproject.toml changed.
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: $(BIN)/.installed  ## train, evaluate and publish a classifier on the bundled digits
+	$(BIN)/trainflow run --preset digits-quickstart
+
+test: $(BIN)/.installed  ## the whole suite, slow and CIFAR-10 tests included
+	$(BIN)/python -m pytest -v --durations=15
+
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(BIN)/.installed  ## training throughput vs ../shared/bench/baseline_torch.py, as JSON
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf artifacts .pytest_cache

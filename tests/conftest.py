@@ -1,0 +1,86 @@
+"""Shared fixtures: environment for local servers, tiny image datasets, one Ray per session."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Set before anything imports ray or prefect: keeps Ray on loopback and Prefect offline.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test session gets its own raw-data cache instead of ~/.cache/trainflow."""
+    previous = os.environ.get("TRAINFLOW_CACHE_DIR")
+    os.environ["TRAINFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("trainflow-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("TRAINFLOW_CACHE_DIR", None)
+    else:
+        os.environ["TRAINFLOW_CACHE_DIR"] = previous
+
+
+def pattern_image(label: int, size: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:
+    """A noisy image whose class is easy to learn: stripes of a class-specific orientation and colour."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    base = [(yy // 2) % 2, (xx // 2) % 2, ((xx + yy) // 2) % 2, np.zeros_like(xx)][label % 4].astype(np.float32)
+    image = np.stack([base * (120 + 40 * ((label + c) % 3)) for c in range(3)], axis=-1)
+    image += rng.normal(0, 20, image.shape)
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    return image[..., 0] if channels == 1 else image
+
+
+def write_class_folders(root: Path, classes: int = 3, per_class: int = 20, size: int = 20, channels: int = 3,
+                        suffix: str = ".png", seed: int = 0) -> Path:
+    """Write ``root/<class>/<n><suffix>`` images of the pattern above."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(pattern_image(label, size, rng, channels)).save(folder / f"{i:04d}{suffix}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``image_folder(name, **kwargs)`` writes a class-folder dataset under tmp_path."""
+    return lambda name="images", **kwargs: write_class_folders(tmp_path / name, **kwargs)
+
+
+def make_tar(source: Path, archive: Path, arcname: str | None = None) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=arcname or source.name)
+    return archive
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the session; tests that train reuse it instead of starting their own."""
+    from cluster import runtime
+
+    runtime.prestart(None)
+    yield
+    runtime.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory):
+    """A small, easy, prepared RGB dataset in a file store: (store_uri, PreparedData)."""
+    from tasks.ingest import ingest
+    from tasks.preprocess import PreprocessConfig, preprocess
+
+    root = tmp_path_factory.mktemp("prepared")
+    write_class_folders(root / "images", classes=3, per_class=80, size=16)
+    raw = ingest(f"folder:{root / 'images'}", root / "cache")
+    store_uri = str(root / "store")
+    return store_uri, preprocess(raw, PreprocessConfig(image_size=16, test_fraction=0.25), store_uri)
