@@ -78,12 +78,10 @@ def format_summary(summary, wall_seconds: float) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flows.params import build_params
-
-    from tasks.ingest import check_source
+    from flows.params import build_params, preflight
 
     params = build_params(args.preset, overrides_from(args))
-    check_source(params.data.dataset)
+    preflight(params)
     started = time.perf_counter()
     from cluster import runtime
 

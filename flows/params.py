@@ -109,3 +109,17 @@ def build_params(preset: str | None = None, overrides: dict[str, Any] | None = N
     if preset is not None and preset not in PRESETS:
         raise UserError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}.")
     return PipelineParams.model_validate(_merge(PRESETS.get(preset or "article", {}), overrides or {}))
+
+
+def preflight(params: PipelineParams) -> None:
+    """Checks that need no server or cluster, run before either starts.
+
+    Raises:
+        UserError: for an unknown or missing dataset, or an unusable store.
+    """
+    from tasks.ingest import check_source
+    from tasks.store import open_store
+
+    check_source(params.data.dataset)
+    open_store(params.publish.store)
+    params.train.to_config().local_batch_size(params.cluster.num_workers)

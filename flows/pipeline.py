@@ -13,7 +13,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows.artifacts import evaluation_artifacts, release_artifact
-from flows.params import PipelineParams
+from flows.params import PipelineParams, preflight
 from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task
 from tasks.preprocess import preprocess_task
@@ -68,6 +68,7 @@ def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
       "{params.train.epochs} epochs", log_prints=True)
 def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
     """Ingest, preprocess, train on Ray, evaluate and publish one image classifier."""
+    preflight(params)
     store = open_store(params.publish.store)
     results = result_storage(store)
     cache_dir = params.data.cache_dir

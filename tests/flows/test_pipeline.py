@@ -1,0 +1,58 @@
+"""The whole flow under Prefect's test harness on the bundled digits, twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.params import build_params
+from flows.pipeline import train_pipeline
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_digits_flow_trains_publishes_and_skips_unchanged_stages_on_rerun(harness, ray_local, tmp_path):
+    store = tmp_path / "artifacts"
+    params = build_params("digits-quickstart", {"data": {"image_size": 16}, "train": {"epochs": 10},
+                                                "publish": {"store": str(store)}})
+    first = train_pipeline(params)
+
+    assert [s.name for s in first.stages] == ["ingest", "preprocess", "train", "evaluate", "publish"]
+    assert not any(s.skipped for s in first.stages)  # a fresh store holds no cached results
+    assert first.accuracy >= 0.9, first.accuracy
+    assert first.epochs_trained == 10 and first.training_seconds > 0
+    assert (first.version, first.promoted) == (1, True)
+    version = store / "models" / "seed-cnn" / "versions" / "1"
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert {f["name"] for f in manifest["files"]} >= {"model.pt", "metrics.json", "lineage.json", "card.md"}
+    lineage = json.loads((version / "lineage.json").read_text())
+    assert lineage["parameters"]["train"]["epochs"] == 10
+    assert json.loads((store / "models" / "seed-cnn" / "champion.json").read_text())["version"] == 1
+
+    second = train_pipeline(params)
+    skipped = {s.name: s.skipped for s in second.stages}
+    assert skipped == {"ingest": True, "preprocess": True, "train": False, "evaluate": False, "publish": False}
+    assert second.epochs_trained == 0  # the finished run is reused, not retrained
+    assert second.accuracy == first.accuracy
+    assert (second.version, second.promoted) == (2, False)
+    assert "delta +0.0000" in second.reason
+
+
+@pytest.mark.slow
+def test_changed_preprocessing_invalidates_the_preprocess_cache_only(harness, ray_local, tmp_path):
+    store = tmp_path / "artifacts"
+    base = {"train": {"epochs": 1}, "publish": {"store": str(store)}, "cluster": {"num_workers": 1}}
+    train_pipeline(build_params("digits-quickstart", {**base, "data": {"image_size": 8}}))
+    changed = train_pipeline(build_params("digits-quickstart", {**base, "data": {"image_size": 12}}))
+    skipped = {s.name: s.skipped for s in changed.stages}
+    assert skipped["ingest"] and not skipped["preprocess"]
+    prepared = sorted(p.name for p in (Path(store) / "prepared").iterdir())
+    assert len(prepared) == 2

@@ -1,0 +1,58 @@
+"""Import direction flows → tasks → cluster, and no framework loaded by importing the flow."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "cluster": {"tasks", "flows", "prefect"},
+    "tasks": {"flows"},
+    "flows": set(),
+}
+FRAMEWORKS = {"torch", "torchvision", "tensorflow"}
+
+
+def imported_roots(path: Path, top_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    roots = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_point_one_way(package):
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported_roots(path, top_level_only=False) & FORBIDDEN[package])
+        for path in (ROOT / package).rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_frameworks_are_imported_only_by_backends_or_lazily():
+    backends = {"cluster/torch_backend.py", "cluster/torch_loop.py"}
+    offenders = [
+        str(path.relative_to(ROOT))
+        for package in FORBIDDEN
+        for path in (ROOT / package).rglob("*.py")
+        if str(path.relative_to(ROOT)) not in backends and imported_roots(path, top_level_only=True) & FRAMEWORKS
+    ]
+    assert offenders == []
+
+
+def test_importing_the_flow_and_cli_loads_no_framework():
+    code = ("import sys, flows.pipeline, flows.cli, flows.params; "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'torchvision', 'ray.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
