@@ -1,0 +1,315 @@
+"""Preprocess: seeded stratified splits, decoding (sequential and parallel), stats, and the stored layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cluster.data import META, load_split, read_meta, split_files
+from cluster.errors import UserError
+from tests.conftest import write_class_folders
+from tasks import preprocess as pp
+from tasks.ingest import ingest
+from tasks.preprocess import (PreprocessConfig, channel_stats, decode_images, plan_splits, preprocess,
+                              preprocess_task, stratified_split, subsample, to_channels)
+from tasks.refs import RawData
+from tasks.store import FileStore
+
+
+def _items(sizes: dict[int, int]) -> list[tuple[str, int]]:
+    return sorted((f"/d/{label}/{i:03d}.png", label) for label, n in sizes.items() for i in range(n))
+
+
+# --- splitting ------------------------------------------------------------------------------------------------
+
+
+SIZES = {0: 40, 1: 17, 2: 9, 3: 3, 4: 1}
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3, 0.45])
+def test_stratified_split_is_disjoint_complete_and_keeps_class_shares(fraction: float):
+    items = _items(SIZES)
+    kept, held = stratified_split(items, fraction, seed=7)
+    assert set(kept).isdisjoint(held)
+    assert sorted(kept + held) == items
+    assert kept == sorted(kept) and held == sorted(held)
+    held_per_class = Counter(y for _, y in held)
+    for label, n in SIZES.items():
+        if n == 1:
+            assert held_per_class[label] == 0  # a lone image stays in the kept split
+        else:
+            assert abs(held_per_class[label] - fraction * n) <= 1, (label, held_per_class[label])
+            assert held_per_class[label] >= 1
+
+
+def test_stratified_split_is_deterministic_per_seed():
+    items = _items(SIZES)
+    assert stratified_split(items, 0.25, seed=3) == stratified_split(items, 0.25, seed=3)
+    assert stratified_split(list(reversed(items)), 0.25, seed=3) != stratified_split(items, 0.25, seed=4)
+    assert stratified_split(items, 0.25, seed=3) != stratified_split(items, 0.25, seed=4)
+
+
+def test_stratified_split_with_zero_fraction_holds_nothing():
+    items = _items(SIZES)
+    kept, held = stratified_split(items, 0.0, seed=0)
+    assert held == [] and kept == items
+
+
+def test_subsample_matches_random_sample():
+    items = _items({0: 30, 1: 25})
+    for seed in (0, 1, 42):
+        assert subsample(items, 10, seed) == random.Random(seed).sample(items, 10)
+    assert subsample(items, None, 0) == items
+    assert subsample(items, len(items), 0) == items
+    assert subsample(items, 1000, 0) == items
+
+
+def _raw(splits: dict[str, Path], classes: tuple[str, ...]) -> RawData:
+    return RawData(source="folder:test", fingerprint="f" * 64, splits={k: str(v) for k, v in splits.items()},
+                   classes=classes, counts={})
+
+
+CLASSES3 = ("class_0", "class_1", "class_2")
+
+
+def test_plan_splits_cuts_test_from_all_and_val_from_train(tmp_path: Path):
+    root = write_class_folders(tmp_path / "all", classes=3, per_class=10)
+    plan = plan_splits(_raw({"all": root}, CLASSES3), PreprocessConfig(test_fraction=0.2, val_fraction=0.25, seed=5))
+    assert set(plan) == {"train", "val", "test"}
+    assert [len(plan[s]) for s in ("train", "val", "test")] == [18, 6, 6]
+    all_paths = sorted(str(p) for p in root.rglob("*.png"))
+    assert sorted(p for s in plan.values() for p, _ in s) == all_paths
+    for split in plan.values():
+        assert Counter(y for _, y in split) == Counter({0: len(split) // 3, 1: len(split) // 3, 2: len(split) // 3})
+        for path, label in split:
+            assert Path(path).parent.name == CLASSES3[label]
+    # the same config plans the same splits
+    assert plan == plan_splits(_raw({"all": root}, CLASSES3),
+                               PreprocessConfig(test_fraction=0.2, val_fraction=0.25, seed=5))
+
+
+def test_plan_splits_with_limits(tmp_path: Path):
+    root = write_class_folders(tmp_path / "all", classes=3, per_class=10)
+    cfg = PreprocessConfig(test_fraction=0.2, val_fraction=0.25, seed=5, limit_train=12, limit_test=4)
+    plan = plan_splits(_raw({"all": root}, CLASSES3), cfg)
+    assert len(plan["test"]) == 4
+    assert len(plan["train"]) + len(plan["val"]) == 12
+    unlimited = plan_splits(_raw({"all": root}, CLASSES3), PreprocessConfig(test_fraction=0.2, val_fraction=0.25,
+                                                                           seed=5))
+    assert set(plan["test"]) <= set(unlimited["test"])
+    assert set(plan["train"] + plan["val"]) <= set(unlimited["train"] + unlimited["val"])
+    assert plan["test"] == random.Random(5).sample(unlimited["test"], 4)
+
+
+def test_plan_splits_keeps_a_given_test_split(tmp_path: Path):
+    train = write_class_folders(tmp_path / "ds" / "train", classes=3, per_class=10, seed=1)
+    test = write_class_folders(tmp_path / "ds" / "test", classes=3, per_class=3, seed=2)
+    plan = plan_splits(_raw({"train": train, "test": test}, CLASSES3), PreprocessConfig(val_fraction=0.1))
+    assert sorted(p for p, _ in plan["test"]) == sorted(str(p) for p in test.rglob("*.png"))
+    assert all(Path(p).is_relative_to(train) for p, _ in plan["train"] + plan["val"])
+    assert len(plan["val"]) == 3 and len(plan["train"]) == 27
+
+
+def test_plan_splits_cuts_test_from_a_lone_train_split(tmp_path: Path):
+    train = write_class_folders(tmp_path / "ds" / "train", classes=3, per_class=10)
+    plan = plan_splits(_raw({"train": train}, CLASSES3), PreprocessConfig(test_fraction=0.3, val_fraction=0.0))
+    assert len(plan["test"]) == 9 and len(plan["train"]) == 21 and plan["val"] == []
+
+
+# --- decoding -------------------------------------------------------------------------------------------------
+
+
+def test_decode_resizes_and_reports_rgb(tmp_path: Path):
+    root = write_class_folders(tmp_path / "rgb", classes=2, per_class=3, size=20)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    images, gray = decode_images(paths, 16)
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+    assert gray is False
+    expected = np.asarray(Image.open(paths[2]).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR))
+    assert np.array_equal(images[2], expected)
+    same, _ = decode_images(paths, 20)  # no resize needed: pixels come back untouched
+    assert np.array_equal(same[0], np.asarray(Image.open(paths[0]).convert("RGB")))
+
+
+def test_decode_marks_all_grayscale(tmp_path: Path):
+    gray_root = write_class_folders(tmp_path / "g", classes=2, per_class=2, channels=1)
+    paths = sorted(str(p) for p in gray_root.rglob("*.png"))
+    images, gray = decode_images(paths, 8)
+    assert gray is True
+    assert images.shape == (4, 8, 8, 3)
+    assert np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 1], images[..., 2])
+    rgb_root = write_class_folders(tmp_path / "c", classes=1, per_class=1)
+    _, mixed = decode_images(paths + [str(next(rgb_root.rglob("*.png")))], 8)
+    assert mixed is False
+
+
+def test_decode_of_no_images():
+    images, _ = decode_images([], 12)
+    assert images.shape == (0, 12, 12, 3)
+
+
+def test_parallel_decode_matches_sequential(tmp_path: Path):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("decode_images only uses a process pool with two or more cores")
+    rng = np.random.default_rng(0)
+    paths = []
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(pp._PARALLEL_THRESHOLD + 37):
+        side = 6 + i % 11
+        if i % 3 == 0:
+            img = Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8), mode="L")
+        else:
+            img = Image.fromarray(rng.integers(0, 256, (side, side + 1, 3), dtype=np.uint8))
+        path = folder / f"{i:05d}.png"
+        img.save(path)
+        paths.append(str(path))
+    images, gray = decode_images(paths, 9)
+    reference, ref_gray, bad = pp._decode_chunk((paths, 9))
+    assert bad == []
+    assert images.shape == reference.shape == (len(paths), 9, 9, 3)
+    assert images.tobytes() == reference.tobytes()
+    assert gray is False and gray == all(ref_gray)
+
+
+@pytest.mark.parametrize("content", [b"not a png at all", "truncated"])
+def test_undecodable_image_is_a_user_error_naming_it(tmp_path: Path, content):
+    root = write_class_folders(tmp_path / "ds", classes=2, per_class=3)
+    bad = root / "class_1" / "broken.png"
+    good_bytes = (root / "class_1" / "0000.png").read_bytes()
+    bad.write_bytes(good_bytes[:40] if content == "truncated" else content)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    with pytest.raises(UserError, match="broken.png") as info:
+        decode_images(paths, 16)
+    assert "1 image(s)" in str(info.value)
+    assert "0000.png" not in str(info.value)
+    raw = ingest(f"folder:{root}", tmp_path / "cache")
+    with pytest.raises(UserError, match="broken.png"):
+        preprocess(raw, PreprocessConfig(image_size=8), str(tmp_path / "store"))
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob(META))
+
+
+def test_to_channels_luma():
+    pixels = np.array([[[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [10, 20, 30]]]], dtype=np.uint8)
+    luma = to_channels(pixels, 1)
+    assert luma.shape == (1, 2, 2, 1) and luma.dtype == np.uint8
+    # 0.299 R + 0.587 G + 0.114 B, rounded
+    assert luma[0, :, :, 0].tolist() == [[76, 150], [29, 18]]
+    white = np.full((1, 1, 1, 3), 255, np.uint8)
+    assert to_channels(white, 1).item() == 255
+    assert to_channels(pixels, 3) is pixels
+
+
+def test_channel_stats_on_a_known_array():
+    images = np.zeros((2, 1, 2, 3), np.uint8)
+    images[..., 0] = [[[0, 255]], [[0, 255]]]  # half 0, half 1 → mean .5, std .5
+    images[..., 1] = 51  # constant .2 → std floored at 1e-3
+    images[1, 0, 1, 2] = 255  # one of four is 1 → mean .25, std sqrt(.25 * .75)
+    mean, std = channel_stats(images)
+    assert mean == pytest.approx((0.5, 0.2, 0.25))
+    assert std == pytest.approx((0.5, 1e-3, np.sqrt(0.25 * 0.75)))
+    gray_mean, gray_std = channel_stats(np.full((3, 2, 2, 1), 102, np.uint8))
+    assert gray_mean == pytest.approx((0.4,)) and gray_std == pytest.approx((1e-3,))
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+
+def _prepared_dir(store: FileStore, uri: str) -> Path:
+    return store.local_dir(store.key_of(uri), Path("/nonexistent"))
+
+
+@pytest.mark.parametrize("channels_in, expected_channels", [(3, 3), (1, 1)])
+def test_preprocess_end_to_end(tmp_path: Path, channels_in: int, expected_channels: int):
+    root = write_class_folders(tmp_path / "ds", classes=3, per_class=12, size=20, channels=channels_in)
+    raw = ingest(f"folder:{root}", tmp_path / "cache")
+    store = FileStore(tmp_path / "store")
+    cfg = PreprocessConfig(image_size=16, seed=3)
+    prepared = preprocess(raw, cfg, store.uri)
+    directory = _prepared_dir(store, prepared.uri)
+    assert directory.is_relative_to(store.root / "prepared")
+    meta_path = directory / META
+    assert meta_path.is_file()
+    npys = sorted(directory.glob("*.npy"))
+    assert sorted(p.name for p in npys) == sorted(n for s in ("train", "val", "test") for n in split_files(s))
+    assert all(meta_path.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in npys)
+
+    assert prepared.channels == expected_channels and prepared.image_size == 16
+    assert prepared.classes == CLASSES3
+    total = 0
+    for split in ("train", "val", "test"):
+        x, y = load_split(directory, split)
+        assert x.dtype == np.uint8 and x.shape == (prepared.counts[split], 16, 16, expected_channels)
+        assert y.dtype == np.int64 and y.shape == (prepared.counts[split],)
+        assert set(y.tolist()) == {0, 1, 2}
+        total += len(y)
+    assert total == raw.counts["all"] == 36
+    # 12 per class: test round(2.4) = 2, val round(10 * 0.1) = 1, the rest train
+    assert prepared.counts == {"train": 27, "val": 3, "test": 6}
+
+    x_train, _ = load_split(directory, "train")
+    mean, std = channel_stats(x_train)
+    assert prepared.mean == pytest.approx(mean) and prepared.std == pytest.approx(std)
+    x_all = np.concatenate([load_split(directory, s)[0] for s in ("train", "val", "test")])
+    assert prepared.mean != pytest.approx(channel_stats(x_all)[0], abs=1e-12)  # train only, not everything
+    assert len(prepared.mean) == expected_channels
+
+    meta = read_meta(directory)
+    assert meta.fingerprint == prepared.fingerprint
+    assert meta.counts == prepared.counts and meta.channels == expected_channels
+    assert json.loads(meta_path.read_text())["classes"] == list(CLASSES3)
+
+    # the stored arrays are the planned files, decoded, in plan order
+    plan = plan_splits(raw, cfg)
+    decoded, _ = decode_images([p for p, _ in plan["test"]], 16)
+    x_test, y_test = load_split(directory, "test")
+    assert np.array_equal(x_test, to_channels(decoded, expected_channels))
+    assert y_test.tolist() == [label for _, label in plan["test"]]
+
+    # deterministic: the same input and config give the same place and fingerprint
+    again = preprocess(raw, cfg, store.uri)
+    assert again == prepared
+
+
+def test_preprocess_channel_overrides(tmp_path: Path):
+    gray_root = write_class_folders(tmp_path / "g", classes=2, per_class=6, channels=1)
+    rgb_root = write_class_folders(tmp_path / "c", classes=2, per_class=6, channels=3)
+    cache, store = tmp_path / "cache", FileStore(tmp_path / "store")
+    as_rgb = preprocess(ingest(f"folder:{gray_root}", cache), PreprocessConfig(image_size=8, channels="rgb"),
+                        store.uri)
+    assert as_rgb.channels == 3 and len(as_rgb.mean) == 3
+    x, _ = load_split(_prepared_dir(store, as_rgb.uri), "train")
+    assert x.shape[-1] == 3 and np.array_equal(x[..., 0], x[..., 2])
+    as_gray = preprocess(ingest(f"folder:{rgb_root}", cache), PreprocessConfig(image_size=8, channels="grayscale"),
+                         store.uri)
+    assert as_gray.channels == 1
+    assert load_split(_prepared_dir(store, as_gray.uri), "test")[0].shape[1:] == (8, 8, 1)
+    assert as_gray.uri != as_rgb.uri
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"image_size": 4}, "image_size"),
+    ({"image_size": 1024}, "image_size"),
+    ({"channels": "cmyk"}, "channels"),
+    ({"val_fraction": 0.5}, "val_fraction"),
+    ({"test_fraction": 0.0}, "test_fraction"),
+])
+def test_config_validation(kwargs: dict, field: str):
+    with pytest.raises(UserError, match=field):
+        PreprocessConfig(**kwargs)
+
+
+def test_preprocess_task_fn(tmp_path: Path):
+    root = write_class_folders(tmp_path / "ds", classes=2, per_class=5)
+    raw = ingest(f"folder:{root}", tmp_path / "cache")
+    store = FileStore(tmp_path / "store")
+    prepared = preprocess_task.fn(raw, PreprocessConfig(image_size=8), store.uri)
+    assert sum(prepared.counts.values()) == 10
+    assert store.exists(f"{store.key_of(prepared.uri)}/{META}")
