@@ -144,6 +144,8 @@ def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> 
     model.eval()
     normalize = Normalizer(spec, torch.device("cpu"), channels_last=False)
     x = torch.from_numpy(np.ascontiguousarray(images))
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.int64)
     with torch.no_grad():
         return torch.cat([model(normalize(x[i:i + batch_size])).argmax(1)
                           for i in range(0, len(x), batch_size)]).numpy()

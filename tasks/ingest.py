@@ -103,25 +103,40 @@ def safe_extract(archive: Path, cache: Path) -> Path:
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir(parents=True)
     try:
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                name = Path(member.name)
-                if name.is_absolute() or ".." in name.parts or member.issym() or member.islnk():
-                    raise UserError(f"{archive} holds an unsafe member {member.name!r}; repack it with relative paths only.")
-            tar.extractall(tmp, filter="data")
-        os.replace(tmp, dest)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise UserError(f"{archive} is not a readable tar archive ({exc}); re-download or repack it.") from None
+        try:
+            with tarfile.open(archive) as tar:
+                for member in tar.getmembers():
+                    name = Path(member.name)
+                    if name.is_absolute() or ".." in name.parts or member.issym() or member.islnk():
+                        raise UserError(f"{archive} holds an unsafe member {member.name!r}; "
+                                        "repack it with relative paths only.")
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise UserError(f"{archive} is not a readable tar archive ({exc}); re-download or repack it.") from None
+        _publish_dir(tmp, dest)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
     return dest
 
 
+def _publish_dir(tmp: Path, dest: Path) -> None:
+    """Rename a finished temporary folder into place; a concurrent writer that got there first wins."""
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+
+
 def _descend(directory: Path) -> Path:
-    """Skip wrapper folders: go down while a folder holds exactly one folder and no files."""
+    """Skip wrapper folders: go down while a folder holds exactly one folder and no files.
+
+    Stops above a lone folder of images: that is a (single) class, not a wrapper.
+    """
     while True:
         entries = [e for e in directory.iterdir() if not e.name.startswith(".")]
-        if len(entries) == 1 and entries[0].is_dir():
+        if len(entries) == 1 and entries[0].is_dir() and not any(
+                p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries[0].iterdir()):
             directory = entries[0]
         else:
             return directory
@@ -201,7 +216,8 @@ def write_digits(cache: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         pixels = np.clip(np.round(image * (255.0 / 16.0)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(out)
-    os.replace(tmp, dest)
+    _publish_dir(tmp, dest)
+    shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

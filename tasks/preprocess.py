@@ -47,6 +47,10 @@ class PreprocessConfig:
             raise UserError(f"image_size={self.image_size} is out of range; choose 8 to 512 pixels.")
         if self.channels not in ("auto", "rgb", "grayscale"):
             raise UserError(f"channels={self.channels!r} is unknown; choose auto, rgb or grayscale.")
+        for name in ("limit_train", "limit_test"):
+            limit = getattr(self, name)
+            if limit is not None and limit < 1:
+                raise UserError(f"{name}={limit} must be at least 1, or unset to use every image.")
         if not 0.0 <= self.val_fraction < 0.5 or not 0.0 < self.test_fraction < 0.5:
             raise UserError("val_fraction must be in [0, 0.5) and test_fraction in (0, 0.5); adjust the data parameters.")
 
@@ -68,7 +72,8 @@ def stratified_split(items: list[Item], fraction: float, seed: int) -> tuple[lis
 
 
 def subsample(items: list[Item], limit: int | None, seed: int) -> list[Item]:
-    """A fixed random subset: the same draw as ``random.Random(seed).sample`` over the sorted list."""
+    """A fixed random subset: ``random.Random(seed).sample(items, limit)``, the draw that
+    ``../shared/bench/baseline_torch.py --limit`` makes over its (class, name)-sorted file list."""
     if limit is None or limit >= len(items):
         return items
     return random.Random(seed).sample(items, limit)

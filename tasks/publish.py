@@ -70,7 +70,7 @@ def gate(accuracy: float, champion: dict | None, min_improvement: float) -> tupl
     if champion is None:
         return True, "first version: no champion yet"
     delta = accuracy - champion["test_accuracy"]
-    verdict = delta > 0 and delta >= min_improvement
+    verdict = delta > 0 and delta >= min_improvement - 1e-9  # accuracies are ratios: 0.85 - 0.80 < 0.05 in floats
     comparison = f"test accuracy {accuracy:.4f} vs champion v{champion['version']} {champion['test_accuracy']:.4f}"
     return verdict, f"{comparison} (delta {delta:+.4f}, needed > 0 and >= {min_improvement:g})"
 

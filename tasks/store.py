@@ -17,6 +17,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from cluster.errors import UserError
 
@@ -186,7 +188,7 @@ def open_store(location: str) -> Store:
         UserError: for a location this build cannot store into.
     """
     if location.startswith("file://"):
-        return FileStore(Path(location[len("file://"):]))
+        return FileStore(Path(url2pathname(urlparse(location).path)))
     if "://" in location:
         scheme = location.split("://", 1)[0]
         raise UserError(f"--store {location!r}: unsupported scheme {scheme!r}; use a directory path or a file:// URI.")

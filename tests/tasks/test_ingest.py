@@ -343,8 +343,6 @@ def test_ingest_task_fn_uses_the_raw_cache(image_folder, tmp_path: Path):
     assert raw == ingest(f"folder:{archive}", tmp_path / "mycache" / "raw")
 
 
-@pytest.mark.xfail(reason="concurrent safe_extract of one archive: the loser's os.replace hits ENOTEMPTY and is "
-                          "reported as an unreadable archive (tasks/ingest.py safe_extract)")
 def test_concurrent_extraction_of_one_archive(image_folder, tmp_path: Path):
     import threading
 

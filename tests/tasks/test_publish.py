@@ -219,6 +219,5 @@ def test_publish_task_fn(trained: Trained, evaluation: Evaluation):
     assert trained.store.exists("models/via-task/versions/1/manifest.json")
 
 
-@pytest.mark.xfail(strict=True, reason="gate compares float differences exactly: 0.85 - 0.80 < 0.05 (tasks/publish.py gate)")
 def test_gate_promotes_at_exactly_the_margin_for_decimal_accuracies():
     assert gate(0.85, champion(0.80), 0.05)[0] is True

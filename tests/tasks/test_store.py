@@ -180,7 +180,6 @@ def test_concurrent_swap_increments_are_never_lost(store: FileStore):
     assert int(store.get_bytes(key)) == threads_n * per_thread
 
 
-@pytest.mark.xfail(strict=True, reason="open_store does not percent-decode file:// URIs (tasks/store.py open_store)")
 def test_file_uri_of_a_root_with_a_space_round_trips(tmp_path: Path):
     store = FileStore(tmp_path / "with space")
     store.put_bytes("k", b"v")
