@@ -44,15 +44,13 @@ MODES = {
 }
 
 
-def last_json(stdout: str) -> dict:
-    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
-
-
 def run(cmd: list[str]) -> dict:
+    """Run one measurement; its last JSON line on stdout is the result."""
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
-    return last_json(out.stdout)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def prepare(cifar: Path, work: Path) -> tuple[Path, Path]:
@@ -87,12 +85,14 @@ def main() -> None:
                                 "--limit", str(SUBSET)],
             "baseline_folder": [sys.executable, str(args.baseline), str(folders), "--loader", "folder",
                                 "--limit", str(SUBSET)],
-            **{name: [sys.executable, "-m", "cluster.torch_loop", "--data", str(data), "--epochs", "1",
-                      "--checkpoints", str(work / f"ckpt-{name}"), *extra] for name, extra in MODES.items()},
+            **{name: [sys.executable, "-m", "cluster.torch_loop", "--data", str(data), "--epochs", "1", *extra]
+               for name, extra in MODES.items()},
         }
         runs: dict[str, list[float]] = {name: [] for name in commands}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for name, cmd in commands.items():
+                if name in MODES:  # a fresh checkpoint folder, or the loop would resume past its one epoch
+                    cmd = [*cmd, "--checkpoints", str(work / f"ckpt-{name}-{repeat}")]
                 runs[name].append(run(cmd)["train_images_per_s"])
 
     best = {name: max(values) for name, values in runs.items()}
