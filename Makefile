@@ -10,7 +10,6 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The venv is (re)built when it is missing or pyproject.toml changed.
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 

@@ -28,13 +28,7 @@ def evaluation_artifacts(name: str, model: TrainedModel, evaluation: Evaluation)
         key=_key(name, "evaluation"),
         markdown=f"""# Evaluation of `{model.run_id}`
 
-| test metric | value |
-|---|---|
-| accuracy | {evaluation.accuracy:.4f} |
-| precision (macro) | {evaluation.precision_macro:.4f} |
-| recall (macro) | {evaluation.recall_macro:.4f} |
-| F1 (macro) | {evaluation.f1_macro:.4f} |
-| test images | {evaluation.test_size} |
+{evaluation.metrics_markdown()}
 
 Confusion matrix: [{evaluation.confusion_png_uri}]({evaluation.confusion_png_uri})
 

@@ -275,10 +275,16 @@ def ingest(source: str, cache: Path) -> RawData:
     )
 
 
+def _ingest_cache_key(_, inputs: dict) -> str:
+    """The source's stamp plus where its local copy lives: a wiped cache means ingesting again."""
+    cache = cache_root(inputs.get("cache_dir")).resolve()
+    return f"{source_stamp(inputs['source'])}|{cache}|{cache.is_dir() and any(cache.iterdir())}"
+
+
 @task(
     name="ingest",
     task_run_name="ingest {source}",
-    cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=lambda _, inputs: source_stamp(inputs["source"])),
+    cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_ingest_cache_key),
     persist_result=True,
     retries=3,
     retry_delay_seconds=[2, 8, 30],

@@ -105,12 +105,7 @@ A `{model.model}` image classifier ({model.framework}) trained on `{source}`
 {prepared.image_size}x{prepared.image_size}, {prepared.channels} channel(s)) over {len(model.history)} epochs
 on {model.num_workers} Ray workers. Final train loss {last.train_loss:.4f}.
 
-| test metric | value |
-|---|---|
-| accuracy | {evaluation.accuracy:.4f} |
-| precision (macro) | {evaluation.precision_macro:.4f} |
-| recall (macro) | {evaluation.recall_macro:.4f} |
-| F1 (macro) | {evaluation.f1_macro:.4f} |
+{evaluation.metrics_markdown()}
 
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|

@@ -86,6 +86,17 @@ class Evaluation(_Ref):
     confusion_png_uri: str
     test_size: int
 
+    def metrics_markdown(self) -> str:
+        """The headline test metrics as a markdown table (model card and Prefect artifact)."""
+        return "\n".join([
+            "| test metric | value |", "|---|---|",
+            f"| accuracy | {self.accuracy:.4f} |",
+            f"| precision (macro) | {self.precision_macro:.4f} |",
+            f"| recall (macro) | {self.recall_macro:.4f} |",
+            f"| F1 (macro) | {self.f1_macro:.4f} |",
+            f"| test images | {self.test_size} |",
+        ])
+
 
 class Release(_Ref):
     """A published model version and the promotion decision made for it."""

@@ -69,7 +69,8 @@ def ray_local() -> Iterator[None]:
     from cluster import runtime
 
     runtime.prestart(None)
-    yield
+    with runtime.ray_session(None):  # waits until Ray is up
+        yield
     runtime.shutdown()
 
 

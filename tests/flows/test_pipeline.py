@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
@@ -47,12 +47,19 @@ def test_digits_flow_trains_publishes_and_skips_unchanged_stages_on_rerun(harnes
 
 
 @pytest.mark.slow
-def test_changed_preprocessing_invalidates_the_preprocess_cache_only(harness, ray_local, tmp_path):
-    store = tmp_path / "artifacts"
+def test_caches_follow_content_not_history(harness, ray_local, tmp_path):
+    store, cache = tmp_path / "artifacts", tmp_path / "cache"
     base = {"train": {"epochs": 1}, "publish": {"store": str(store)}, "cluster": {"num_workers": 1}}
-    train_pipeline(build_params("digits-quickstart", {**base, "data": {"image_size": 8}}))
-    changed = train_pipeline(build_params("digits-quickstart", {**base, "data": {"image_size": 12}}))
+    data = {"cache_dir": str(cache)}
+    train_pipeline(build_params("digits-quickstart", {**base, "data": {**data, "image_size": 8}}))
+
+    changed = train_pipeline(build_params("digits-quickstart", {**base, "data": {**data, "image_size": 12}}))
     skipped = {s.name: s.skipped for s in changed.stages}
-    assert skipped["ingest"] and not skipped["preprocess"]
-    prepared = sorted(p.name for p in (Path(store) / "prepared").iterdir())
-    assert len(prepared) == 2
+    assert skipped["ingest"] and not skipped["preprocess"]  # new preprocessing parameters, same raw data
+    assert len(list((store / "prepared").iterdir())) == 2
+
+    shutil.rmtree(cache)  # the local raw copy is gone: ingest must run again ...
+    again = train_pipeline(build_params("digits-quickstart", {**base, "data": {**data, "image_size": 12}}))
+    skipped = {s.name: s.skipped for s in again.stages}
+    assert not skipped["ingest"] and skipped["preprocess"]  # ... and yields the same fingerprint
+    assert (cache / "digits").is_dir()
