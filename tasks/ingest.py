@@ -275,10 +275,26 @@ def ingest(source: str, cache: Path) -> RawData:
     )
 
 
+def cache_generation(cache: Path) -> str:
+    """A random token stored in the cache folder: it changes whenever the folder is wiped."""
+    marker = cache / ".generation"
+    if not marker.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".generation.tmp-{uuid.uuid4().hex}"
+        tmp.write_text(uuid.uuid4().hex)
+        try:
+            os.link(tmp, marker)  # create-only: concurrent runs agree on one token
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return marker.read_text()
+
+
 def _ingest_cache_key(_, inputs: dict) -> str:
-    """The source's stamp plus where its local copy lives: a wiped cache means ingesting again."""
+    """The source's stamp plus which local cache holds its copy: a wiped cache means ingesting again."""
     cache = cache_root(inputs.get("cache_dir")).resolve()
-    return f"{source_stamp(inputs['source'])}|{cache}|{cache.is_dir() and any(cache.iterdir())}"
+    return f"{source_stamp(inputs['source'])}|{cache}|{cache_generation(cache)}"
 
 
 @task(

@@ -62,4 +62,4 @@ def test_caches_follow_content_not_history(harness, ray_local, tmp_path):
     again = train_pipeline(build_params("digits-quickstart", {**base, "data": {**data, "image_size": 12}}))
     skipped = {s.name: s.skipped for s in again.stages}
     assert not skipped["ingest"] and skipped["preprocess"]  # ... and yields the same fingerprint
-    assert (cache / "digits").is_dir()
+    assert (cache / "raw" / "digits").is_dir()
