@@ -94,7 +94,7 @@ def _report_callback(report_queue):
 
 
 def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, run_name: str, storage_path: str,
-              on_report: Callable[[dict], None] = lambda m: None) -> str:
+              storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None) -> str:
     """Train with a TorchTrainer (DDP over gloo on CPU, NCCL on GPU) and wait for it.
 
     Re-running with the same ``run_name`` and ``storage_path`` resumes from the
@@ -115,7 +115,8 @@ def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, run_name: str, stor
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=[_report_callback(reports)],
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                             callbacks=[_report_callback(reports)],
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

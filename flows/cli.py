@@ -2,6 +2,7 @@
 
     trainflow run [--preset NAME] [--dataset ...] [--epochs N] [--workers N] [--gpu] ...
     trainflow presets
+    trainflow models list|show NAME [VERSION]|promote NAME VERSION [--store ...]
 
 Mistakes a user can fix are printed as one line (exit code 2), never a traceback.
 """
@@ -45,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu", action="store_true", help="one GPU per Ray worker")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     sub.add_parser("presets", help="list the named parameter presets")
+    models = sub.add_parser("models", help="read the model registry; promote by hand").add_subparsers(
+        dest="action", required=True)
+    for action, help_text in (("list", "every model, its versions and champion"),
+                              ("show", "one version's metrics, lineage and promotions (default: the champion)"),
+                              ("promote", "make a published version the champion, bypassing the gate")):
+        cmd = models.add_parser(action, help=help_text)
+        cmd.add_argument("--store", default="./artifacts", help="directory, file:// URI or s3://bucket/prefix")
+        if action != "list":
+            cmd.add_argument("name")
+            cmd.add_argument("version", type=int, nargs="?" if action == "show" else None)
+        if action == "promote":
+            cmd.add_argument("--reason", default="promoted by hand")
     return ap
 
 
@@ -98,6 +111,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from tasks import registry
+    from tasks.store import open_store
+
+    store = open_store(args.store)
+    store.check()
+    if args.action == "list":
+        rows = [{"name": name, "versions": registry.published_versions(store, name),
+                 "champion": (registry.read_champion(store, name)[1] or {}).get("version")}
+                for name in registry.model_names(store)]
+        print(json.dumps(rows, indent=2))
+    elif args.action == "show":
+        version = args.version
+        if version is None:
+            champion = registry.read_champion(store, args.name)[1]
+            published = registry.published_versions(store, args.name)
+            version = champion["version"] if champion else (published[-1] if published else 0)
+        print(json.dumps(registry.read_version(store, args.name, version), indent=2))
+    else:
+        print(json.dumps(registry.promote(store, args.name, args.version, args.reason), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -107,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(PRESETS, indent=2))
             return 0
-        return _run(args)
+        return _models(args) if args.command == "models" else _run(args)
     except UserError as exc:
         print(f"trainflow: error: {exc}", file=sys.stderr)
         return 2

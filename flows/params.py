@@ -73,7 +73,9 @@ class ClusterParams(_Section):
 
 
 class PublishParams(_Section):
-    store: str = Field("./artifacts", title="Artifact store", description="A directory or file:// URI")
+    store: str = Field("./artifacts", title="Artifact store",
+                       description="A directory, file:// URI or s3://bucket/prefix (credentials from the AWS "
+                                   "environment, never from parameters)")
     model_name: str = Field("seed-cnn", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                             title="Registry name")
     min_improvement: float = Field(0.0, ge=0.0, le=1.0, title="Promotion margin",
@@ -121,5 +123,5 @@ def preflight(params: PipelineParams) -> None:
     from tasks.store import open_store
 
     check_source(params.data.dataset)
-    open_store(params.publish.store)
+    open_store(params.publish.store).check()
     params.train.to_config().local_batch_size(params.cluster.num_workers)

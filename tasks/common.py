@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -31,5 +32,13 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 
 
 def result_storage(store: Store) -> Path:
-    """Where Prefect persists cached task results: inside the artifact store, so caches follow the data."""
-    return Path(store.ray_storage_path("prefect-results"))
+    """Where Prefect persists cached task results.
+
+    Inside a local store, so caches follow the data. For a remote store, in the
+    local cache, keyed by the store's URI: Prefect's remote result storage needs
+    a server-side block, which a run from the CLI with no server does not have.
+    """
+    if store.is_local:
+        return Path(store.ray_storage_path("prefect-results"))
+    digest = hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+    return cache_root(None) / "prefect-results" / digest

@@ -16,6 +16,7 @@ list of image files, each with the sha256 of its bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tarfile
@@ -53,7 +54,11 @@ def check_source(source: str) -> None:
         UserError: for an unknown source or a missing path.
     """
     kind, location = parse_source(source)
-    if kind == "folder" and not Path(location).expanduser().exists():
+    if kind == "folder" and location.startswith("s3://"):
+        from tasks.store import open_store
+
+        open_store(location).check()
+    elif kind == "folder" and not Path(location).expanduser().exists():
         raise UserError(f"--dataset {source!r}: {location} does not exist; check the path.")
 
 
@@ -69,6 +74,41 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def s3_listing_stamp(uri: str) -> str:
+    """sha256 over (key, size, ETag) of every object under an s3:// prefix."""
+    from tasks.store import open_store
+
+    store = open_store(uri)
+    return hashlib.sha256(json.dumps([uri, store.listing("")]).encode()).hexdigest()
+
+
+def download_s3(uri: str, cache: Path) -> Path:
+    """Download every object under an s3:// prefix, in parallel, into ``cache/s3/<listing stamp>``.
+
+    The folder is named by the listing (keys, sizes, ETags): ETags are not
+    content hashes for multipart uploads, so the dataset's fingerprint is still
+    computed from the downloaded bytes, like any local folder's.
+    """
+    from tasks.store import open_store
+
+    store = open_store(uri)
+    store.check()
+    rows = store.listing("")
+    if not rows:
+        raise UserError(f"--dataset folder:{uri}: no objects under that prefix; check the bucket and prefix.")
+    dest = cache / "s3" / hashlib.sha256(json.dumps([uri, rows]).encode()).hexdigest()
+    if dest.is_dir():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda row: store.get_file(row[0], tmp / row[0]), rows))
+        _publish_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def source_stamp(source: str) -> str:
     """A cheap stamp that changes whenever the source's files change.
 
@@ -79,6 +119,8 @@ def source_stamp(source: str) -> str:
     kind, location = parse_source(source)
     if kind != "folder":
         return kind
+    if location.startswith("s3://"):
+        return s3_listing_stamp(location)
     root = Path(location).expanduser()
     if not root.exists():
         raise UserError(f"--dataset {source!r}: {root} does not exist; check the path.")
@@ -159,7 +201,7 @@ def locate_splits(location: str, cache: Path) -> dict[str, Path]:
     Returns ``{"train": dir, "test": dir}`` for split layouts, ``{"train": dir}``
     when only a train split exists, and ``{"all": dir}`` for plain class folders.
     """
-    path = Path(location).expanduser()
+    path = download_s3(location, cache) if location.startswith("s3://") else Path(location).expanduser()
     if not path.exists():
         raise UserError(f"--dataset folder:{location}: {path} does not exist; check the path.")
     root = _as_dir(path, cache)

@@ -1,15 +1,7 @@
-"""Stage 5, publish: a new model version in the registry, then the promotion gate.
+"""Stage 5, publish: a new model version in the registry (``tasks.registry``), then the promotion gate.
 
-Registry layout in the store::
-
-    models/<name>/versions/<n>/{model.pt, state.json, metrics.json, lineage.json, card.md, confusion.png}
-    models/<name>/versions/<n>/manifest.json   # written last: every file, size, sha256
-    models/<name>/champion.json                # replaced only by compare-and-swap
-
-A version number is claimed create-only before anything is written, so two
-publishers never share one; a version without its manifest does not exist for
-readers; the champion pointer moves only to a version whose manifest is in
-place, and only if it still points where the gate read it.
+The version's files go up first and its manifest last; the champion pointer
+moves only after that, by compare-and-swap, and only if the gate says so.
 """
 
 from __future__ import annotations
@@ -26,43 +18,10 @@ from prefect import task
 from cluster.errors import UserError
 from tasks.common import retry_unless_user_error
 from tasks.refs import Evaluation, PreparedData, Release, TrainedModel
-from tasks.store import AlreadyExists, Store, open_store
+from tasks.registry import MANIFEST, claim_version, move_champion, read_champion, versions_prefix
+from tasks.store import Store, open_store
 
-MANIFEST = "manifest.json"
-CHAMPION = "champion.json"
 _PACKAGES = ("trainflow", "torch", "ray", "prefect", "numpy", "scikit-learn", "pillow", "pydantic")
-
-
-def versions_prefix(name: str) -> str:
-    return f"models/{name}/versions"
-
-
-def published_versions(store: Store, name: str) -> list[int]:
-    """Versions that have a manifest, ascending."""
-    prefix = versions_prefix(name)
-    return sorted(int(k.split("/")[-2]) for k in store.list(prefix) if k.endswith(f"/{MANIFEST}"))
-
-
-def claim_version(store: Store, name: str) -> int:
-    """Reserve the next free version number (create-only marker) and return it."""
-    prefix = versions_prefix(name)
-    taken = {int(k[len(prefix) + 1:].split("/")[0]) for k in store.list(prefix)}
-    n = max(taken, default=0) + 1
-    while True:
-        try:
-            store.put_bytes(f"{prefix}/{n}/.claim", b"", if_absent=True)
-            return n
-        except AlreadyExists:
-            n += 1
-
-
-def read_champion(store: Store, name: str) -> tuple[bytes | None, dict | None]:
-    """The champion pointer's raw bytes (for compare-and-swap) and its content."""
-    key = f"models/{name}/{CHAMPION}"
-    if not store.exists(key):
-        return None, None
-    raw = store.get_bytes(key)
-    return raw, json.loads(raw)
 
 
 def gate(accuracy: float, champion: dict | None, min_improvement: float) -> tuple[bool, str]:
@@ -154,11 +113,7 @@ def publish(model: TrainedModel, evaluation: Evaluation, prepared: PreparedData,
     while True:
         raw, champion = read_champion(store, name)
         promoted, reason = gate(evaluation.accuracy, champion, min_improvement)
-        if not promoted:
-            break
-        pointer = {"version": version, "test_accuracy": evaluation.accuracy,
-                   "promoted_at": datetime.now(timezone.utc).isoformat()}
-        if store.swap(f"models/{name}/{CHAMPION}", json.dumps(pointer, indent=2).encode(), expected=raw):
+        if not promoted or move_champion(store, name, version, evaluation.accuracy, "gate", reason, raw):
             break  # else another publisher moved the pointer: judge again against the new champion
     return Release(name=name, version=version, uri=store.child_uri(prefix), promoted=promoted,
                    champion_version=version if promoted else (champion or {}).get("version"), reason=reason)

@@ -31,6 +31,7 @@ class Store(ABC):
     """Atomic object storage addressed by relative keys."""
 
     uri: str
+    is_local: bool = False  # True when keys are plain files on this machine
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
@@ -69,7 +70,14 @@ class Store(ABC):
 
     @abstractmethod
     def ray_storage_path(self, prefix: str) -> str:
-        """Where Ray Train should persist checkpoints under ``prefix``."""
+        """Where Ray Train should persist checkpoints under ``prefix`` (a path in :meth:`ray_filesystem`)."""
+
+    def ray_filesystem(self):
+        """The pyarrow filesystem Ray Train should use, or None for Ray's default (local paths)."""
+        return None
+
+    def check(self) -> None:
+        """Fail fast with one clear sentence when the store cannot be used; cheap."""
 
     def child_uri(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{key}"
@@ -98,6 +106,8 @@ class Store(ABC):
 
 class FileStore(Store):
     """A store in a local (or network-mounted) directory."""
+
+    is_local = True
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -182,14 +192,19 @@ class FileStore(Store):
 
 
 def open_store(location: str) -> Store:
-    """Open the store named by a path or ``file://`` URI.
+    """Open the store named by a path, a ``file://`` URI or ``s3://bucket/prefix``.
 
     Raises:
         UserError: for a location this build cannot store into.
     """
     if location.startswith("file://"):
         return FileStore(Path(url2pathname(urlparse(location).path)))
+    if location.startswith("s3://"):
+        from tasks.s3store import S3Store  # lazy: boto3 only when S3 is used
+
+        return S3Store(location)
     if "://" in location:
         scheme = location.split("://", 1)[0]
-        raise UserError(f"--store {location!r}: unsupported scheme {scheme!r}; use a directory path or a file:// URI.")
+        raise UserError(f"--store {location!r}: unsupported scheme {scheme!r}; "
+                        "use a directory path, a file:// URI or s3://bucket/prefix.")
     return FileStore(Path(location).expanduser())

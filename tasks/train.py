@@ -68,7 +68,7 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
     cfg = replace(cfg, data_dir=str(data_dir), use_gpu=resources.use_gpu)
     with ray_session(resources.ray_address):
         final = fit_torch(cfg, resources, run_name=run_id, storage_path=store.ray_storage_path("checkpoints"),
-                          on_report=on_report)
+                          storage_filesystem=store.ray_filesystem(), on_report=on_report)
     key = f"{run_prefix}/{Path(final).name}"
     state = json.loads(store.get_bytes(f"{key}/state.json"))
     return to_trained_model(store, key, state, run_id, resources.num_workers, found[1]["epoch"] if found else 0,

@@ -64,8 +64,33 @@ def make_tar(source: Path, archive: Path, arcname: str | None = None) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One local Ray for the session; tests that train reuse it instead of starting their own."""
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 with a fresh bucket.
+
+    Its endpoint and credentials go into the standard AWS environment variables
+    for the session: the only way trainflow learns them.
+    """
+    from tests import s3server
+
+    server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {key: os.environ.get(key) for key in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server) -> Iterator[None]:
+    """One local Ray for the session; tests that train reuse it instead of starting their own.
+
+    Started after the S3 server so that its workers inherit the AWS environment,
+    as a real cluster's workers have their own credentials.
+    """
     from cluster import runtime
 
     runtime.prestart(None)

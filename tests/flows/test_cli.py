@@ -17,9 +17,9 @@ from tests.conftest import make_tar, pattern_image
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def trainflow(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def trainflow(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env={**os.environ})
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize(("args", "words"), [

@@ -11,7 +11,8 @@ import pytest
 from tests.tasks._helpers import Trained, train_small_model
 from cluster.errors import UserError
 from tasks.evaluate import evaluate
-from tasks.publish import claim_version, gate, publish, publish_task, published_versions, read_champion
+from tasks.publish import gate, publish, publish_task
+from tasks.registry import claim_version, published_versions, read_champion
 from tasks.refs import Evaluation, Release
 from tasks.store import FileStore
 

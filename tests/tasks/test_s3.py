@@ -1,0 +1,81 @@
+"""S3 specifics against a real server: credentials, integrity, ingest from a prefix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cluster.errors import UserError
+from tasks.ingest import check_source, ingest
+from tasks.store import open_store
+
+
+def upload_folder(server, local: Path, prefix: str) -> None:
+    client = server.client()
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(path), server.bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
+def test_wrong_secret_is_one_clear_error_and_writes_nothing(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store = open_store(f"s3://{s3_server.bucket}/wrong-secret")
+    with pytest.raises(UserError, match="refused the credentials.*AWS_SECRET_ACCESS_KEY"):
+        store.check()
+    with pytest.raises(UserError, match="refused the credentials"):
+        store.put_bytes("x", b"1")
+    listed = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="wrong-secret/")
+    assert listed.get("KeyCount", 0) == 0
+    assert "not-the-secret" not in str(store.__dict__.get("uri"))
+
+
+def test_missing_bucket_and_missing_name_are_user_errors(s3_server):
+    with pytest.raises(UserError, match="does not exist"):
+        open_store("s3://no-such-bucket-here/x").check()
+    with pytest.raises(UserError, match="names no bucket"):
+        open_store("s3://")
+
+
+def test_a_corrupted_object_is_detected_on_read(s3_server, tmp_path):
+    store = open_store(f"s3://{s3_server.bucket}/corrupt")
+    store.put_bytes("obj", b"good bytes")
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="corrupt/obj", Body=b"evil bytes",
+                                  Metadata={"sha256": __import__("hashlib").sha256(b"good bytes").hexdigest()})
+    with pytest.raises(OSError, match="corrupt"):
+        store.get_bytes("obj")
+    with pytest.raises(OSError, match="corrupt"):
+        store.get_file("obj", tmp_path / "obj")
+    assert not (tmp_path / "obj").exists()
+
+
+def test_ingest_from_an_s3_prefix_matches_the_local_folder(s3_server, image_folder, tmp_path):
+    local = image_folder("pets", classes=3, per_class=10)
+    (local / "class_0" / "README.txt").write_text("ignored")
+    upload_folder(s3_server, local, "datasets/pets")
+    source = f"folder:s3://{s3_server.bucket}/datasets/pets"
+    check_source(source)
+    remote = ingest(source, tmp_path / "cache")
+    assert remote.counts == {"all": 30} and remote.classes == ("class_0", "class_1", "class_2")
+    assert remote.ignored_files == 1
+    assert remote.fingerprint == ingest(f"folder:{local}", tmp_path / "cache").fingerprint
+    again = ingest(source, tmp_path / "cache")
+    assert again.splits == remote.splits  # the same download, not a second one
+
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="datasets/pets/class_1/0000.png",
+                                  Body=(local / "class_2" / "0000.png").read_bytes())
+    changed = ingest(source, tmp_path / "cache")
+    assert changed.fingerprint != remote.fingerprint and changed.splits != remote.splits
+
+
+def test_ingest_from_an_empty_prefix_says_so(s3_server, tmp_path):
+    with pytest.raises(UserError, match="no objects under that prefix"):
+        ingest(f"folder:s3://{s3_server.bucket}/nothing-here", tmp_path / "cache")
+
+
+def test_credentials_come_only_from_the_environment(s3_server):
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.endpoint
+    from flows.params import PipelineParams
+
+    fields = str(PipelineParams.model_json_schema()).lower()
+    assert "secret" not in fields and "access_key" not in fields
