@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def test_a_corrupted_object_is_detected_on_read(s3_server, tmp_path):
     store = open_store(f"s3://{s3_server.bucket}/corrupt")
     store.put_bytes("obj", b"good bytes")
     s3_server.client().put_object(Bucket=s3_server.bucket, Key="corrupt/obj", Body=b"evil bytes",
-                                  Metadata={"sha256": __import__("hashlib").sha256(b"good bytes").hexdigest()})
+                                  Metadata={"sha256": hashlib.sha256(b"good bytes").hexdigest()})
     with pytest.raises(OSError, match="corrupt"):
         store.get_bytes("obj")
     with pytest.raises(OSError, match="corrupt"):
@@ -79,3 +81,46 @@ def test_credentials_come_only_from_the_environment(s3_server):
 
     fields = str(PipelineParams.model_json_schema()).lower()
     assert "secret" not in fields and "access_key" not in fields
+
+
+def test_concurrent_publishers_on_s3_never_both_become_champion(s3_server, tmp_path):
+    """Two publishers race on one S3 registry: distinct versions, manifests complete, the better one wins."""
+    import threading
+
+    from tasks.evaluate import evaluate
+    from tasks.publish import publish
+    from tasks.registry import published_versions, read_champion
+    from tests.tasks._helpers import train_small_model
+
+    trained = train_small_model(tmp_path / "train")
+    evaluation = evaluate(trained.model, trained.prepared, trained.store.uri, str(trained.cache_dir))
+    s3 = open_store(f"s3://{s3_server.bucket}/race-{tmp_path.name[-12:]}")
+    for key in trained.store.list("checkpoints") + trained.store.list("evaluations"):
+        s3.put_bytes(key, trained.store.get_bytes(key))
+    model = trained.model.model_copy(update={"checkpoint_uri": s3.child_uri(trained.checkpoint_key)})
+    png = s3.child_uri(trained.store.key_of(evaluation.confusion_png_uri))
+    for round_, accuracies in enumerate(([0.6, 0.9], [0.9, 0.6])):
+        name = f"race{round_}"
+        releases, errors = {}, []
+        barrier = threading.Barrier(2)
+
+        def run(accuracy: float) -> None:
+            try:
+                barrier.wait()
+                result = evaluation.model_copy(update={"accuracy": accuracy, "confusion_png_uri": png})
+                releases[accuracy] = publish(model, result, trained.prepared, {}, s3.uri, name)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(a,)) for a in accuracies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert published_versions(s3, name) == [1, 2]
+        assert read_champion(s3, name)[1]["version"] == releases[0.9].version
+        manifest = json.loads(s3.get_bytes(f"models/{name}/versions/{releases[0.6].version}/manifest.json"))
+        for entry in manifest["files"]:
+            data = s3.get_bytes(f"models/{name}/versions/{releases[0.6].version}/{entry['name']}")
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
