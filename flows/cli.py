@@ -75,7 +75,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
 def format_summary(summary, wall_seconds: float) -> str:
     lines = ["", "trainflow run summary", "-" * 52]
     for stage in summary.stages:
-        note = "skipped (cached: inputs unchanged)" if stage.skipped else ""
+        note = f"skipped ({stage.note})" if stage.skipped else ""
         lines.append(f"  {stage.name:<11}{stage.seconds:8.1f} s   {note}")
     lines += [
         "-" * 52,

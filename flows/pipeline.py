@@ -28,6 +28,7 @@ class StageTime(BaseModel):
     name: str
     seconds: float
     skipped: bool
+    note: str = ""
 
 
 class RunSummary(BaseModel):
@@ -60,7 +61,10 @@ def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
     start = time.perf_counter()
     state = call(*args, return_state=True, **kwargs)
     result = state.result()
-    stages.append(StageTime(name=name, seconds=time.perf_counter() - start, skipped=state.name == "Cached"))
+    cached = state.name == "Cached"
+    reused = getattr(result, "reused", False)  # a training run that had already finished
+    note = "cached: inputs unchanged" if cached else "reused the finished run: inputs unchanged" if reused else ""
+    stages.append(StageTime(name=name, seconds=time.perf_counter() - start, skipped=cached or reused, note=note))
     return result
 
 

@@ -39,7 +39,8 @@ def test_digits_flow_trains_publishes_and_skips_unchanged_stages_on_rerun(harnes
 
     second = train_pipeline(params)
     skipped = {s.name: s.skipped for s in second.stages}
-    assert skipped == {"ingest": True, "preprocess": True, "train": False, "evaluate": False, "publish": False}
+    assert skipped == {"ingest": True, "preprocess": True, "train": True, "evaluate": False, "publish": False}
+    assert second.stages[2].note.startswith("reused the finished run")
     assert second.epochs_trained == 0  # the finished run is reused, not retrained
     assert second.accuracy == first.accuracy
     assert (second.version, second.promoted) == (2, False)
