@@ -2,6 +2,7 @@
 
     trainflow run [--preset NAME] [--dataset ...] [--epochs N] [--workers N] [--gpu] ...
     trainflow presets
+    trainflow serve [--every SECONDS]
     trainflow models list|show NAME [VERSION]|promote NAME VERSION [--store ...]
 
 Mistakes a user can fix are printed as one line (exit code 2), never a traceback.
@@ -46,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu", action="store_true", help="one GPU per Ray worker")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     sub.add_parser("presets", help="list the named parameter presets")
+    serve = sub.add_parser("serve", help="register the deployments with PREFECT_API_URL and run them until stopped")
+    serve.add_argument("--every", type=float, default=None, metavar="SECONDS",
+                       help="also serve an interval-scheduled deployment (smoke preset)")
+    serve.add_argument("--store", default=None, help="default store of the deployments' runs")
     models = sub.add_parser("models", help="read the model registry; promote by hand").add_subparsers(
         dest="action", required=True)
     for action, help_text in (("list", "every model, its versions and champion"),
@@ -142,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             from flows.params import PRESETS
 
             print(json.dumps(PRESETS, indent=2))
+            return 0
+        if args.command == "serve":
+            from flows.deployments import serve_all
+
+            serve_all(args.every, args.store)
             return 0
         return _models(args) if args.command == "models" else _run(args)
     except UserError as exc:

@@ -94,6 +94,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "article": {},
     # Tuned for the bundled digits: a 10x larger step passes 95 % test accuracy in about a minute.
     "digits-quickstart": {"data": {"dataset": "digits"}, "train": {"epochs": 12, "lr": 0.01}},
+    # The smallest real run: checks a deployment, a server or a cluster end to end in seconds of training.
+    "smoke": {"data": {"dataset": "digits", "image_size": 8}, "train": {"epochs": 1, "lr": 0.01},
+              "cluster": {"num_workers": 1}},
 }
 
 

@@ -6,10 +6,12 @@ Accuracy, macro and per-class precision/recall/F1 and the confusion matrix
 
 from __future__ import annotations
 
+import base64
 import io
 
 import numpy as np
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from cluster.data import load_split
 from tasks.common import cache_root
@@ -74,5 +76,11 @@ def evaluate(model: TrainedModel, prepared: PreparedData, store_uri: str, cache_
 
 @task(name="evaluate", task_run_name="evaluate {model.model} on {prepared.counts[test]} test images")
 def evaluate_task(model: TrainedModel, prepared: PreparedData, store: str, cache_dir: str | None = None) -> Evaluation:
-    """Prefect task: score the trained model on the test split."""
-    return evaluate(model, prepared, store, cache_dir)
+    """Prefect task: score the trained model on the test split; show the confusion matrix as an artifact."""
+    evaluation = evaluate(model, prepared, store, cache_dir)
+    opened = open_store(store)
+    png = base64.b64encode(opened.get_bytes(opened.key_of(evaluation.confusion_png_uri))).decode()
+    create_markdown_artifact(
+        markdown=f"# Confusion matrix of `{model.run_id}`\n\n![confusion matrix](data:image/png;base64,{png})\n",
+        description=f"Test-set confusion matrix ({evaluation.test_size} images)")
+    return evaluation

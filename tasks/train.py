@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from cluster.config import TrainLoopConfig
 from cluster.launch import Resources, fit_torch
@@ -85,11 +86,22 @@ def format_epoch(m: dict, epochs: int) -> str:
       retries=1, retry_delay_seconds=5)
 def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store: str,
                cache_dir: str | None = None) -> TrainedModel:
-    """Prefect task: distributed training on Ray; per-epoch metrics go to the run's log."""
+    """Prefect task: distributed training on Ray.
+
+    Per-epoch metrics go to the run's log and move a progress artifact, both
+    from this (driver) process as Ray's reports arrive.
+    """
     log = get_run_logger()
     log.info("training on %d Ray workers, global batch %d (%d per worker)", resources.num_workers,
              cfg.batch_size, cfg.local_batch_size(resources.num_workers))
-    model = train(prepared, cfg, resources, store, lambda m: log.info(format_epoch(m, cfg.epochs)), cache_dir)
+    progress = create_progress_artifact(0.0, description=f"Training {cfg.model}: share of {cfg.epochs} epochs done")
+
+    def on_report(metrics: dict) -> None:
+        log.info(format_epoch(metrics, cfg.epochs))
+        update_progress_artifact(progress, 100.0 * metrics["epoch"] / cfg.epochs)
+
+    model = train(prepared, cfg, resources, store, on_report, cache_dir)
+    update_progress_artifact(progress, 100.0)  # a reused run reports no epochs
     if model.reused:
         log.info("reused finished run %s: its inputs and parameters are unchanged", model.run_id)
     elif model.resumed_from_epoch:

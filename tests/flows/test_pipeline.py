@@ -12,6 +12,14 @@ from flows.params import build_params
 from flows.pipeline import train_pipeline
 
 
+def run_artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
 @pytest.fixture(scope="module")
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
@@ -23,7 +31,16 @@ def test_digits_flow_trains_publishes_and_skips_unchanged_stages_on_rerun(harnes
     store = tmp_path / "artifacts"
     params = build_params("digits-quickstart", {"data": {"image_size": 16}, "train": {"epochs": 10},
                                                 "publish": {"store": str(store)}})
-    first = train_pipeline(params)
+    state = train_pipeline(params, return_state=True)
+    first = state.result()
+    artifacts = run_artifacts(state.state_details.flow_run_id)
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert len(progress) == 1 and progress[0].data == 100.0
+    table = next(a for a in artifacts if a.type == "table")
+    assert len(json.loads(table.data)) == 10 and {"class", "precision", "recall", "f1"} <= set(json.loads(table.data)[0])
+    markdowns = [a.data for a in artifacts if a.type == "markdown"]
+    assert any("data:image/png;base64," in m for m in markdowns)  # the confusion matrix, visible in the UI
+    assert any("promoted to champion" in m for m in markdowns)
 
     assert [s.name for s in first.stages] == ["ingest", "preprocess", "train", "evaluate", "publish"]
     assert not any(s.skipped for s in first.stages)  # a fresh store holds no cached results

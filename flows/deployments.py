@@ -1,0 +1,69 @@
+"""Deployments of the training pipeline, and the process that serves them.
+
+``trainflow serve`` registers them with the Prefect server at
+``PREFECT_API_URL`` and executes their runs until stopped:
+
+* ``train-pipeline/nightly``: retrains on a cron schedule (explicit time zone);
+* ``train-pipeline/on-demand``: no schedule; started from the UI or the API.
+
+Both default to the ``digits-quickstart`` preset, so they run anywhere with
+no data to fetch; every parameter can be changed per run in the UI's form.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+
+from cluster.errors import UserError
+from flows.params import build_params
+from flows.pipeline import train_pipeline
+
+NIGHTLY_CRON = "0 3 * * *"
+TIMEZONE = "UTC"
+TAGS = ["trainflow"]
+
+
+def deployments(every_seconds: float | None = None, store: str | None = None) -> list:
+    """The pipeline's deployments.
+
+    ``every_seconds`` adds an interval-scheduled one with the ``smoke`` preset
+    (for checking a server end to end); ``store`` changes the default store.
+    """
+    from prefect.schedules import Cron, Interval
+
+    publish = {"publish": {"store": store}} if store else {}
+    defaults = {"params": build_params("digits-quickstart", publish).model_dump(mode="json")}
+    made = [
+        train_pipeline.to_deployment(
+            name="nightly", schedule=Cron(NIGHTLY_CRON, timezone=TIMEZONE), parameters=defaults, tags=TAGS,
+            description=f"Retrain every night at {NIGHTLY_CRON} ({TIMEZONE}) and publish through the gate."),
+        train_pipeline.to_deployment(
+            name="on-demand", parameters=defaults, tags=TAGS,
+            description="Train, evaluate and publish once, with the parameters you set in the run form."),
+    ]
+    if every_seconds:
+        made.append(train_pipeline.to_deployment(
+            # anchored just ahead of now: the first run starts in seconds, not at the next aligned slot
+            name="interval", tags=TAGS, schedule=Interval(timedelta(seconds=every_seconds), timezone=TIMEZONE,
+                                                          anchor_date=datetime.now(timezone.utc) + timedelta(seconds=15)),
+            parameters={"params": build_params("smoke", publish).model_dump(mode="json")},
+            description=f"Retrain every {every_seconds:g} s."))
+    return made
+
+
+def serve_all(every_seconds: float | None = None, store: str | None = None) -> None:
+    """Register the deployments and execute their runs until interrupted.
+
+    Raises:
+        UserError: when no Prefect server is configured.
+    """
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise UserError("PREFECT_API_URL is not set; start a server (prefect server start) and export "
+                            "PREFECT_API_URL=http://127.0.0.1:4200/api.")
+    from prefect import serve
+
+    serve(*deployments(every_seconds, store))

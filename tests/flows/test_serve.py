@@ -1,0 +1,142 @@
+"""Deployments against a real Prefect server: `trainflow serve`, schedules, runs created through the API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 with its own home and SQLite database; stopped by PID."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    log = open(home / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+        time.sleep(1)
+    yield api
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, tmp_path_factory):
+    """`trainflow serve --every 3600` against the server; yields the store its runs publish to."""
+    store = tmp_path_factory.mktemp("served") / "store"
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log_path = store.parent / "serve.log"
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--every", "3600", "--store", str(store)],
+                               cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(deployments(prefect_server)) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(1)
+    yield store
+    stop(process)
+
+
+def deployments(api: str) -> dict[str, dict]:
+    found = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+    return {d["name"]: d for d in found}
+
+
+def wait_for_run(api: str, run_id: str, timeout: float = 420) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
+            return run
+        time.sleep(2)
+
+
+@pytest.mark.slow
+def test_nightly_schedule_is_declared_and_active(prefect_server, served):
+    nightly = deployments(prefect_server)["nightly"]
+    schedule = nightly["schedules"][0]
+    assert schedule["active"] and schedule["schedule"]["cron"] == "0 3 * * *"
+    assert schedule["schedule"]["timezone"] == "UTC"
+    assert nightly["parameter_openapi_schema"]["definitions"]["TrainParams"]["properties"]["epochs"]["minimum"] == 1
+
+
+@pytest.mark.slow
+def test_on_demand_run_through_the_api_completes_with_artifacts(prefect_server, served):
+    deployment = deployments(prefect_server)["on-demand"]
+    params = deployment["parameters"]["params"]
+    params = {**params, "data": {**params["data"], "image_size": 8},
+              "train": {**params["train"], "epochs": 2}, "cluster": {**params["cluster"], "num_workers": 1}}
+    response = httpx.post(f"{prefect_server}/deployments/{deployment['id']}/create_flow_run",
+                          json={"parameters": {"params": params}}, timeout=10)
+    assert response.status_code == 201, response.text
+    run = wait_for_run(prefect_server, response.json()["id"])
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert run["name"] == "digits · torch · 2 epochs"
+    artifacts = httpx.post(f"{prefect_server}/artifacts/filter",
+                           json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}, timeout=10).json()
+    kinds = sorted(a["type"] for a in artifacts)
+    assert kinds.count("progress") == 1 and "table" in kinds and kinds.count("markdown") >= 3
+    assert next(a for a in artifacts if a["type"] == "progress")["data"] == 100.0
+    assert (served / "models" / "seed-cnn" / "champion.json").exists()
+
+
+@pytest.mark.slow
+def test_invalid_parameters_are_refused_before_a_run_starts(prefect_server, served):
+    deployment = deployments(prefect_server)["on-demand"]
+    params = deployment["parameters"]["params"]
+    for bad in ({"train": {**params["train"], "epochs": 0}}, {"train": {**params["train"], "framework": "caffe"}}):
+        response = httpx.post(f"{prefect_server}/deployments/{deployment['id']}/create_flow_run",
+                              json={"parameters": {"params": {**params, **bad}}}, timeout=10)
+        assert response.status_code == 409, response.text
+        assert "Validation failed" in response.text or "validation" in response.text.lower()
+
+
+@pytest.mark.slow
+def test_interval_deployment_starts_a_run_by_itself(prefect_server, served):
+    interval = deployments(prefect_server)["interval"]
+    deadline = time.monotonic() + 420
+    while True:
+        runs = httpx.post(f"{prefect_server}/flow_runs/filter",
+                          json={"flow_runs": {"deployment_id": {"any_": [interval["id"]]}}}, timeout=10).json()
+        done = [r for r in runs if r["state_type"] == "COMPLETED"]
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert done, [(r["name"], r["state_type"]) for r in runs]
+    assert done[0]["auto_scheduled"]
