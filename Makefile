@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test test-fast bench bench-store clean
+.PHONY: run test test-system-deps test-fast bench bench-store clean
 
 # The venv is (re)built when it is missing or pyproject.toml changed.
 $(BIN)/.installed: pyproject.toml
@@ -16,7 +16,13 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed  ## train, evaluate and publish a classifier on the bundled digits
 	$(BIN)/trainflow run --preset digits-quickstart
 
-test: $(BIN)/.installed  ## the whole suite, slow and CIFAR-10 tests included
+# Debian's PostgreSQL server, for the test of a Prefect server on PostgreSQL (the test skips, saying why, without it)
+test-system-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } \
+	  || echo "note: could not install PostgreSQL; its test will be skipped"
+
+test: $(BIN)/.installed test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
 	$(BIN)/python -m pytest -v --durations=15
 
 test-fast: $(BIN)/.installed

@@ -31,13 +31,12 @@ def stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 with its own home and SQLite database; stopped by PID."""
-    home = tmp_path_factory.mktemp("prefect-home")
+def start_prefect_server(home: Path, **settings: str) -> tuple[str, subprocess.Popen]:
+    """`prefect server start` on 127.0.0.1 with its own home (SQLite unless settings say otherwise)."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           **settings}
     log = open(home / "server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -47,11 +46,19 @@ def prefect_server(tmp_path_factory):
     while True:
         try:
             if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                break
+                return api, process
         except httpx.HTTPError:
             pass
-        assert process.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise AssertionError((home / "server.log").read_text()[-3000:])
         time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A Prefect server on SQLite, stopped by PID after the module."""
+    api, process = start_prefect_server(tmp_path_factory.mktemp("prefect-home"))
     yield api
     stop(process)
 
