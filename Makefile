@@ -16,11 +16,13 @@ $(BIN)/.installed: pyproject.toml
 run: $(BIN)/.installed  ## train, evaluate and publish a classifier on the bundled digits
 	$(BIN)/trainflow run --preset digits-quickstart
 
-# Debian's PostgreSQL server, for the test of a Prefect server on PostgreSQL (the test skips, saying why, without it)
+# Debian's PostgreSQL server (Prefect on PostgreSQL) and Chromium (the browser test); without them those
+# two tests skip, saying why. Playwright drives the system Chromium: no browser download.
 test-system-deps:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } \
-	  || echo "note: could not install PostgreSQL; its test will be skipped"
+	@{ ls /usr/lib/postgresql/*/bin/initdb && test -x /usr/bin/chromium; } >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql chromium; } \
+	  || echo "note: could not install postgresql/chromium; their tests will be skipped"
 
 test: $(BIN)/.installed test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
 	$(BIN)/python -m pytest -v --durations=15

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -147,3 +148,63 @@ def test_interval_deployment_starts_a_run_by_itself(prefect_server, served):
         time.sleep(3)
     assert done, [(r["name"], r["state_type"]) for r in runs]
     assert done[0]["auto_scheduled"]
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def form_field(page, title: str):
+    """The input under a parameter's title in Prefect's run form."""
+    block = page.locator(f"xpath=//*[normalize-space(text())='{title} (Optional)']"
+                         "/ancestor::div[.//input or .//textarea][1]")
+    return block.locator("input, textarea").first
+
+
+@pytest.mark.slow
+def test_custom_run_from_the_browser_completes_with_artifacts(prefect_server, served, tmp_path):
+    """Headless Chromium: open the deployment, open the custom-run form, set fields, submit, wait, screenshot."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    ui = prefect_server.removesuffix("/api")
+    deployment = deployments(prefect_server)["on-demand"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/deployments", wait_until="networkidle")
+        page.get_by_role("link", name="on-demand").first.click()
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        page.wait_for_url(re.compile(r".*/run\?.*"))
+        page.wait_for_load_state("networkidle")
+        for title, value in (("Dataset", "digits"), ("Image size", "8"), ("Epochs", "3"), ("Ray workers", "1")):
+            form_field(page, title).fill(value)
+        page.get_by_role("button", name="Submit").click()
+
+        deadline = time.monotonic() + 60
+        while True:
+            runs = httpx.post(f"{prefect_server}/flow_runs/filter", timeout=10, json={
+                "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}).json()
+            mine = [r for r in runs if r["parameters"]["params"]["train"]["epochs"] == 3]
+            if mine or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert len(mine) == 1, "the form did not create a run"
+        params = mine[0]["parameters"]["params"]
+        assert (params["data"]["image_size"], params["cluster"]["num_workers"]) == (8, 1)
+        run = wait_for_run(prefect_server, mine[0]["id"])
+        assert run["state_type"] == "COMPLETED", run["state"]
+
+        page.goto(f"{ui}/runs/flow-run/{run['id']}", wait_until="networkidle")
+        page.get_by_text("Completed").first.wait_for()
+        page.screenshot(path=str(tmp_path / "finished-run.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "finished-run.png").stat().st_size > 10_000
+    artifacts = httpx.post(f"{prefect_server}/artifacts/filter", timeout=10,
+                           json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    assert next(a for a in artifacts if a["type"] == "progress")["data"] == 100.0
+    assert any(a["type"] == "table" for a in artifacts)
+    assert any(a["type"] == "markdown" and "data:image/png;base64," in a["data"] for a in artifacts)
