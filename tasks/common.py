@@ -10,6 +10,25 @@ from cluster.errors import UserError
 from tasks.store import Store
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def in_prefect_run() -> bool:
+    """True inside a Prefect task or flow run; False when a task's ``.fn`` is called directly.
+
+    Artifacts are made only in a run: a bare ``.fn`` call must not start a server to hold them.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
 def cache_root(cache_dir: str | None) -> Path:
     """The local cache for raw and downloaded data.
 

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from cluster.data import load_split
-from tasks.common import cache_root
+from tasks.common import cache_root, in_prefect_run
 from tasks.refs import ClassMetrics, Evaluation, PreparedData, TrainedModel
 from tasks.store import open_store
 
@@ -78,6 +78,8 @@ def evaluate(model: TrainedModel, prepared: PreparedData, store_uri: str, cache_
 def evaluate_task(model: TrainedModel, prepared: PreparedData, store: str, cache_dir: str | None = None) -> Evaluation:
     """Prefect task: score the trained model on the test split; show the confusion matrix as an artifact."""
     evaluation = evaluate(model, prepared, store, cache_dir)
+    if not in_prefect_run():
+        return evaluation
     opened = open_store(store)
     png = base64.b64encode(opened.get_bytes(opened.key_of(evaluation.confusion_png_uri))).decode()
     create_markdown_artifact(

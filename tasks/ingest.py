@@ -29,7 +29,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 from cluster.errors import UserError
 from tasks.refs import RawData
-from tasks.common import cache_root, retry_unless_user_error
+from tasks.common import cache_root, file_sha256, retry_unless_user_error
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -64,14 +64,6 @@ def check_source(source: str) -> None:
 
 def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def s3_listing_stamp(uri: str) -> str:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from cluster.errors import UserError
+from tasks.common import file_sha256
 from tasks.store import AlreadyExists, Store
 
 _MULTIPART_THRESHOLD = 16 * 1024 * 1024
@@ -111,7 +112,7 @@ class S3Store(Store):
         return data
 
     def put_file(self, key: str, path: Path) -> None:
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         try:
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer,
                                     ExtraArgs={"Metadata": {"sha256": digest}})
@@ -203,18 +204,10 @@ def _code(exc: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(key: str, data: bytes | Path, metadata: dict) -> None:
     expected = metadata.get("sha256")
     if expected is None:
         return  # written by another tool: nothing recorded to check against
-    actual = _file_sha256(data) if isinstance(data, Path) else hashlib.sha256(data).hexdigest()
+    actual = file_sha256(data) if isinstance(data, Path) else hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise OSError(f"object {key!r} is corrupt: sha256 {actual} but {expected} was recorded")

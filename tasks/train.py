@@ -21,7 +21,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from cluster.config import TrainLoopConfig
 from cluster.launch import Resources, fit_torch
 from cluster.runtime import ray_session
-from tasks.common import cache_root
+from tasks.common import cache_root, in_prefect_run
 from tasks.refs import EpochMetrics, PreparedData, TrainedModel
 from tasks.store import Store, open_store
 
@@ -94,14 +94,18 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
     log = get_run_logger()
     log.info("training on %d Ray workers, global batch %d (%d per worker)", resources.num_workers,
              cfg.batch_size, cfg.local_batch_size(resources.num_workers))
-    progress = create_progress_artifact(0.0, description=f"Training {cfg.model}: share of {cfg.epochs} epochs done")
+    progress = None
+    if in_prefect_run():
+        progress = create_progress_artifact(0.0, description=f"Training {cfg.model}: share of {cfg.epochs} epochs done")
 
     def on_report(metrics: dict) -> None:
         log.info(format_epoch(metrics, cfg.epochs))
-        update_progress_artifact(progress, 100.0 * metrics["epoch"] / cfg.epochs)
+        if progress is not None:
+            update_progress_artifact(progress, 100.0 * metrics["epoch"] / cfg.epochs)
 
     model = train(prepared, cfg, resources, store, on_report, cache_dir)
-    update_progress_artifact(progress, 100.0)  # a reused run reports no epochs
+    if progress is not None:
+        update_progress_artifact(progress, 100.0)  # a reused run reports no epochs
     if model.reused:
         log.info("reused finished run %s: its inputs and parameters are unchanged", model.run_id)
     elif model.resumed_from_epoch:
