@@ -22,7 +22,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from cluster.data import META, Meta, split_files
+from cluster.data import META, SPLITS, Meta, split_files
 from cluster.errors import UserError
 from tasks.ingest import scan_split
 from tasks.refs import PreparedData, RawData
@@ -157,14 +157,13 @@ def prepare_arrays(raw: RawData, cfg: PreprocessConfig) -> tuple[dict[str, tuple
     plan = plan_splits(raw, cfg)
     if not plan["train"]:
         raise UserError(f"--dataset {raw.source!r} leaves no training images after the splits; add images.")
-    names = [s for s in ("train", "val", "test")]
-    paths = [p for s in names for p, _ in plan[s]]
+    paths = [p for s in SPLITS for p, _ in plan[s]]
     images, all_gray = decode_images(paths, cfg.image_size)
     channels = {"rgb": 3, "grayscale": 1}.get(cfg.channels, 1 if all_gray else 3)
     images = to_channels(images, channels)
     arrays = {}
     start = 0
-    for s in names:
+    for s in SPLITS:
         n = len(plan[s])
         arrays[s] = (images[start:start + n], np.array([y for _, y in plan[s]], dtype=np.int64))
         start += n
