@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def write_class_folders(root: Path, classes: int = 3, per_class: int = 20, size:
 def image_folder(tmp_path: Path) -> Callable[..., Path]:
     """Factory: ``image_folder(name, **kwargs)`` writes a class-folder dataset under tmp_path."""
     return lambda name="images", **kwargs: write_class_folders(tmp_path / name, **kwargs)
+
+
+def run_threads(target: Callable[..., None], args: list[tuple], timeout: float = 120) -> None:
+    """Run ``target(*a)`` for every ``a`` in ``args`` on its own thread, all at once, and wait for them."""
+    threads = [threading.Thread(target=target, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
 
 
 def make_tar(source: Path, archive: Path, arcname: str | None = None) -> Path:

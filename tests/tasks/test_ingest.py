@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cluster.errors import UserError
-from tests.conftest import make_tar, write_class_folders
+from tests.conftest import make_tar, run_threads, write_class_folders
 from tasks.ingest import (check_source, file_sha256, ingest, ingest_task, parse_source, safe_extract,
                           source_stamp)
 
@@ -359,9 +359,5 @@ def test_concurrent_extraction_of_one_archive(image_folder, tmp_path: Path):
             except Exception as exc:
                 results.append(exc)
 
-        threads = [threading.Thread(target=extract) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        run_threads(extract, [()] * 4, timeout=60)
         assert results == [cache / "archives" / file_sha256(archive)] * 4

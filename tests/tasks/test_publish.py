@@ -15,6 +15,7 @@ from tasks.publish import gate, publish, publish_task
 from tasks.registry import claim_version, published_versions, read_champion
 from tasks.refs import Evaluation, Release
 from tasks.store import FileStore
+from tests.conftest import run_threads
 
 VERSION_FILES = {"model.pt", "state.json", "metrics.json", "lineage.json", "card.md", "confusion.png"}
 PARAMS = {"data": {"dataset": "folder:/somewhere", "image_size": 16}, "train": {"epochs": 3, "lr": 0.01}}
@@ -168,11 +169,7 @@ def test_claim_version_is_unique_under_threads(tmp_path):
             with lock:
                 claimed.append(n)
 
-    threads = [threading.Thread(target=claim) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_threads(claim, [()] * 8, timeout=60)
     assert len(claimed) == 40
     assert sorted(claimed) == list(range(1, 41))
 
@@ -194,11 +191,7 @@ def test_concurrent_publishers_both_land_and_the_better_one_wins(trained: Traine
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=run, args=(acc,)) for acc in accuracies]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        run_threads(run, [(acc,) for acc in accuracies], timeout=120)
         assert not errors
         assert sorted(r.version for r in releases.values()) == [1, 2]
         assert published_versions(store, name) == [1, 2]

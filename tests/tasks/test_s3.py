@@ -12,6 +12,7 @@ import pytest
 from cluster.errors import UserError
 from tasks.ingest import check_source, ingest
 from tasks.store import open_store
+from tests.conftest import run_threads
 
 
 def upload_folder(server, local: Path, prefix: str) -> None:
@@ -112,11 +113,7 @@ def test_concurrent_publishers_on_s3_never_both_become_champion(s3_server, tmp_p
             except BaseException as exc:  # reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=run, args=(a,)) for a in accuracies]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        run_threads(run, [(a,) for a in accuracies], timeout=120)
         assert not errors, errors
         assert published_versions(s3, name) == [1, 2]
         assert read_champion(s3, name)[1]["version"] == releases[0.9].version

@@ -9,6 +9,7 @@ import pytest
 
 from cluster.errors import UserError
 from tasks.store import AlreadyExists, FileStore, open_store
+from tests.conftest import run_threads
 
 
 @pytest.fixture
@@ -171,11 +172,7 @@ def test_concurrent_swap_increments_are_never_lost(store: FileStore):
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(threads_n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_threads(worker, [()] * threads_n, timeout=60)
     assert not errors
     assert int(store.get_bytes(key)) == threads_n * per_thread
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tasks.store import AlreadyExists, Store, open_store
+from tests.conftest import run_threads
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -74,11 +74,7 @@ def test_concurrent_swaps_lose_no_update(store):
                 if store.swap("counter", str(int(current) + 1).encode(), expected=current):
                     break
 
-    threads = [threading.Thread(target=bump, args=(10,)) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(bump, [(10,)] * 4)
     assert store.get_bytes("counter") == b"40"
 
 
