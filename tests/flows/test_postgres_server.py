@@ -9,11 +9,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.flows.test_cli import trainflow
-from tests.flows.test_serve import free_port, start_prefect_server, stop
+from tests.prefectserver import api as call, free_port, start_prefect_server, stop
 
 
 def pg_bin() -> Path | None:
@@ -62,7 +61,7 @@ def test_pipeline_runs_on_a_postgres_backed_server(postgres, tmp_path):
         out = trainflow("run", "--preset", "smoke", "--store", str(tmp_path / "store"), "--json",
                         env={"PREFECT_API_URL": api})
         assert out.returncode == 0, out.stderr[-3000:]
-        runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+        runs = call("POST", f"{api}/flow_runs/filter", json={}).json()
         assert [r["state_type"] for r in runs] == ["COMPLETED"]
     finally:
         stop(server)

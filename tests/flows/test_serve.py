@@ -4,63 +4,23 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.prefectserver import api, deployments, start_prefect_server, stop, wait_for_run
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def start_prefect_server(home: Path, **settings: str) -> tuple[str, subprocess.Popen]:
-    """`prefect server start` on 127.0.0.1 with its own home (SQLite unless settings say otherwise)."""
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           **settings}
-    log = open(home / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return api, process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
-            raise AssertionError((home / "server.log").read_text()[-3000:])
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """A Prefect server on SQLite, stopped by PID after the module."""
-    api, process = start_prefect_server(tmp_path_factory.mktemp("prefect-home"))
-    yield api
+    url, process = start_prefect_server(tmp_path_factory.mktemp("prefect-home"))
+    yield url
     stop(process)
 
 
@@ -81,20 +41,6 @@ def served(prefect_server, tmp_path_factory):
     stop(process)
 
 
-def deployments(api: str) -> dict[str, dict]:
-    found = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
-    return {d["name"]: d for d in found}
-
-
-def wait_for_run(api: str, run_id: str, timeout: float = 420) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
-        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
-            return run
-        time.sleep(2)
-
-
 @pytest.mark.slow
 def test_nightly_schedule_is_declared_and_active(prefect_server, served):
     nightly = deployments(prefect_server)["nightly"]
@@ -110,14 +56,14 @@ def test_on_demand_run_through_the_api_completes_with_artifacts(prefect_server, 
     params = deployment["parameters"]["params"]
     params = {**params, "data": {**params["data"], "image_size": 8},
               "train": {**params["train"], "epochs": 2}, "cluster": {**params["cluster"], "num_workers": 1}}
-    response = httpx.post(f"{prefect_server}/deployments/{deployment['id']}/create_flow_run",
-                          json={"parameters": {"params": params}}, timeout=10)
+    response = api("POST", f"{prefect_server}/deployments/{deployment['id']}/create_flow_run",
+                   json={"parameters": {"params": params}})
     assert response.status_code == 201, response.text
     run = wait_for_run(prefect_server, response.json()["id"])
     assert run["state_type"] == "COMPLETED", run["state"]
     assert run["name"] == "digits · torch · 2 epochs"
-    artifacts = httpx.post(f"{prefect_server}/artifacts/filter",
-                           json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}, timeout=10).json()
+    artifacts = api("POST", f"{prefect_server}/artifacts/filter",
+                    json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
     kinds = sorted(a["type"] for a in artifacts)
     assert kinds.count("progress") == 1 and "table" in kinds and kinds.count("markdown") >= 3
     assert next(a for a in artifacts if a["type"] == "progress")["data"] == 100.0
@@ -129,8 +75,8 @@ def test_invalid_parameters_are_refused_before_a_run_starts(prefect_server, serv
     deployment = deployments(prefect_server)["on-demand"]
     params = deployment["parameters"]["params"]
     for bad in ({"train": {**params["train"], "epochs": 0}}, {"train": {**params["train"], "framework": "caffe"}}):
-        response = httpx.post(f"{prefect_server}/deployments/{deployment['id']}/create_flow_run",
-                              json={"parameters": {"params": {**params, **bad}}}, timeout=10)
+        response = api("POST", f"{prefect_server}/deployments/{deployment['id']}/create_flow_run",
+                       json={"parameters": {"params": {**params, **bad}}})
         assert response.status_code == 409, response.text
         assert "Validation failed" in response.text or "validation" in response.text.lower()
 
@@ -140,8 +86,8 @@ def test_interval_deployment_starts_a_run_by_itself(prefect_server, served):
     interval = deployments(prefect_server)["interval"]
     deadline = time.monotonic() + 420
     while True:
-        runs = httpx.post(f"{prefect_server}/flow_runs/filter",
-                          json={"flow_runs": {"deployment_id": {"any_": [interval["id"]]}}}, timeout=10).json()
+        runs = api("POST", f"{prefect_server}/flow_runs/filter",
+                   json={"flow_runs": {"deployment_id": {"any_": [interval["id"]]}}}).json()
         done = [r for r in runs if r["state_type"] == "COMPLETED"]
         if done or time.monotonic() > deadline:
             break
@@ -186,7 +132,7 @@ def test_custom_run_from_the_browser_completes_with_artifacts(prefect_server, se
 
         deadline = time.monotonic() + 60
         while True:
-            runs = httpx.post(f"{prefect_server}/flow_runs/filter", timeout=10, json={
+            runs = api("POST", f"{prefect_server}/flow_runs/filter", json={
                 "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}).json()
             mine = [r for r in runs if r["parameters"]["params"]["train"]["epochs"] == 3]
             if mine or time.monotonic() > deadline:
@@ -203,8 +149,8 @@ def test_custom_run_from_the_browser_completes_with_artifacts(prefect_server, se
         page.screenshot(path=str(tmp_path / "finished-run.png"), full_page=True)
         browser.close()
     assert (tmp_path / "finished-run.png").stat().st_size > 10_000
-    artifacts = httpx.post(f"{prefect_server}/artifacts/filter", timeout=10,
-                           json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    artifacts = api("POST", f"{prefect_server}/artifacts/filter",
+                    json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
     assert next(a for a in artifacts if a["type"] == "progress")["data"] == 100.0
     assert any(a["type"] == "table" for a in artifacts)
     assert any(a["type"] == "markdown" and "data:image/png;base64," in a["data"] for a in artifacts)

@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-import httpx
 import pytest
 
-from tests.flows.test_serve import ROOT, deployments, start_prefect_server, stop, wait_for_run
+from tests.flows.test_serve import ROOT
+from tests.prefectserver import api as call, deployments, start_prefect_server, stop, wait_for_run
 
 
 @pytest.mark.slow
@@ -37,8 +37,8 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(tmp_path):
                                   start_new_session=True)
         smoke = {"data": {"dataset": "digits", "image_size": 8}, "train": {"epochs": 1, "lr": 0.01},
                  "cluster": {"num_workers": 1}, "publish": {"store": str(tmp_path / "store")}}
-        response = httpx.post(f"{api}/deployments/{found['on-demand']['id']}/create_flow_run",
-                              json={"parameters": {"params": smoke}}, timeout=10)
+        response = call("POST", f"{api}/deployments/{found['on-demand']['id']}/create_flow_run",
+                        json={"parameters": {"params": smoke}})
         assert response.status_code == 201, response.text
         run = wait_for_run(api, response.json()["id"])
         assert run["state_type"] == "COMPLETED", (run["state"], (tmp_path / "worker.log").read_text()[-3000:])
