@@ -162,9 +162,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(exc, ValidationError):
             raise
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"trainflow: error: invalid parameters: {problems}", file=sys.stderr)
+        print(f"trainflow: error: {_describe(exc)}", file=sys.stderr)
         return 2
+
+
+def _describe(exc) -> str:
+    """A pydantic ValidationError as one line: our own validators' sentences as they are, field errors by path."""
+    own = [str(e["ctx"]["error"]) for e in exc.errors() if isinstance(e.get("ctx", {}).get("error"), ValueError)]
+    if own:
+        return " ".join(own)
+    return "invalid parameters: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
 if __name__ == "__main__":

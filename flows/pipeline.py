@@ -68,7 +68,7 @@ def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
     return result
 
 
-@flow(name="train-pipeline", flow_run_name="{params.data.dataset} · {params.train.framework} · "
+@flow(name="train-pipeline", flow_run_name="{params.data.label} · {params.train.framework} · "
       "{params.train.epochs} epochs", log_prints=True)
 def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
     """Ingest, preprocess, train on Ray, evaluate and publish one image classifier."""

@@ -52,6 +52,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def data_source(params: dict) -> str:
+    """What the card says the model was trained on: the dataset kind, or the folder's path."""
+    data = params.get("data", {})
+    return str(data.get("path") or data.get("kind"))
+
+
 def model_card(name: str, version: int, model: TrainedModel, evaluation: Evaluation, prepared: PreparedData,
                source: str) -> str:
     rows = "\n".join(f"| {c.name} | {c.precision:.4f} | {c.recall:.4f} | {c.f1:.4f} | {c.support} |"
@@ -89,8 +95,7 @@ def version_files(model: TrainedModel, evaluation: Evaluation, prepared: Prepare
         "state.json": store.get_bytes(f"{checkpoint}/state.json"),
         "metrics.json": evaluation.model_dump_json(indent=2).encode(),
         "lineage.json": json.dumps(lineage, indent=2, default=str).encode(),
-        "card.md": model_card(name, version, model, evaluation, prepared, str(params.get("data", {}).get("dataset")))
-        .encode(),
+        "card.md": model_card(name, version, model, evaluation, prepared, data_source(params)).encode(),
         "confusion.png": store.get_bytes(store.key_of(evaluation.confusion_png_uri)),
     }
 

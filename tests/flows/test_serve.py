@@ -101,20 +101,35 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def form_field(page, title: str):
-    """The input under a parameter's title in Prefect's run form."""
-    block = page.locator(f"xpath=//*[normalize-space(text())='{title} (Optional)']"
-                         "/ancestor::div[.//input or .//textarea][1]")
-    return block.locator("input, textarea").first
+def form_property(page, title: str):
+    """One parameter's block in Prefect's run form, found by its title."""
+    return page.locator(f"xpath=//*[normalize-space(text())='{title} (Optional)']"
+                        "/ancestor::*[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]")
+
+
+def choose(page, title: str, option: str) -> None:
+    """Pick an enum value in the form's select: open it from the keyboard, then click the option.
+
+    Playwright's pointer click lands while the options pop-over is still moving into place,
+    so the option receives a DOM click event instead.
+    """
+    select = form_property(page, title)
+    select.locator("button.p-select-button__control").focus()
+    page.keyboard.press("ArrowDown")
+    page.get_by_role("option", name=option, exact=True).dispatch_event("click")
+    from playwright.sync_api import expect
+
+    expect(select.locator(".p-select-button__value")).to_have_text(option)
 
 
 @pytest.mark.slow
-def test_custom_run_from_the_browser_completes_with_artifacts(prefect_server, served, tmp_path):
-    """Headless Chromium: open the deployment, open the custom-run form, set fields, submit, wait, screenshot."""
+def test_custom_run_from_the_browser_completes_with_artifacts(prefect_server, served, image_folder, tmp_path):
+    """Headless Chromium: open the deployment, open the custom-run form, choose a dataset and epochs, submit, wait."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package")
     from playwright.sync_api import sync_playwright
 
+    images = image_folder("browser-images", classes=3, per_class=30, size=12)
     ui = prefect_server.removesuffix("/api")
     deployment = deployments(prefect_server)["on-demand"]
     with sync_playwright() as p:
@@ -126,8 +141,9 @@ def test_custom_run_from_the_browser_completes_with_artifacts(prefect_server, se
         page.get_by_text("Custom run", exact=True).click()
         page.wait_for_url(re.compile(r".*/run\?.*"))
         page.wait_for_load_state("networkidle")
-        for title, value in (("Dataset", "digits"), ("Image size", "8"), ("Epochs", "3"), ("Ray workers", "1")):
-            form_field(page, title).fill(value)
+        choose(page, "Dataset", "folder")
+        for title, value in (("Dataset path", str(images)), ("Image size", "8"), ("Epochs", "3"), ("Ray workers", "1")):
+            form_property(page, title).locator("input, textarea").first.fill(value)
         page.get_by_role("button", name="Submit").click()
 
         deadline = time.monotonic() + 60
@@ -140,9 +156,11 @@ def test_custom_run_from_the_browser_completes_with_artifacts(prefect_server, se
             time.sleep(1)
         assert len(mine) == 1, "the form did not create a run"
         params = mine[0]["parameters"]["params"]
+        assert (params["data"]["kind"], params["data"]["path"]) == ("folder", str(images))
         assert (params["data"]["image_size"], params["cluster"]["num_workers"]) == (8, 1)
         run = wait_for_run(prefect_server, mine[0]["id"])
         assert run["state_type"] == "COMPLETED", run["state"]
+        assert run["name"] == "folder:browser-images · torch · 3 epochs"
 
         page.goto(f"{ui}/runs/flow-run/{run['id']}", wait_until="networkidle")
         page.get_by_text("Completed").first.wait_for()

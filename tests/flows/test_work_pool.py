@@ -35,7 +35,7 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(tmp_path):
         worker = subprocess.Popen(prefect + ["worker", "start", "--pool", "trainflow"], cwd=ROOT, env=env,
                                   stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
-        smoke = {"data": {"dataset": "digits", "image_size": 8}, "train": {"epochs": 1, "lr": 0.01},
+        smoke = {"data": {"kind": "digits", "image_size": 8}, "train": {"epochs": 1, "lr": 0.01},
                  "cluster": {"num_workers": 1}, "publish": {"store": str(tmp_path / "store")}}
         response = call("POST", f"{api}/deployments/{found['on-demand']['id']}/create_flow_run",
                         json={"parameters": {"params": smoke}})

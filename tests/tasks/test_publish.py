@@ -18,7 +18,7 @@ from tasks.store import FileStore
 from tests.conftest import run_threads
 
 VERSION_FILES = {"model.pt", "state.json", "metrics.json", "lineage.json", "card.md", "confusion.png"}
-PARAMS = {"data": {"dataset": "folder:/somewhere", "image_size": 16}, "train": {"epochs": 3, "lr": 0.01}}
+PARAMS = {"data": {"kind": "folder", "path": "/somewhere", "image_size": 16}, "train": {"epochs": 3, "lr": 0.01}}
 
 
 # --- the gate -------------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_first_publish_writes_a_complete_version(trained: Trained, evaluation: E
     assert Evaluation.model_validate_json((directory / "metrics.json").read_text()) == evaluation
     assert (directory / "confusion.png").read_bytes() == store.get_bytes(store.key_of(evaluation.confusion_png_uri))
     card = (directory / "card.md").read_text()
-    assert f"# {name} v1" in card and trained.prepared.fingerprint in card and "folder:/somewhere" in card
+    assert f"# {name} v1" in card and trained.prepared.fingerprint in card and "/somewhere" in card
 
     lineage = json.loads((directory / "lineage.json").read_text())
     assert lineage["data_fingerprint"] == trained.prepared.fingerprint
