@@ -33,6 +33,7 @@ class Meta:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fingerprint: str
+    skipped_images: int = 0  # undecodable files left out (skip_bad_images)
 
     def to_json(self) -> str:
         return json.dumps({**self.__dict__, "classes": list(self.classes),

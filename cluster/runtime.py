@@ -74,13 +74,19 @@ def connect(address: str | None) -> bool:
     return address is None
 
 
-def prestart(address: str | None) -> None:
-    """Begin starting/connecting Ray in a background thread; returns at once."""
+def prestart(address: str | None) -> bool:
+    """Begin starting/connecting Ray in a background thread; returns at once.
+
+    True when this call began it (the caller then owns :func:`shutdown`);
+    False when an earlier call already had.
+    """
     global _pending
-    if _pending is None:
-        _pending = _Starter(address)
-        _pending.thread = threading.Thread(target=_pending.run, name="ray-owner", daemon=True)
-        _pending.thread.start()
+    if _pending is not None:
+        return False
+    _pending = _Starter(address)
+    _pending.thread = threading.Thread(target=_pending.run, name="ray-owner", daemon=True)
+    _pending.thread.start()
+    return True
 
 
 def shutdown() -> None:

@@ -1,6 +1,6 @@
 """The ``trainflow`` command.
 
-    trainflow run [--preset NAME] [--dataset ...] [--epochs N] [--workers N] [--gpu] ...
+    trainflow run [--preset NAME] [--dataset ...] [--epochs N] [--workers N] [--gpu] [--force] ...
     trainflow presets
     trainflow serve [--every SECONDS]
     trainflow models list|show NAME [VERSION]|promote NAME VERSION [--store ...]
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -27,13 +28,23 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "epochs": ("train", "epochs", int),
     "batch_size": ("train", "batch_size", int),
     "lr": ("train", "lr", float),
+    "framework": ("train", "framework", str),
+    "model": ("train", "model", str),
     "precision": ("train", "precision", str),
     "seed": ("train", "seed", int),
     "workers": ("cluster", "num_workers", int),
+    "cpus_per_worker": ("cluster", "cpus_per_worker", int),
+    "max_failures": ("cluster", "max_failures", int),
     "ray_address": ("cluster", "ray_address", str),
     "store": ("publish", "store", str),
     "model_name": ("publish", "model_name", str),
     "min_improvement": ("publish", "min_improvement", float),
+}
+# CLI flag → (section, field, help)
+_FLAGS: dict[str, tuple[str, str, str]] = {
+    "gpu": ("cluster", "use_gpu", "one GPU per Ray worker"),
+    "skip_bad_images": ("data", "skip_bad_images", "leave out (and count) images that fail to decode"),
+    "force": ("train", "force", "retrain even if an identical run already finished"),
 }
 
 
@@ -44,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="named parameter set (see `trainflow presets`)")
     for option, (_, _, kind) in _OPTIONS.items():
         run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind)
-    run.add_argument("--gpu", action="store_true", help="one GPU per Ray worker")
+    for flag, (_, _, help_text) in _FLAGS.items():
+        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true", help=help_text)
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     sub.add_parser("presets", help="list the named parameter presets")
     serve = sub.add_parser("serve", help="register the deployments with PREFECT_API_URL and run them until stopped")
@@ -72,8 +84,9 @@ def overrides_from(args: argparse.Namespace) -> dict:
         value = getattr(args, option)
         if value is not None:
             nested.setdefault(section, {})[field] = value
-    if args.gpu:
-        nested.setdefault("cluster", {})["use_gpu"] = True
+    for flag, (section, field, _) in _FLAGS.items():
+        if getattr(args, flag):
+            nested.setdefault(section, {})[field] = True
     return nested
 
 
@@ -85,14 +98,30 @@ def format_summary(summary, wall_seconds: float) -> str:
     lines += [
         "-" * 52,
         f"  wall time       {wall_seconds:8.1f} s   (training epochs {summary.training_seconds:.1f} s, "
-        f"{summary.epochs_trained} epoch(s) run)",
+        f"{summary.epochs_trained} epoch(s) run"
+        + (f", resumed after epoch {summary.resumed_from_epoch})" if summary.resumed_from_epoch else ")"),
         f"  test accuracy   {summary.accuracy:8.4f}   macro F1 {summary.f1_macro:.4f} on {summary.test_size} images",
+        f"  data            {summary.ignored_files} non-image file(s) ignored, "
+        f"{summary.skipped_images} undecodable image(s) skipped",
         f"  published       {summary.model_name} v{summary.version}: "
         + ("promoted to champion" if summary.promoted else "not promoted"),
         f"  gate            {summary.reason}",
         f"  stored at       {summary.release_uri}",
     ]
     return "\n".join(lines)
+
+
+class _NoUserErrorTraceback(logging.Filter):
+    """Keep Prefect's one-line failure records but drop the traceback when the cause is a UserError.
+
+    The CLI prints that error as one sentence; a stack trace would only bury it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -108,6 +137,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         from flows.pipeline import train_pipeline
 
+        for name in ("prefect.flow_runs", "prefect.task_runs"):  # where Prefect's engines log run failures
+            logging.getLogger(name).addFilter(_NoUserErrorTraceback())
         summary = train_pipeline(params)
     finally:
         runtime.shutdown()

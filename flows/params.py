@@ -37,6 +37,8 @@ class DataParams(_Section):
     seed: int = Field(0, ge=0, title="Split seed")
     limit_train: int | None = Field(None, ge=1, title="Train subset", description="Use a fixed random subset")
     limit_test: int | None = Field(None, ge=1, title="Test subset", description="Use a fixed random subset")
+    skip_bad_images: bool = Field(False, title="Skip unreadable images",
+                                  description="Leave out (and count) files that fail to decode instead of failing")
     cache_dir: str | None = Field(None, title="Local cache",
                                   description="Raw-data cache (default $TRAINFLOW_CACHE_DIR or ~/.cache/trainflow)")
 
@@ -73,7 +75,7 @@ class DataParams(_Section):
     def to_config(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.image_size, channels=self.channels, val_fraction=self.val_fraction,
                                 test_fraction=self.test_fraction, seed=self.seed, limit_train=self.limit_train,
-                                limit_test=self.limit_test)
+                                limit_test=self.limit_test, skip_bad_images=self.skip_bad_images)
 
 
 class TrainParams(_Section):
@@ -88,6 +90,9 @@ class TrainParams(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", title="Precision", description="bf16 autocast is faster on "
                                                "CPUs with AVX-512 BF16 and on GPUs")
     channels_last: bool = Field(False, title="Channels-last memory format")
+    force: bool = Field(False, title="Retrain even if finished",
+                        description="Off: a finished run with the same data and parameters is reused, an unfinished "
+                                    "one resumes. On: train again from epoch 0 under a new run")
 
     def to_config(self) -> TrainLoopConfig:
         return TrainLoopConfig(data_dir="", model=self.model, epochs=self.epochs, batch_size=self.batch_size,

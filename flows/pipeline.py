@@ -1,8 +1,10 @@
 """The training pipeline flow: ingest → preprocess → train → evaluate → publish.
 
-Wiring only: the flow calls the five tasks in order, notes which were served
-from cache, and leaves artifacts. Ingest and preprocess results persist in the
-store, so a re-run over unchanged data skips both.
+Wiring only: the flow calls the five tasks in order, notes which were skipped,
+and leaves artifacts. Ingest is cached by Prefect in the local cache;
+preprocess and train find their earlier output in the store; so a re-run over
+unchanged data skips the first three stages. Every user mistake that can be
+seen before training is checked before preprocess writes to the store.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import time
 from prefect import flow
 from pydantic import BaseModel
 
+from cluster import runtime
 from flows.artifacts import evaluation_artifacts, release_artifact
 from flows.params import PipelineParams, preflight
+from tasks.common import result_storage
 from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task
-from tasks.preprocess import preprocess_task
+from tasks.preprocess import count_train_images, preprocess_task
 from tasks.publish import publish_task
-from tasks.refs import Evaluation, Release, TrainedModel
-from tasks.common import result_storage
+from tasks.refs import Evaluation, PreparedData, RawData, Release, TrainedModel
 from tasks.store import open_store
-from tasks.train import train_task
+from tasks.train import check_trainable, train_task
 
 
 class StageTime(BaseModel):
@@ -36,6 +39,9 @@ class RunSummary(BaseModel):
     accuracy: float
     f1_macro: float
     test_size: int
+    ignored_files: int  # non-image files in the dataset's folders
+    skipped_images: int  # undecodable images left out (skip_bad_images)
+    resumed_from_epoch: int
     epochs_trained: int
     training_seconds: float
     run_id: str
@@ -46,11 +52,13 @@ class RunSummary(BaseModel):
     release_uri: str
 
     @classmethod
-    def build(cls, stages: list[StageTime], model: TrainedModel, evaluation: Evaluation,
-              release: Release) -> RunSummary:
+    def build(cls, stages: list[StageTime], raw: RawData, prepared: PreparedData, model: TrainedModel,
+              evaluation: Evaluation, release: Release) -> RunSummary:
         trained = [] if model.reused else model.history[model.resumed_from_epoch:]
         return cls(stages=stages, accuracy=evaluation.accuracy, f1_macro=evaluation.f1_macro,
-                   test_size=evaluation.test_size, epochs_trained=len(trained),
+                   test_size=evaluation.test_size, ignored_files=raw.ignored_files,
+                   skipped_images=prepared.skipped_images, resumed_from_epoch=0 if model.reused else model.resumed_from_epoch,
+                   epochs_trained=len(trained),
                    training_seconds=sum(m.epoch_seconds for m in trained), run_id=model.run_id,
                    model_name=release.name, version=release.version, promoted=release.promoted,
                    reason=release.reason, release_uri=release.uri)
@@ -62,8 +70,8 @@ def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
     state = call(*args, return_state=True, **kwargs)
     result = state.result()
     cached = state.name == "Cached"
-    reused = getattr(result, "reused", False)  # a training run that had already finished
-    note = "cached: inputs unchanged" if cached else "reused the finished run: inputs unchanged" if reused else ""
+    reused = getattr(result, "reused", False)  # the store already held this stage's output
+    note = "cached: inputs unchanged" if cached else "reused: the store already holds it" if reused else ""
     stages.append(StageTime(name=name, seconds=time.perf_counter() - start, skipped=cached or reused, note=note))
     return result
 
@@ -74,17 +82,23 @@ def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
     """Ingest, preprocess, train on Ray, evaluate and publish one image classifier."""
     preflight(params)
     store = open_store(params.publish.store)
-    results = result_storage(store)
     cache_dir = params.data.cache_dir
-    stages: list[StageTime] = []
-    raw = _run(stages, "ingest", ingest_task.with_options(result_storage=results), params.data.dataset, cache_dir)
-    prepared = _run(stages, "preprocess", preprocess_task.with_options(result_storage=results), raw,
-                    params.data.to_config(), store.uri)
-    model = _run(stages, "train", train_task, prepared, params.train.to_config(), params.cluster.to_resources(),
-                 store.uri, cache_dir)
+    data_cfg, train_cfg, resources = params.data.to_config(), params.train.to_config(), params.cluster.to_resources()
+    owns_ray = runtime.prestart(resources.ray_address)  # Ray starts while ingest runs
+    try:
+        stages: list[StageTime] = []
+        raw = _run(stages, "ingest", ingest_task.with_options(result_storage=result_storage(cache_dir)),
+                   params.data.dataset, cache_dir)
+        check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
+        prepared = _run(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri)
+        model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, cache_dir,
+                     params.train.force)
+    finally:
+        if owns_ray:
+            runtime.shutdown()
     evaluation = _run(stages, "evaluate", evaluate_task, model, prepared, store.uri, cache_dir)
     evaluation_artifacts(params.publish.model_name, model, evaluation)
     release = _run(stages, "publish", publish_task, model, evaluation, prepared, params.model_dump(mode="json"),
                    store.uri, params.publish.model_name, params.publish.min_improvement)
     release_artifact(release)
-    return RunSummary.build(stages, model, evaluation, release)
+    return RunSummary.build(stages, raw, prepared, model, evaluation, release)

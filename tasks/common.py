@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 from cluster.errors import UserError
-from tasks.store import Store
 
 
 def file_sha256(path: Path) -> str:
@@ -50,14 +49,12 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     return False
 
 
-def result_storage(store: Store) -> Path:
-    """Where Prefect persists cached task results.
+def result_storage(cache_dir: str | None) -> Path:
+    """Where Prefect persists cached task results: the local cache, beside the raw data they describe.
 
-    Inside a local store, so caches follow the data. For a remote store, in the
-    local cache, keyed by the store's URI: Prefect's remote result storage needs
-    a server-side block, which a run from the CLI with no server does not have.
+    Only ingest is cached by Prefect (its result points into this cache). Stages
+    whose output lives in the store find it there themselves, so a wiped or
+    different store is never mistaken for a cache hit, and a failed run leaves
+    nothing in the store.
     """
-    if store.is_local:
-        return Path(store.ray_storage_path("prefect-results"))
-    digest = hashlib.sha256(store.uri.encode()).hexdigest()[:16]
-    return cache_root(None) / "prefect-results" / digest
+    return cache_root(cache_dir) / "prefect-results"

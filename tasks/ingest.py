@@ -24,7 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 from cluster.errors import UserError
@@ -342,4 +342,7 @@ def _ingest_cache_key(_, inputs: dict) -> str:
 )
 def ingest_task(source: str, cache_dir: str | None = None) -> RawData:
     """Prefect task: ingest ``source`` into the local raw-data cache."""
-    return ingest(source, cache_root(cache_dir) / "raw")
+    raw = ingest(source, cache_root(cache_dir) / "raw")
+    if raw.ignored_files:
+        get_run_logger().info("ignored %d non-image file(s) in %s", raw.ignored_files, source)
+    return raw

@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect import get_run_logger, task
 
 from cluster.data import META, SPLITS, Meta, split_files
 from cluster.errors import UserError
+from tasks.common import retry_unless_user_error
 from tasks.ingest import scan_split
 from tasks.refs import PreparedData, RawData
-from tasks.store import open_store
+from tasks.store import Store, open_store
 
 Item = tuple[str, int]  # (image path, class index)
 _PARALLEL_THRESHOLD = 2000  # below this, a process pool costs more than it saves
@@ -41,6 +41,7 @@ class PreprocessConfig:
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
+    skip_bad_images: bool = False  # drop (and count) files that fail to decode instead of failing
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
@@ -95,31 +96,37 @@ def plan_splits(raw: RawData, cfg: PreprocessConfig) -> dict[str, list[Item]]:
     return {"train": train, "val": val, "test": test}
 
 
-def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[bool], list[str]]:
+def count_train_images(raw: RawData, cfg: PreprocessConfig) -> int:
+    """How many images the training split will hold, known before decoding any."""
+    return len(plan_splits(raw, cfg)["train"])
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[bool], list[tuple[int, str]]]:
     from PIL import Image
 
     paths, size = args
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     gray: list[bool] = []
-    bad: list[str] = []
+    bad: list[tuple[int, str]] = []
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as img:
-                gray.append(img.mode in ("1", "L", "LA", "I", "I;16", "F"))
+                is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
                 rgb = img.convert("RGB")
                 if rgb.size != (size, size):
                     rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
                 out[i] = np.asarray(rgb)
+                gray.append(is_gray)
         except Exception as exc:  # PIL raises many types for bad files
-            bad.append(f"{path} ({type(exc).__name__})")
+            bad.append((i, f"{path} ({type(exc).__name__})"))
     return out, gray, bad
 
 
-def decode_images(paths: list[str], size: int) -> tuple[np.ndarray, bool]:
-    """Decode and resize images to (N, size, size, 3) uint8; also say if all were grayscale.
+def decode_images(paths: list[str], size: int) -> tuple[np.ndarray, bool, list[tuple[int, str]]]:
+    """Decode and resize images to (N, size, size, 3) uint8.
 
-    Raises:
-        UserError: listing up to ten files that could not be decoded.
+    Returns the array, whether every decodable image was grayscale, and the
+    (index, description) of each file that could not be decoded (its row is zeros).
     """
     n_proc = os.cpu_count() or 1
     step = max(64, len(paths) // (n_proc * 4) + 1)
@@ -130,11 +137,9 @@ def decode_images(paths: list[str], size: int) -> tuple[np.ndarray, bool]:
         # fork: children only run PIL on their chunk, and start in milliseconds
         with multiprocessing.get_context("fork").Pool(n_proc) as pool:
             results = pool.map(_decode_chunk, chunks)
-    bad = [b for _, _, chunk_bad in results for b in chunk_bad]
-    if bad:
-        raise UserError(f"{len(bad)} image(s) could not be decoded, e.g. {', '.join(bad[:10])}; remove or fix them.")
+    bad = [(c * step + i, what) for c, (_, _, chunk_bad) in enumerate(results) for i, what in chunk_bad]
     images = np.concatenate([r[0] for r in results]) if results else np.zeros((0, size, size, 3), np.uint8)
-    return images, all(g for _, gray, _ in results for g in gray)
+    return images, all(g for _, gray, _ in results for g in gray), bad
 
 
 def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
@@ -152,22 +157,41 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(float(v) for v in flat.mean(axis=0)), tuple(float(v) for v in std)
 
 
-def prepare_arrays(raw: RawData, cfg: PreprocessConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
-    """Decode every planned image once; return arrays per split and the channel count."""
+def prepare_arrays(raw: RawData, cfg: PreprocessConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, int]:
+    """Decode every planned image once; return arrays per split, the channel count and how many were skipped.
+
+    Raises:
+        UserError: when images cannot be decoded (listing up to ten) and ``cfg.skip_bad_images`` is off.
+    """
     plan = plan_splits(raw, cfg)
     if not plan["train"]:
         raise UserError(f"--dataset {raw.source!r} leaves no training images after the splits; add images.")
     paths = [p for s in SPLITS for p, _ in plan[s]]
-    images, all_gray = decode_images(paths, cfg.image_size)
+    images, all_gray, bad = decode_images(paths, cfg.image_size)
+    if bad and not cfg.skip_bad_images:
+        raise UserError(f"{len(bad)} image(s) could not be decoded, e.g. {', '.join(w for _, w in bad[:10])}; "
+                        "remove or fix them, or set skip_bad_images (--skip-bad-images) to leave them out.")
     channels = {"rgb": 3, "grayscale": 1}.get(cfg.channels, 1 if all_gray else 3)
     images = to_channels(images, channels)
+    keep = np.ones(len(paths), dtype=bool)
+    keep[[i for i, _ in bad]] = False
     arrays = {}
     start = 0
     for s in SPLITS:
         n = len(plan[s])
-        arrays[s] = (images[start:start + n], np.array([y for _, y in plan[s]], dtype=np.int64))
+        mask = keep[start:start + n]
+        labels = np.array([y for _, y in plan[s]], dtype=np.int64)
+        arrays[s] = (images[start:start + n][mask], labels[mask])
         start += n
-    return arrays, channels
+    if not len(arrays["train"][1]):
+        raise UserError(f"--dataset {raw.source!r}: every training image failed to decode; check the files.")
+    return arrays, channels, len(bad)
+
+
+def prepared_from_meta(store: Store, prefix: str, meta: Meta, reused: bool) -> PreparedData:
+    return PreparedData(uri=store.child_uri(prefix), fingerprint=meta.fingerprint, classes=meta.classes,
+                        image_size=meta.image_size, channels=meta.channels, counts=meta.counts, mean=meta.mean,
+                        std=meta.std, skipped_images=meta.skipped_images, reused=reused)
 
 
 def write_prepared(arrays: dict[str, tuple[np.ndarray, np.ndarray]], meta_fields: dict, store_uri: str,
@@ -184,23 +208,39 @@ def write_prepared(arrays: dict[str, tuple[np.ndarray, np.ndarray]], meta_fields
                 store.put_file(f"{prefix}/{name}", path)
     meta = Meta(fingerprint=digest.hexdigest(), **meta_fields)
     store.put_bytes(f"{prefix}/{META}", meta.to_json().encode())
-    return PreparedData(uri=store.child_uri(prefix), fingerprint=meta.fingerprint, classes=meta.classes,
-                        image_size=meta.image_size, channels=meta.channels, counts=meta.counts,
-                        mean=meta.mean, std=meta.std)
+    return prepared_from_meta(store, prefix, meta, reused=False)
+
+
+def prepared_prefix(raw: RawData, cfg: PreprocessConfig) -> str:
+    """Where the prepared form of ``raw`` under ``cfg`` lives in a store: named by both, so it is content-addressed."""
+    return "prepared/" + hashlib.sha256(json.dumps([raw.fingerprint, asdict(cfg)], sort_keys=True).encode()
+                                        ).hexdigest()[:16]
 
 
 def preprocess(raw: RawData, cfg: PreprocessConfig, store_uri: str) -> PreparedData:
-    """Decode ``raw`` into prepared arrays in the store at ``store_uri``."""
-    key = hashlib.sha256(json.dumps([raw.fingerprint, asdict(cfg)], sort_keys=True).encode()).hexdigest()[:16]
-    arrays, channels = prepare_arrays(raw, cfg)
+    """Decode ``raw`` into prepared arrays in the store at ``store_uri``.
+
+    When the store already holds them (its ``meta.json`` is written last, so it
+    means complete), they are returned as they are, with ``reused`` set. The
+    check reads the store itself, so a wiped store is simply prepared again.
+    """
+    store = open_store(store_uri)
+    prefix = prepared_prefix(raw, cfg)
+    if store.exists(f"{prefix}/{META}"):
+        return prepared_from_meta(store, prefix, Meta.from_json(store.get_bytes(f"{prefix}/{META}").decode()), True)
+    arrays, channels, skipped = prepare_arrays(raw, cfg)
     mean, std = channel_stats(arrays["train"][0])
     fields = dict(classes=raw.classes, image_size=cfg.image_size, channels=channels,
-                  counts={s: len(y) for s, (_, y) in arrays.items()}, mean=mean, std=std)
-    return write_prepared(arrays, fields, store_uri, f"prepared/{key}")
+                  counts={s: len(y) for s, (_, y) in arrays.items()}, mean=mean, std=std, skipped_images=skipped)
+    return write_prepared(arrays, fields, store_uri, prefix)
 
 
-@task(name="preprocess", task_run_name="preprocess {raw.source}", cache_policy=INPUTS + TASK_SOURCE,
-      persist_result=True)
+@task(name="preprocess", task_run_name="preprocess {raw.source}", retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=retry_unless_user_error)
 def preprocess_task(raw: RawData, cfg: PreprocessConfig, store: str) -> PreparedData:
-    """Prefect task: decode the raw images once into prepared arrays in ``store``."""
-    return preprocess(raw, cfg, store)
+    """Prefect task: decode the raw images once into prepared arrays in ``store`` (or find them there)."""
+    prepared = preprocess(raw, cfg, store)
+    if prepared.skipped_images:
+        get_run_logger().warning("left out %d image(s) that could not be decoded (skip_bad_images)",
+                                 prepared.skipped_images)
+    return prepared

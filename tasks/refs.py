@@ -40,6 +40,8 @@ class PreparedData(_Ref):
     counts: dict[str, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    skipped_images: int = 0  # files that failed to decode and were left out (skip_bad_images)
+    reused: bool = False  # True when identical prepared data was already in the store
 
 
 class EpochMetrics(_Ref):

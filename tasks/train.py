@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
 
 from cluster.config import TrainLoopConfig
-from cluster.launch import Resources, fit_torch
+from cluster.errors import UserError
+from cluster.launch import Resources, check_capacity, fit_torch
 from cluster.runtime import ray_session
-from tasks.common import cache_root, in_prefect_run
+from tasks.common import cache_root, in_prefect_run, retry_unless_user_error
 from tasks.refs import EpochMetrics, PreparedData, TrainedModel
 from tasks.store import Store, open_store
 
@@ -35,6 +38,21 @@ def run_identity(prepared: PreparedData, cfg: TrainLoopConfig) -> str:
     fields = {name: getattr(cfg, name) for name in _IDENTITY_FIELDS}
     blob = json.dumps({"data": prepared.fingerprint, "framework": "torch", **fields}, sort_keys=True)
     return f"{cfg.model}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def check_trainable(train_images: int, cfg: TrainLoopConfig, resources: Resources) -> None:
+    """Mistakes that show only once the data is known and Ray is up, caught before anything is written.
+
+    Raises:
+        UserError: a batch larger than the training set, a batch that does not split over the
+            workers, or a worker group the Ray cluster cannot host.
+    """
+    if cfg.batch_size > train_images:
+        raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({train_images} images); "
+                        "lower --batch-size or add images.")
+    cfg.local_batch_size(resources.num_workers)
+    with ray_session(resources.ray_address):
+        check_capacity(resources)
 
 
 def latest_checkpoint(store: Store, run_prefix: str) -> tuple[str, dict] | None:
@@ -57,10 +75,15 @@ def to_trained_model(store: Store, checkpoint_key: str, state: dict, run_id: str
 
 
 def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store_uri: str,
-          on_report: Callable[[dict], None] = lambda m: None, cache_dir: str | None = None) -> TrainedModel:
-    """Train (or resume, or reuse) the run that ``prepared`` and ``cfg`` identify."""
+          on_report: Callable[[dict], None] = lambda m: None, cache_dir: str | None = None,
+          retrain: str | None = None) -> TrainedModel:
+    """Train (or resume, or reuse) the run that ``prepared`` and ``cfg`` identify.
+
+    ``retrain`` names a fresh run beside the identified one (``<identity>-retrain-<retrain>``), which
+    starts from epoch 0 even when the identified run finished; passing the same name again resumes it.
+    """
     store = open_store(store_uri)
-    run_id = run_identity(prepared, cfg)
+    run_id = run_identity(prepared, cfg) + (f"-retrain-{retrain}" if retrain else "")
     run_prefix = f"checkpoints/{run_id}"
     found = latest_checkpoint(store, run_prefix)
     if found and found[1]["epoch"] >= cfg.epochs:
@@ -83,13 +106,15 @@ def format_epoch(m: dict, epochs: int) -> str:
 
 
 @task(name="train", task_run_name="train {cfg.model} x{resources.num_workers} workers, {cfg.epochs} epochs",
-      retries=1, retry_delay_seconds=5)
+      retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store: str,
-               cache_dir: str | None = None) -> TrainedModel:
+               cache_dir: str | None = None, force: bool = False) -> TrainedModel:
     """Prefect task: distributed training on Ray.
 
     Per-epoch metrics go to the run's log and move a progress artifact, both
-    from this (driver) process as Ray's reports arrive.
+    from this (driver) process as Ray's reports arrive. A retry of this task
+    resumes from the last checkpoint; with ``force`` the fresh run is named
+    after this task run, so its retries resume it too.
     """
     log = get_run_logger()
     log.info("training on %d Ray workers, global batch %d (%d per worker)", resources.num_workers,
@@ -103,7 +128,9 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
         if progress is not None:
             update_progress_artifact(progress, 100.0 * metrics["epoch"] / cfg.epochs)
 
-    model = train(prepared, cfg, resources, store, on_report, cache_dir)
+    context = TaskRunContext.get()
+    retrain = (str(context.task_run.id)[:8] if context else uuid.uuid4().hex[:8]) if force else None
+    model = train(prepared, cfg, resources, store, on_report, cache_dir, retrain)
     if progress is not None:
         update_progress_artifact(progress, 100.0)  # a reused run reports no epochs
     if model.reused:

@@ -29,8 +29,8 @@ def harness():
 @pytest.mark.slow
 def test_digits_flow_trains_publishes_and_skips_unchanged_stages_on_rerun(harness, ray_local, tmp_path):
     store = tmp_path / "artifacts"
-    params = build_params("digits-quickstart", {"data": {"image_size": 16}, "train": {"epochs": 10},
-                                                "publish": {"store": str(store)}})
+    params = build_params("digits-quickstart", {"data": {"image_size": 16, "cache_dir": str(tmp_path / "cache")},
+                                                "train": {"epochs": 10}, "publish": {"store": str(store)}})
     state = train_pipeline(params, return_state=True)
     first = state.result()
     artifacts = run_artifacts(state.state_details.flow_run_id)
@@ -57,7 +57,8 @@ def test_digits_flow_trains_publishes_and_skips_unchanged_stages_on_rerun(harnes
     second = train_pipeline(params)
     skipped = {s.name: s.skipped for s in second.stages}
     assert skipped == {"ingest": True, "preprocess": True, "train": True, "evaluate": False, "publish": False}
-    assert second.stages[2].note.startswith("reused the finished run")
+    assert second.stages[1].note == second.stages[2].note == "reused: the store already holds it"
+    assert second.stages[0].note == "cached: inputs unchanged"
     assert second.epochs_trained == 0  # the finished run is reused, not retrained
     assert second.accuracy == first.accuracy
     assert (second.version, second.promoted) == (2, False)

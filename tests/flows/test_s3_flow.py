@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from tests.flows.test_cli import trainflow
-from tests.s3server import SECRET_KEY
+from tests.prefectserver import api as call, start_prefect_server, stop
+from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 
 def keys(server, prefix: str) -> list[str]:
@@ -16,13 +17,32 @@ def keys(server, prefix: str) -> list[str]:
     return sorted(o["Key"][len(prefix) + 1:] for page in pages for o in page.get("Contents", []))
 
 
+def everything_the_server_recorded(api: str) -> str:
+    """Every flow run's parameters, every log line and every artifact on a Prefect server, as one text."""
+    runs = call("POST", f"{api}/flow_runs/filter", json={}).json()
+    logs, offset = [], 0
+    while batch := call("POST", f"{api}/logs/filter", json={"offset": offset, "limit": 200}).json():
+        logs += batch
+        offset += len(batch)
+    artifacts = call("POST", f"{api}/artifacts/filter", json={}).json()
+    assert runs and len(logs) > 20 and len(artifacts) >= 4  # the scan looks at real records
+    return json.dumps([[r["parameters"] for r in runs], [entry["message"] for entry in logs],
+                       [a["data"] for a in artifacts], [a.get("description") for a in artifacts]])
+
+
 @pytest.mark.slow
-def test_flow_on_s3_then_registry_commands(s3_server):
+def test_flow_on_s3_then_registry_commands(s3_server, tmp_path):
     prefix = f"runs-{uuid.uuid4().hex[:8]}"
     store = f"s3://{s3_server.bucket}/{prefix}"
     args = ["run", "--preset", "digits-quickstart", "--epochs", "8", "--image-size", "16", "--workers", "1",
             "--store", store, "--json"]
-    first = trainflow(*args)
+    (tmp_path / "prefect").mkdir()
+    api, server = start_prefect_server(tmp_path / "prefect")  # a real server, so its records can be scanned
+    try:
+        first = trainflow(*args, env={"PREFECT_API_URL": api})
+        recorded = everything_the_server_recorded(api)
+    finally:
+        stop(server)
     assert first.returncode == 0, first.stderr[-4000:]
     summary = json.loads(first.stdout[first.stdout.index("{"):])
     assert summary["accuracy"] > 0.85 and (summary["version"], summary["promoted"]) == (1, True)
@@ -47,17 +67,26 @@ def test_flow_on_s3_then_registry_commands(s3_server):
     shown = json.loads(trainflow("models", "show", "seed-cnn", "2", "--store", store).stdout)
     assert shown["promotions"][-1]["promoted_by"] == "manual" and shown["promotions"][-1]["reason"] == "canary passed"
 
-    for out in (first, second):  # the secret never reaches logs, output or the published lineage
-        assert SECRET_KEY not in out.stdout + out.stderr
-    assert SECRET_KEY not in json.dumps(shown)
+    # the credentials never reach run parameters, logs, artifacts, output or anything in the store
+    texts = [out.stdout + out.stderr for out in (first, second)] + [recorded, json.dumps(shown)]
+    texts += [s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"{prefix}/{key}")["Body"].read().decode()
+              for key in stored if key.endswith((".json", ".md"))]
+    assert any("seed-cnn" in text for text in texts[4:])  # lineage, cards and metrics were read
+    for text in texts:
+        assert SECRET_KEY not in text and ACCESS_KEY not in text
 
 
-def test_wrong_secret_fails_before_anything_starts_and_writes_nothing(s3_server):
+@pytest.mark.parametrize(("env", "words"), [
+    ({"AWS_SECRET_ACCESS_KEY": "wrong-secret"}, ["refused the credentials", "AWS_SECRET_ACCESS_KEY"]),
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, ["cannot reach", "http://127.0.0.1:9"]),  # nothing listens on 9
+], ids=["bad-credentials", "unreachable"])
+def test_store_problems_fail_before_anything_starts_and_write_nothing(s3_server, env, words):
     prefix = f"denied-{uuid.uuid4().hex[:8]}"
-    out = trainflow("run", "--store", f"s3://{s3_server.bucket}/{prefix}", timeout=120,
-                    env={"AWS_SECRET_ACCESS_KEY": "wrong-secret"})
+    out = trainflow("run", "--store", f"s3://{s3_server.bucket}/{prefix}", timeout=120, env=env)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "refused the credentials" in lines[0] and "AWS_SECRET_ACCESS_KEY" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"trainflow: error: --store 's3://{s3_server.bucket}/"), out.stderr
+    for word in words:
+        assert word in lines[0]
     assert "wrong-secret" not in out.stderr
     assert keys(s3_server, prefix) == []

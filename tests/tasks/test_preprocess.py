@@ -129,29 +129,29 @@ def test_plan_splits_cuts_test_from_a_lone_train_split(tmp_path: Path):
 def test_decode_resizes_and_reports_rgb(tmp_path: Path):
     root = write_class_folders(tmp_path / "rgb", classes=2, per_class=3, size=20)
     paths = sorted(str(p) for p in root.rglob("*.png"))
-    images, gray = decode_images(paths, 16)
+    images, gray, _ = decode_images(paths, 16)
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
     assert gray is False
     expected = np.asarray(Image.open(paths[2]).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR))
     assert np.array_equal(images[2], expected)
-    same, _ = decode_images(paths, 20)  # no resize needed: pixels come back untouched
+    same, _, _ = decode_images(paths, 20)  # no resize needed: pixels come back untouched
     assert np.array_equal(same[0], np.asarray(Image.open(paths[0]).convert("RGB")))
 
 
 def test_decode_marks_all_grayscale(tmp_path: Path):
     gray_root = write_class_folders(tmp_path / "g", classes=2, per_class=2, channels=1)
     paths = sorted(str(p) for p in gray_root.rglob("*.png"))
-    images, gray = decode_images(paths, 8)
+    images, gray, _ = decode_images(paths, 8)
     assert gray is True
     assert images.shape == (4, 8, 8, 3)
     assert np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 1], images[..., 2])
     rgb_root = write_class_folders(tmp_path / "c", classes=1, per_class=1)
-    _, mixed = decode_images(paths + [str(next(rgb_root.rglob("*.png")))], 8)
+    _, mixed, _ = decode_images(paths + [str(next(rgb_root.rglob("*.png")))], 8)
     assert mixed is False
 
 
 def test_decode_of_no_images():
-    images, _ = decode_images([], 12)
+    images, _, _ = decode_images([], 12)
     assert images.shape == (0, 12, 12, 3)
 
 
@@ -171,7 +171,7 @@ def test_parallel_decode_matches_sequential(tmp_path: Path):
         path = folder / f"{i:05d}.png"
         img.save(path)
         paths.append(str(path))
-    images, gray = decode_images(paths, 9)
+    images, gray, _ = decode_images(paths, 9)
     reference, ref_gray, bad = pp._decode_chunk((paths, 9))
     assert bad == []
     assert images.shape == reference.shape == (len(paths), 9, 9, 3)
@@ -186,14 +186,26 @@ def test_undecodable_image_is_a_user_error_naming_it(tmp_path: Path, content):
     good_bytes = (root / "class_1" / "0000.png").read_bytes()
     bad.write_bytes(good_bytes[:40] if content == "truncated" else content)
     paths = sorted(str(p) for p in root.rglob("*.png"))
-    with pytest.raises(UserError, match="broken.png") as info:
-        decode_images(paths, 16)
-    assert "1 image(s)" in str(info.value)
-    assert "0000.png" not in str(info.value)
+    _, _, found = decode_images(paths, 16)
+    assert [(paths[i], "broken.png" in what) for i, what in found] == [(str(bad), True)]
     raw = ingest(f"folder:{root}", tmp_path / "cache")
-    with pytest.raises(UserError, match="broken.png"):
+    with pytest.raises(UserError, match="broken.png") as info:
         preprocess(raw, PreprocessConfig(image_size=8), str(tmp_path / "store"))
+    assert "1 image(s)" in str(info.value) and "0000.png" not in str(info.value)
+    assert "skip_bad_images" in str(info.value)
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob(META))
+
+
+def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path: Path):
+    root = write_class_folders(tmp_path / "ds", classes=2, per_class=10)
+    for i in range(12):  # more than the ten an error message lists
+        (root / f"class_{i % 2}" / f"broken{i}.png").write_bytes(b"\x89PNG not really")
+    raw = ingest(f"folder:{root}", tmp_path / "cache")
+    with pytest.raises(UserError, match="12 image\\(s\\)") as info:
+        preprocess(raw, PreprocessConfig(image_size=8), str(tmp_path / "store"))
+    assert str(info.value).count("broken") == 10
+    prepared = preprocess(raw, PreprocessConfig(image_size=8, skip_bad_images=True), str(tmp_path / "store"))
+    assert prepared.skipped_images == 12 and sum(prepared.counts.values()) == 20
 
 
 def test_to_channels_luma():
@@ -268,14 +280,16 @@ def test_preprocess_end_to_end(tmp_path: Path, channels_in: int, expected_channe
 
     # the stored arrays are the planned files, decoded, in plan order
     plan = plan_splits(raw, cfg)
-    decoded, _ = decode_images([p for p, _ in plan["test"]], 16)
+    decoded, _, _ = decode_images([p for p, _ in plan["test"]], 16)
     x_test, y_test = load_split(directory, "test")
     assert np.array_equal(x_test, to_channels(decoded, expected_channels))
     assert y_test.tolist() == [label for _, label in plan["test"]]
 
-    # deterministic: the same input and config give the same place and fingerprint
+    # deterministic: the same input and config give the same place and fingerprint, found without decoding
     again = preprocess(raw, cfg, store.uri)
-    assert again == prepared
+    assert again == prepared.model_copy(update={"reused": True})
+    meta_path.unlink()  # an incomplete (or wiped) copy in the store is prepared again, to the same bytes
+    assert preprocess(raw, cfg, store.uri) == prepared
 
 
 def test_preprocess_channel_overrides(tmp_path: Path):

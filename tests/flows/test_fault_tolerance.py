@@ -1,0 +1,158 @@
+"""Crashes cost at most one epoch: a Ray training worker killed mid-epoch, and the driver killed mid-run.
+
+Real processes, real signals: the worker is found among the run's own
+descendants by its Ray process title, and the driver is the `trainflow run`
+subprocess itself. Both runs are compared with one uninterrupted run of the
+same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.flows.test_cli import ROOT
+
+EPOCHS = 6
+ARGS = ["--preset", "digits-quickstart", "--epochs", str(EPOCHS), "--workers", "2", "--json"]
+
+
+def start_run(store: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """`trainflow run` in its own session; stdout (the JSON summary, Ray workers' prints) and stderr both go to ``log``."""
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *ARGS, "--store", str(store), *extra],
+                            cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = 420) -> dict:
+    process.wait(timeout=timeout)
+    output = log.read_text()
+    assert process.returncode == 0, output[-4000:]
+    return json.loads(output[output.rindex("\n{\n") + 1:output.rindex("\n}") + 2])
+
+
+def checkpoint_epochs(store: Path) -> list[int]:
+    """Epochs whose checkpoint is complete in the store (state.json is written with the weights)."""
+    return sorted(json.loads(p.read_text())["epoch"] for p in (store / "checkpoints").glob("*/checkpoint_*/state.json"))
+
+
+def wait_for_checkpoints(store: Path, count: int, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(checkpoint_epochs(store)) < count:
+        assert process.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, f"no {count} checkpoints within {timeout} s"
+        time.sleep(0.1)
+
+
+def descendants(root: int) -> list[int]:
+    """Every process whose parent chain reaches ``root``, read from /proc."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def train_workers(driver: int) -> list[int]:
+    return [pid for pid in descendants(driver) if title(pid).startswith("ray::RayTrainWorker")]
+
+
+def reap(process: subprocess.Popen) -> None:
+    """Make sure nothing of a run we started outlives the test (its own process group only)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The reference: the same run, same seed, never interrupted."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    process = start_run(tmp / "store", tmp / "run.log")
+    try:
+        return finish(process, tmp / "run.log")
+    finally:
+        reap(process)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path):
+    store, log = tmp_path / "store", tmp_path / "run.log"
+    process = start_run(store, log)
+    try:
+        wait_for_checkpoints(store, 2, process, log)
+        time.sleep(1.0)  # into the next epoch
+        workers = train_workers(process.pid)
+        assert len(workers) == 2, [title(p) for p in descendants(process.pid)]
+        done_at_kill = checkpoint_epochs(store)[-1]
+        killed_at = time.monotonic()
+        os.kill(workers[-1], signal.SIGKILL)
+        summary = finish(process, log)
+        elapsed_after_kill = time.monotonic() - killed_at
+    finally:
+        reap(process)
+    output = log.read_text()
+    assert f"resuming from the checkpoint of epoch {done_at_kill}" in output, output[-4000:]
+    assert done_at_kill < EPOCHS and summary["resumed_from_epoch"] == 0  # resumed inside this run, by Ray
+    # every epoch is reported once: the interrupted epoch was repeated, nothing before it
+    reported = [json.loads(p.read_text())["epoch"] for p in (store / "checkpoints").glob("*/checkpoint_*/state.json")]
+    assert sorted(reported)[-1] == EPOCHS
+    history = json.loads(next((store / "checkpoints").glob(f"*/checkpoint_*{EPOCHS}/state.json")).read_text())
+    assert [m["epoch"] for m in history["history"]] == list(range(1, EPOCHS + 1))
+    assert abs(summary["accuracy"] - uninterrupted["accuracy"]) <= 0.02, (summary["accuracy"],
+                                                                         uninterrupted["accuracy"])
+    print(json.dumps({"worker_kill": {"killed_after_epoch": done_at_kill, "seconds_from_kill_to_end":
+                                      round(elapsed_after_kill, 1), "accuracy": summary["accuracy"],
+                                      "uninterrupted_accuracy": uninterrupted["accuracy"]}}))
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted, tmp_path):
+    store, log = tmp_path / "store", tmp_path / "first.log"
+    process = start_run(store, log)
+    try:
+        wait_for_checkpoints(store, 2, process, log)
+        os.kill(process.pid, signal.SIGKILL)  # the driver: flow, Prefect client and Ray's owner all at once
+        process.wait(timeout=30)
+    finally:
+        reap(process)
+    done_at_kill = checkpoint_epochs(store)[-1]
+    assert done_at_kill < EPOCHS
+    assert not (store / "models").exists()  # nothing was published by the killed run
+
+    log = tmp_path / "second.log"
+    rerun = start_run(store, log)
+    try:
+        summary = finish(rerun, log)
+    finally:
+        reap(rerun)
+    skipped = {s["name"]: s["skipped"] for s in summary["stages"]}
+    assert skipped == {"ingest": True, "preprocess": True, "train": False, "evaluate": False, "publish": False}
+    assert summary["resumed_from_epoch"] == done_at_kill
+    assert summary["epochs_trained"] == EPOCHS - done_at_kill
+    assert f"resuming from the checkpoint of epoch {done_at_kill}" in log.read_text()
+    assert abs(summary["accuracy"] - uninterrupted["accuracy"]) <= 0.02
+    print(json.dumps({"driver_kill": {"killed_after_epoch": done_at_kill, "rerun_stages": summary["stages"],
+                                      "accuracy": summary["accuracy"]}}))
