@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _models(args) if args.command == "models" else _run(args)
     except UserError as exc:
-        print(f"trainflow: error: {exc}", file=sys.stderr)
+        print(f"trainflow: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
         return 2
     except Exception as exc:
         from pydantic import ValidationError

@@ -146,7 +146,8 @@ def safe_extract(archive: Path, cache: Path) -> Path:
                                         "repack it with relative paths only.")
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise UserError(f"{archive} is not a readable tar archive ({exc}); re-download or repack it.") from None
+            reason = " ".join(str(exc).split())  # tarfile's messages span lines
+            raise UserError(f"{archive} is not a readable tar archive ({reason}); re-download or repack it.") from None
         _publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when published

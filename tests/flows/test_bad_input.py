@@ -66,7 +66,7 @@ def single_class(tmp: Path) -> list[str]:
 
 
 def undecodable_images(tmp: Path) -> list[str]:
-    root = tiny_images(tmp / "broken")
+    root = tiny_images(tmp / "broken", per_class=50)  # enough for the smoke preset's batch of 64
     good = (root / "class_0" / "0000.png").read_bytes()
     (root / "class_0" / "truncated.png").write_bytes(good[: len(good) // 2])
     (root / "class_1" / "garbage.jpg").write_bytes(b"this is not a jpeg")
