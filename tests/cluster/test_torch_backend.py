@@ -140,3 +140,29 @@ def test_predict_returns_class_indices(tmp_path: Path, channels: int):
     assert np.array_equal(tb.predict(tmp_path, images, batch_size=4), predictions)
     assert np.array_equal(tb.predict(tmp_path, images[::-1])[::-1], predictions)
     assert tb.predict(tmp_path, images[:1]).shape == (1,)
+
+
+class _RunsCodeWhenUnpickled:
+    """What a tampered checkpoint could hold: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_holding_code_is_refused_not_run(tmp_path: Path):
+    spec = spec_for()
+    model, optimizer = _trained_a_little(spec)
+    tb.save_checkpoint(tmp_path / "ckpt", model, optimizer, spec, 1, [])
+    marker = tmp_path / "code-ran"
+    torch.save({"weights": _RunsCodeWhenUnpickled(marker)}, tmp_path / "ckpt" / tb.MODEL_FILE)
+    images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        tb.predict(tmp_path / "ckpt", images)  # the path evaluation takes for published weights
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        tb.load_weights(tmp_path / "ckpt", tb.build_model(spec), optimizer)  # the path a resume takes
+    assert not marker.exists()
+    torch.load(tmp_path / "ckpt" / tb.MODEL_FILE, weights_only=False)  # a plain load would have run it
+    assert marker.exists()
