@@ -84,23 +84,31 @@ def check_capacity(resources: Resources) -> None:
 
 
 def _report_callback(report_queue):
+    """Runs in Ray Train's controller: forwards each epoch's report, and each worker failure, to the driver."""
     from ray.train.v2.api.callback import UserCallback
 
     class _ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            report_queue.put(metrics[0])  # already summed over ranks; rank 0's copy suffices
+            report_queue.put(("report", metrics[0]))  # already summed over ranks; rank 0's copy suffices
+
+        def after_exception(self, run_context, worker_exceptions):
+            report_queue.put(("failure", {rank: " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                                          for rank, exc in worker_exceptions.items()}))
 
     return _ForwardReports()
 
 
 def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, run_name: str, storage_path: str,
-              storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None) -> str:
+              storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None,
+              on_failure: Callable[[dict[int, str]], None] = lambda e: None) -> str:
     """Train with a TorchTrainer (DDP over gloo on CPU, NCCL on GPU) and wait for it.
 
     Re-running with the same ``run_name`` and ``storage_path`` resumes from the
     last checkpoint that run reported; ``on_report`` is called on the calling
-    thread with each epoch's metrics as they arrive. Returns the path of the
-    final checkpoint in storage.
+    thread with each epoch's metrics as they arrive, and ``on_failure`` with
+    {rank: error} when workers fail (Ray then restarts the group from the last
+    checkpoint, up to ``resources.max_failures`` times). Returns the path of
+    the final checkpoint in storage.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -132,9 +140,10 @@ def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, run_name: str, stor
     thread.start()
     while thread.is_alive() or not reports.empty():
         try:
-            on_report(reports.get(timeout=0.5))
+            kind, payload = reports.get(timeout=0.5)
         except stdlib_queue.Empty:
-            pass
+            continue
+        (on_report if kind == "report" else on_failure)(payload)
     reports.shutdown()
     if "error" in outcome:
         raise outcome["error"]

@@ -103,7 +103,6 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             tb.load_weights(Path(tmp), model, optimizer)
             _, start_epoch, history = tb.read_state(Path(tmp))
             print(f"rank {ctx.rank}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
-    torch.manual_seed(cfg.seed + ctx.rank)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
     net = model
@@ -119,6 +118,9 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
               f"{len(y_train)} training images", flush=True)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        # Randomness is a function of (seed, epoch, rank): a resumed epoch draws exactly what the
+        # interrupted one would have, so no RNG state needs saving. (The lr is constant, as in the article.)
+        torch.manual_seed((cfg.seed * 100_003 + epoch) * 4_099 + ctx.rank)
         metrics = run_epoch(net, optimizer, (x_train, y_train), (x_val, y_val), normalize, autocast,
                             local_batch, cfg, epoch, ctx)
         history.append(metrics)

@@ -76,7 +76,7 @@ def to_trained_model(store: Store, checkpoint_key: str, state: dict, run_id: str
 
 def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store_uri: str,
           on_report: Callable[[dict], None] = lambda m: None, cache_dir: str | None = None,
-          retrain: str | None = None) -> TrainedModel:
+          retrain: str | None = None, on_failure: Callable[[dict[int, str]], None] = lambda e: None) -> TrainedModel:
     """Train (or resume, or reuse) the run that ``prepared`` and ``cfg`` identify.
 
     ``retrain`` names a fresh run beside the identified one (``<identity>-retrain-<retrain>``), which
@@ -90,13 +90,20 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
         return to_trained_model(store, found[0], found[1], run_id, resources.num_workers, found[1]["epoch"], True)
     data_dir = store.local_dir(store.key_of(prepared.uri), cache_root(cache_dir) / "prepared")
     cfg = replace(cfg, data_dir=str(data_dir), use_gpu=resources.use_gpu)
+    reported: list[int] = []
+
+    def report(metrics: dict) -> None:
+        reported.append(metrics["epoch"])
+        on_report(metrics)
+
     with ray_session(resources.ray_address):
         final = fit_torch(cfg, resources, run_name=run_id, storage_path=store.ray_storage_path("checkpoints"),
-                          storage_filesystem=store.ray_filesystem(), on_report=on_report)
+                          storage_filesystem=store.ray_filesystem(), on_report=report, on_failure=on_failure)
     key = f"{run_prefix}/{Path(final).name}"
     state = json.loads(store.get_bytes(f"{key}/state.json"))
-    return to_trained_model(store, key, state, run_id, resources.num_workers, found[1]["epoch"] if found else 0,
-                            False)
+    # where Ray actually resumed: the epoch before the first one this call heard of
+    resumed_from = reported[0] - 1 if reported else state["epoch"]
+    return to_trained_model(store, key, state, run_id, resources.num_workers, resumed_from, False)
 
 
 def format_epoch(m: dict, epochs: int) -> str:
@@ -130,7 +137,12 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
 
     context = TaskRunContext.get()
     retrain = (str(context.task_run.id)[:8] if context else uuid.uuid4().hex[:8]) if force else None
-    model = train(prepared, cfg, resources, store, on_report, cache_dir, retrain)
+    def on_failure(errors: dict[int, str]) -> None:
+        ranks = ", ".join(f"rank {rank} ({error})" for rank, error in sorted(errors.items()))
+        log.warning("Ray training worker(s) failed: %s; Ray restarts the worker group from the last checkpoint "
+                    "(at most %d restarts)", ranks, resources.max_failures)
+
+    model = train(prepared, cfg, resources, store, on_report, cache_dir, retrain, on_failure)
     if progress is not None:
         update_progress_artifact(progress, 100.0)  # a reused run reports no epochs
     if model.reused:

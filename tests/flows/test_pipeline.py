@@ -82,3 +82,10 @@ def test_caches_follow_content_not_history(harness, ray_local, tmp_path):
     skipped = {s.name: s.skipped for s in again.stages}
     assert not skipped["ingest"] and skipped["preprocess"]  # ... and yields the same fingerprint
     assert (cache / "raw" / "digits").is_dir()
+    assert skipped["train"] and again.epochs_trained == 0  # that run had finished before
+
+    forced = train_pipeline(build_params("digits-quickstart", {**base, "data": {**data, "image_size": 12},
+                                                               "train": {"epochs": 1, "force": True}}))
+    skipped = {s.name: s.skipped for s in forced.stages}
+    assert skipped["preprocess"] and not skipped["train"] and forced.epochs_trained == 1
+    assert forced.run_id.startswith(again.run_id + "-retrain-")  # a fresh run beside the finished one
