@@ -110,7 +110,7 @@ def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, run_name: str, stor
     checkpoint, up to ``resources.max_failures`` times). Returns the path of
     the final checkpoint in storage.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
@@ -126,7 +126,9 @@ def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, run_name: str, stor
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              callbacks=[_report_callback(reports)],
                              failure_config=FailureConfig(max_failures=resources.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Train's INFO lines (each report, each checkpoint) repeat what the flow logs
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     outcome: dict = {}
 

@@ -64,6 +64,8 @@ def connect(address: str | None) -> bool:
         # epoch sooner, and a crash right after a checkpoint was written is less likely to predate its
         # registration (which would repeat that epoch too). A cluster's operators set it for theirs.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        # Train V2 also routes workers' print() through a logger, so each line reached the driver twice.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
 
     if ray.is_initialized():
