@@ -26,8 +26,8 @@ class DataParams(_Section):
         description="digits: bundled with scikit-learn; cifar10: downloaded by torchvision; folder: your images at "
                     "'Dataset path'")
     path: str = Field("", title="Dataset path",
-                             description="Only for 'folder': a directory of class folders (optionally train/ and "
-                                         "test/), a .tar/.tar.gz of one, or an s3://bucket/prefix holding either")
+                      description="Only for 'folder': a directory of class folders (optionally train/ and test/), "
+                                  "a .tar/.tar.gz of one, or an s3://bucket/prefix holding either")
     image_size: int = Field(32, ge=8, le=512, title="Image size", description="Images are resized to this square")
     channels: Literal["auto", "rgb", "grayscale"] = Field("auto", title="Channels",
                                                           description="auto: grayscale only if every image is")

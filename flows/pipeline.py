@@ -57,8 +57,8 @@ class RunSummary(BaseModel):
         trained = [] if model.reused else model.history[model.resumed_from_epoch:]
         return cls(stages=stages, accuracy=evaluation.accuracy, f1_macro=evaluation.f1_macro,
                    test_size=evaluation.test_size, ignored_files=raw.ignored_files,
-                   skipped_images=prepared.skipped_images, resumed_from_epoch=0 if model.reused else model.resumed_from_epoch,
-                   epochs_trained=len(trained),
+                   skipped_images=prepared.skipped_images,
+                   resumed_from_epoch=0 if model.reused else model.resumed_from_epoch, epochs_trained=len(trained),
                    training_seconds=sum(m.epoch_seconds for m in trained), run_id=model.run_id,
                    model_name=release.name, version=release.version, promoted=release.promoted,
                    reason=release.reason, release_uri=release.uri)

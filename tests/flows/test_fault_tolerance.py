@@ -25,7 +25,7 @@ ARGS = ["--preset", "digits-quickstart", "--epochs", str(EPOCHS), "--workers", "
 
 
 def start_run(store: Path, log: Path, *extra: str) -> subprocess.Popen:
-    """`trainflow run` in its own session; stdout (the JSON summary, Ray workers' prints) and stderr both go to ``log``."""
+    """`trainflow run` in its own session; stdout (JSON summary, Ray workers' prints) and stderr go to ``log``."""
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *ARGS, "--store", str(store), *extra],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
