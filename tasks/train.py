@@ -43,14 +43,14 @@ def run_identity(prepared: PreparedData, cfg: TrainLoopConfig) -> str:
 def check_trainable(train_images: int, cfg: TrainLoopConfig, resources: Resources) -> None:
     """Mistakes that show only once the data is known and Ray is up, caught before anything is written.
 
+    (Whether the batch splits over the workers needs neither, so the flow's preflight checks it.)
+
     Raises:
-        UserError: a batch larger than the training set, a batch that does not split over the
-            workers, or a worker group the Ray cluster cannot host.
+        UserError: a batch larger than the training set, or a worker group the Ray cluster cannot host.
     """
     if cfg.batch_size > train_images:
         raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({train_images} images); "
                         "lower --batch-size or add images.")
-    cfg.local_batch_size(resources.num_workers)
     with ray_session(resources.ray_address):
         check_capacity(resources)
 

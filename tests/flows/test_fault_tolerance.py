@@ -47,6 +47,20 @@ def checkpoint_epochs(store: Path) -> list[int]:
     return [state["epoch"] for state in checkpoint_states(store)]
 
 
+def start_until_epoch(tmp_path: Path, epoch: int, log_name: str) -> tuple[Path, Path, subprocess.Popen, float]:
+    """Start a run into ``tmp_path/store`` and return once the driver has logged ``epoch``:
+    (store, log, process, monotonic start time). The caller reaps the process."""
+    store, log = tmp_path / "store", tmp_path / log_name
+    started = time.monotonic()
+    process = start_run(store, log)
+    try:
+        wait_for_epoch(epoch, process, log)
+    except BaseException:
+        reap(process)
+        raise
+    return store, log, process, started
+
+
 def last_reported_epoch(log: Path) -> int:
     """The last epoch the driver has logged, i.e. the last checkpoint Ray has registered."""
     output = log.read_text()
@@ -112,11 +126,8 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path):
-    store, log = tmp_path / "store", tmp_path / "run.log"
-    started = time.monotonic()
-    process = start_run(store, log)
+    store, log, process, started = start_until_epoch(tmp_path, 2, "run.log")
     try:
-        wait_for_epoch(2, process, log)
         checkpointed_at = time.monotonic()
         time.sleep(1.0)  # into the next epoch
         workers = train_workers(process.pid)
@@ -146,11 +157,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path)
 
 @pytest.mark.slow
 def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted, tmp_path):
-    store, log = tmp_path / "store", tmp_path / "first.log"
-    started = time.monotonic()
-    process = start_run(store, log)
+    store, log, process, started = start_until_epoch(tmp_path, 2, "first.log")
     try:
-        wait_for_epoch(2, process, log)
         first_wall = time.monotonic() - started
         os.kill(process.pid, signal.SIGKILL)  # the driver: flow, Prefect client and Ray's owner all at once
         process.wait(timeout=30)
