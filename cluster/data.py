@@ -9,6 +9,7 @@ counts, the train-only per-channel mean/std and the fingerprint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,34 @@ def read_meta(directory: Path) -> Meta:
     return Meta.from_json((directory / META).read_text())
 
 
-def load_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A split's (images uint8 NHWC, labels int64)."""
+def load_split(directory: Path, split: str, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A split's (images uint8 NHWC, labels int64).
+
+    With ``mmap`` the arrays are copy-on-write memory maps: workers on one node
+    then share the page cache's one copy instead of each holding its own.
+    """
     x_name, y_name = split_files(split)
-    return np.load(directory / x_name), np.load(directory / y_name)
+    mode = "c" if mmap else None
+    return np.load(directory / x_name, mmap_mode=mode), np.load(directory / y_name, mmap_mode=mode)
+
+
+def data_files() -> list[str]:
+    """Every array file of a prepared dataset, in fingerprint order."""
+    return [name for split in SPLITS for name in split_files(split)]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepared_fingerprint(directory: Path) -> str:
+    """sha256 over the sha256 of each array file, in :func:`data_files` order: what ``meta.json`` records."""
+    digest = hashlib.sha256()
+    for name in data_files():
+        digest.update(bytes.fromhex(file_sha256(directory / name)))
+    return digest.hexdigest()

@@ -7,32 +7,22 @@ fed by a controller callback, so the caller sees progress while ``fit()`` runs
 
 from __future__ import annotations
 
+import os
 import queue as stdlib_queue
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from cluster.config import TrainLoopConfig
-from cluster.errors import UserError
+from cluster.nodecache import StoredData, materialize
+from cluster.placement import (LOG_EVERY_S, Resources, ResourcesUnavailable, check_placement, free_resources,
+                               pending_placement, wait_for_placement)
 
-
-@dataclass(frozen=True, kw_only=True)
-class Resources:
-    """Where and how wide to train; passed straight into Ray's ScalingConfig."""
-
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    ray_address: str | None = None
-    max_failures: int = 2
-
-    def __post_init__(self) -> None:
-        if self.num_workers < 1 or self.cpus_per_worker < 1:
-            raise UserError("num_workers and cpus_per_worker must be at least 1.")
-        if self.max_failures < 0:
-            raise UserError(f"max_failures={self.max_failures} must be 0 or more.")
+__all__ = ["Resources", "check_placement", "fit_torch"]
 
 
 class _RayWorkerContext:
@@ -46,6 +36,13 @@ class _RayWorkerContext:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+
+    def placement(self) -> dict:
+        import ray
+
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+                "device": str(self.device)}
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         import ray.train
@@ -65,22 +62,11 @@ class _RayWorkerContext:
 
 
 def _torch_worker(config: dict) -> None:
+    """A Ray Train worker's first lines: rebuild the typed config, fetch the data onto this node, train."""
     from cluster.torch_loop import train_loop
 
-    train_loop(TrainLoopConfig.from_dict(config), _RayWorkerContext())
-
-
-def check_capacity(resources: Resources) -> None:
-    """Fail fast when the cluster can never host the worker group, instead of waiting forever."""
-    import ray
-
-    total = ray.cluster_resources()
-    need_cpu = resources.num_workers * resources.cpus_per_worker
-    need_gpu = resources.num_workers if resources.use_gpu else 0
-    if need_cpu > total.get("CPU", 0) or need_gpu > total.get("GPU", 0):
-        raise UserError(
-            f"{resources.num_workers} workers need {need_cpu} CPUs and {need_gpu} GPUs, but the Ray cluster has "
-            f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs; lower num_workers or add nodes.")
+    cfg = replace(TrainLoopConfig.from_dict(config["loop"]), data_dir=str(materialize(config["data"])))
+    train_loop(cfg, _RayWorkerContext())
 
 
 def _report_callback(report_queue):
@@ -98,38 +84,28 @@ def _report_callback(report_queue):
     return _ForwardReports()
 
 
-def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, run_name: str, storage_path: str,
+def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_name: str, storage_path: str,
               storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None,
-              on_failure: Callable[[dict[int, str]], None] = lambda e: None) -> str:
+              on_failure: Callable[[dict[int, str]], None] = lambda e: None,
+              on_wait: Callable[[str], None] = lambda m: None) -> str:
     """Train with a TorchTrainer (DDP over gloo on CPU, NCCL on GPU) and wait for it.
 
-    Re-running with the same ``run_name`` and ``storage_path`` resumes from the
-    last checkpoint that run reported; ``on_report`` is called on the calling
-    thread with each epoch's metrics as they arrive, and ``on_failure`` with
-    {rank: error} when workers fail (Ray then restarts the group from the last
-    checkpoint, up to ``resources.max_failures`` times). Returns the path of
-    the final checkpoint in storage.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
+    Each worker fetches ``data`` onto its own node. Re-running with the same
+    ``run_name`` and ``storage_path`` resumes from the last checkpoint that run
+    reported; ``on_report`` is called on the calling thread with each epoch's
+    metrics as they arrive, ``on_failure`` with {rank: error} when workers fail
+    (Ray then restarts the group from the last checkpoint, up to
+    ``resources.max_failures`` times), and ``on_wait`` every 30 s while the
+    group waits for resources. Returns the path of the final checkpoint in storage.
 
+    Raises:
+        UserError: the batch does not split, or no set of live nodes can hold the group.
+        ResourcesUnavailable: the cluster did not free room within ``resources.wait_for_resources``.
+    """
     cfg.local_batch_size(resources.num_workers)  # raises before any worker starts
-    check_capacity(resources)
-    reports = Queue()
-    trainer = TorchTrainer(
-        _torch_worker,
-        train_loop_config=cfg.to_dict(),
-        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker={"CPU": resources.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             callbacks=[_report_callback(reports)],
-                             failure_config=FailureConfig(max_failures=resources.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             # Train's INFO lines (each report, each checkpoint) repeat what the flow logs
-                             logging_config=LoggingConfig(log_level="WARNING")),
-    )
+    check_placement(resources)
+    wait_for_placement(resources, on_wait)
+    trainer, reports = _trainer(cfg, resources, data, run_name, storage_path, storage_filesystem)
     outcome: dict = {}
 
     def _fit() -> None:
@@ -140,16 +116,70 @@ def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, run_name: str, stor
 
     thread = threading.Thread(target=_fit, name="ray-fit", daemon=True)
     thread.start()
-    while thread.is_alive() or not reports.empty():
-        try:
-            kind, payload = reports.get(timeout=0.5)
-        except stdlib_queue.Empty:
-            continue
-        (on_report if kind == "report" else on_failure)(payload)
-    reports.shutdown()
+    _pump(thread, reports, on_report, on_failure, on_wait)
     if "error" in outcome:
-        raise outcome["error"]
+        raise _explain(outcome["error"], resources)
     result = outcome["result"]
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
     return result.checkpoint.path
+
+
+def _trainer(cfg: TrainLoopConfig, resources: Resources, data: StoredData, run_name: str, storage_path: str,
+             storage_filesystem):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    # Ray Train passes this to its controller: how long a (re)starting worker group may wait for its placement.
+    # With controller_failure_limit=0 below, a group that cannot be placed in that time ends the run instead of
+    # being retried forever (a lost node with no replacement).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(resources.wait_for_resources)
+    reports = Queue()
+    trainer = TorchTrainer(
+        _torch_worker,
+        train_loop_config={"loop": cfg.to_dict(), "data": data},
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker={"CPU": resources.cpus_per_worker},
+                                     placement_strategy=resources.placement_strategy),
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                             callbacks=[_report_callback(reports)],
+                             failure_config=FailureConfig(max_failures=resources.max_failures,
+                                                          controller_failure_limit=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Train's INFO lines (each report, each checkpoint) repeat what the flow logs
+                             logging_config=LoggingConfig(log_level="WARNING")),
+    )
+    return trainer, reports
+
+
+def _pump(thread: threading.Thread, reports, on_report, on_failure, on_wait) -> None:
+    """Deliver reports on this thread until fit() ends; after 30 s of silence, say what the group waits for."""
+    quiet_since = time.monotonic()
+    while thread.is_alive() or not reports.empty():
+        try:
+            kind, payload = reports.get(timeout=0.5)
+        except stdlib_queue.Empty:
+            if time.monotonic() - quiet_since >= LOG_EVERY_S:
+                quiet_since = time.monotonic()
+                waiting = pending_placement()
+                if waiting:
+                    on_wait(waiting)
+            continue
+        quiet_since = time.monotonic()
+        (on_report if kind == "report" else on_failure)(payload)
+    reports.shutdown()
+
+
+def _explain(error: BaseException, resources: Resources) -> BaseException:
+    """A worker group that could not be placed in time becomes one sentence; anything else stays as it is."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if isinstance(error, ControllerError) and isinstance(error.controller_failure, WorkerGroupStartupTimeoutError):
+        return ResourcesUnavailable(
+            f"Ray Train could not place {resources.describe()} within wait_for_resources="
+            f"{resources.wait_for_resources:g} s ({free_resources()}); a node was lost or is busy: add nodes, "
+            "free resources or raise wait_for_resources, then re-run to resume from the last checkpoint.")
+    return error

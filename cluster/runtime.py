@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cluster.errors import UserError
 
@@ -49,36 +50,70 @@ class _Starter:
 _pending: _Starter | None = None
 
 
+# This project's packages, shipped to the nodes of a cluster in the run's runtime_env; nodes need only the
+# dependencies. They sit beside this package (see pyproject's [tool.setuptools] packages).
+_PACKAGES = ("flows", "tasks", "cluster")
+_NOT_SHIPPED = ["__pycache__", "*.pyc", ".venv", ".git", "artifacts", ".pytest_cache"]
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to use: the given address, else ``RAY_ADDRESS`` when set, else None (start Ray locally)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def project_runtime_env() -> dict:
+    """A runtime_env that carries this project's code to every node of a cluster."""
+    root = Path(__file__).resolve().parent.parent
+    return {"py_modules": [str(root / name) for name in _PACKAGES if (root / name / "__init__.py").is_file()],
+            "excludes": _NOT_SHIPPED}
+
+
+def _init_cluster(address: str) -> None:
+    """Connect to a cluster this process did not start, shipping the code; its errors as one sentence."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, runtime_env=project_runtime_env(), log_to_driver=True,
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))
+    except AuthenticationError:
+        raise UserError(f"ray_address={address!r}: the Ray cluster refused this driver's authentication token; "
+                        "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it.") from None
+    except ConnectionError as exc:
+        raise UserError(f"ray_address={address!r}: cannot reach the Ray cluster ({' '.join(str(exc).split())[:200]}); "
+                        "check the address, or leave it empty to start Ray locally.") from None
+
+
 def connect(address: str | None) -> bool:
     """Initialise Ray in this process; True when this call started it.
 
     ``address=None`` starts a fresh single-node Ray on loopback (never joining
     some other Ray that happens to run on the machine); otherwise connects to
-    the cluster at ``address`` (``ray://…``, ``host:port`` or ``auto``).
+    the cluster at ``address`` (``host:port`` or ``auto``) and ships this
+    project's code in the job's runtime_env.
     """
+    # Ray Train propagates these from the driver's environment to its controller and workers. The controller
+    # collects reports (and so registers checkpoints) when it polls the workers: every 2 s by default. At 0.5 s
+    # the driver hears of an epoch sooner, and a crash right after a checkpoint was written is less likely to
+    # predate its registration (which would repeat that epoch too).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Train V2 also routes workers' print() through a logger, so each line reached the driver twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if address is None:
         # Must be set before ray is first imported: keeps a local Ray on 127.0.0.1.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # Inherited by the local Ray's processes. Ray Train's controller collects reports (and so registers
-        # checkpoints) when it polls the workers: every 2 s by default. At 0.5 s the driver hears of an
-        # epoch sooner, and a crash right after a checkpoint was written is less likely to predate its
-        # registration (which would repeat that epoch too). A cluster's operators set it for theirs.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        # Train V2 also routes workers' print() through a logger, so each line reached the driver twice.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
 
     if ray.is_initialized():
         return False
-    try:
-        # ERROR: without the dashboard, Ray Train's helper actors warn every few seconds that the
-        # state API is unavailable; our workers print what matters (batch split, resume epoch).
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
-                 logging_config=ray.LoggingConfig(log_level="ERROR"))
-    except ConnectionError as exc:
-        raise UserError(f"ray_address={address!r}: cannot reach the Ray cluster ({exc}); "
-                        "check the address or leave it empty to start Ray locally.") from None
-    return address is None
+    if address is not None:
+        _init_cluster(address)
+        return False
+    # ERROR: without the dashboard, Ray Train's helper actors warn every few seconds that the
+    # state API is unavailable; our workers print what matters (batch split, resume epoch).
+    ray.init(address="local", include_dashboard=False, log_to_driver=True,
+             logging_config=ray.LoggingConfig(log_level="ERROR"))
+    return True
 
 
 def prestart(address: str | None) -> bool:

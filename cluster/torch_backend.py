@@ -112,12 +112,15 @@ def eval_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Nor
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, spec: ModelSpec,
-                    epoch: int, history: list[dict]) -> None:
-    """Write model weights, optimizer state and progress; ``model`` must already be unwrapped from DDP."""
+                    epoch: int, history: list[dict], workers: list[dict] | None = None) -> None:
+    """Write model weights, optimizer state and progress; ``model`` must already be unwrapped from DDP.
+
+    ``workers`` records where each rank of the group that trained this epoch ran.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / MODEL_FILE)
     torch.save(optimizer.state_dict(), directory / OPTIM_FILE)
-    state = {"epoch": epoch, "history": history, "spec": asdict(spec)}
+    state = {"epoch": epoch, "history": history, "spec": asdict(spec), "workers": workers or []}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import nullcontext
@@ -40,6 +41,9 @@ class WorkerContext(Protocol):
     def restore(self, into: Path) -> bool:
         """Copy the latest checkpoint into ``into``; False when there is none."""
 
+    def placement(self) -> dict:
+        """Where this rank runs: rank, node_id, node_ip, hostname, device."""
+
 
 @dataclass
 class LocalContext:
@@ -59,6 +63,10 @@ class LocalContext:
         if self.rank == 0:
             print(json.dumps(metrics), flush=True)
 
+    def placement(self) -> dict:
+        return {"rank": self.rank, "node_id": None, "node_ip": None, "hostname": socket.gethostname(),
+                "device": str(self.device)}
+
     def restore(self, into: Path) -> bool:
         done = sorted(self.checkpoint_root.glob("epoch_*")) if self.checkpoint_root.is_dir() else []
         if not done:
@@ -75,6 +83,15 @@ def _all_sum(values: list[float], ctx: WorkerContext) -> list[float]:
     return t.tolist()
 
 
+def _placements(ctx: WorkerContext) -> list[dict]:
+    """Every rank's placement, in rank order (one collective at start-up; rank 0 stores them with each checkpoint)."""
+    if ctx.world_size == 1:
+        return [ctx.placement()]
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, ctx.placement())
+    return gathered
+
+
 def _epoch_indices(n: int, seed: int, epoch: int, ctx: WorkerContext) -> torch.Tensor:
     """This rank's equal-length shard of a permutation every rank draws identically."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -89,8 +106,8 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     spec = tb.ModelSpec(name=cfg.model, in_channels=meta.channels, num_classes=len(meta.classes),
                         image_size=meta.image_size, mean=meta.mean, std=meta.std, classes=meta.classes)
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
-    x_train, y_train = map(to_device, load_split(data_dir, "train"))
-    x_val, y_val = map(to_device, load_split(data_dir, "val"))
+    x_train, y_train = map(to_device, load_split(data_dir, "train", mmap=True))
+    x_val, y_val = map(to_device, load_split(data_dir, "val", mmap=True))
     val_shard = slice(ctx.rank, None, ctx.world_size)
     x_val, y_val = x_val[val_shard], y_val[val_shard]
 
@@ -113,6 +130,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else nullcontext())
     local_batch = cfg.local_batch_size(ctx.world_size)
+    workers = _placements(ctx)
     if ctx.rank == 0:
         print(f"global batch {cfg.batch_size} = {ctx.world_size} workers x {local_batch} per worker; "
               f"{len(y_train)} training images", flush=True)
@@ -127,7 +145,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if ctx.rank == 0:
-                tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history)
+                tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers)
                 ckpt = Path(tmp)
             ctx.report(metrics, ckpt)
     return history

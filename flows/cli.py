@@ -36,6 +36,8 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "cpus_per_worker": ("cluster", "cpus_per_worker", int),
     "max_failures": ("cluster", "max_failures", int),
     "ray_address": ("cluster", "ray_address", str),
+    "placement_strategy": ("cluster", "placement_strategy", str),
+    "wait_for_resources": ("cluster", "wait_for_resources", float),
     "store": ("publish", "store", str),
     "model_name": ("publish", "model_name", str),
     "min_improvement": ("publish", "min_improvement", float),
@@ -45,6 +47,7 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
     "gpu": ("cluster", "use_gpu", "one GPU per Ray worker"),
     "skip_bad_images": ("data", "skip_bad_images", "leave out (and count) images that fail to decode"),
     "force": ("train", "force", "retrain even if an identical run already finished"),
+    "shared_folder_store": ("cluster", "shared_folder_store", "a folder --store that every Ray node mounts"),
 }
 
 
@@ -98,7 +101,7 @@ def format_summary(summary, wall_seconds: float) -> str:
     lines += [
         "-" * 52,
         f"  wall time       {wall_seconds:8.1f} s   (training epochs {summary.training_seconds:.1f} s, "
-        f"{summary.epochs_trained} epoch(s) run"
+        f"{summary.epochs_trained} epoch(s) run on {summary.nodes} node(s)"
         + (f", resumed after epoch {summary.resumed_from_epoch})" if summary.resumed_from_epoch else ")"),
         f"  test accuracy   {summary.accuracy:8.4f}   macro F1 {summary.f1_macro:.4f} on {summary.test_size} images",
         f"  data            {summary.ignored_files} non-image file(s) ignored, "
@@ -133,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     from cluster import runtime
 
     # Ray takes seconds to start, and so does Prefect's ephemeral server: overlap them.
-    runtime.prestart(params.cluster.ray_address or None)
+    runtime.prestart(params.cluster.to_resources().ray_address)
     try:
         from flows.pipeline import train_pipeline
 

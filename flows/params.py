@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.runtime import resolve_address
 from tasks.preprocess import PreprocessConfig
 from tasks.train import Resources, TrainLoopConfig
 
@@ -104,13 +105,27 @@ class ClusterParams(_Section):
     num_workers: int = Field(2, ge=1, le=4096, title="Ray workers")
     use_gpu: bool = Field(False, title="One GPU per worker")
     cpus_per_worker: int = Field(1, ge=1, le=256, title="CPUs per worker")
-    ray_address: str | None = Field(None, title="Ray address", description="Empty: start Ray locally")
+    ray_address: str | None = Field(None, title="Ray address",
+                                    description="host:port or 'auto' of an existing cluster (the project's code "
+                                                "travels with the run). Empty: $RAY_ADDRESS if set, else start Ray "
+                                                "locally")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", title="Placement", description="PACK: as few nodes as possible; SPREAD: across nodes where possible; "
+                                               "STRICT_SPREAD: each worker on its own node")
+    wait_for_resources: float = Field(300.0, gt=0, le=86400, title="Wait for resources (s)",
+                                      description="How long a worker group may wait for busy or lost resources "
+                                                  "before the run fails")
+    shared_folder_store: bool = Field(False, title="Folder store shared by every node",
+                                      description="Allow a folder store on a cluster: every node mounts it at the "
+                                                  "same path")
     max_failures: int = Field(2, ge=0, le=100, title="Worker-group restarts",
                               description="Ray restarts from the last checkpoint this many times")
 
     def to_resources(self) -> Resources:
+        """Ray's side of these parameters; an empty address falls back to ``RAY_ADDRESS`` (read now)."""
         return Resources(num_workers=self.num_workers, use_gpu=self.use_gpu, cpus_per_worker=self.cpus_per_worker,
-                         ray_address=self.ray_address or None, max_failures=self.max_failures)
+                         ray_address=resolve_address(self.ray_address), max_failures=self.max_failures,
+                         placement_strategy=self.placement_strategy, wait_for_resources=self.wait_for_resources)
 
 
 class PublishParams(_Section):
@@ -161,11 +176,19 @@ def preflight(params: PipelineParams) -> None:
     """Checks that need no server or cluster, run before either starts.
 
     Raises:
-        UserError: for an unknown or missing dataset, or an unusable store.
+        UserError: for an unknown or missing dataset, an unusable store, or a folder store that the nodes
+            of an existing cluster cannot see.
     """
+    from cluster.errors import UserError
     from tasks.ingest import check_source
     from tasks.store import open_store
 
     check_source(params.data.dataset)
-    open_store(params.publish.store).check()
+    store = open_store(params.publish.store)
+    address = params.cluster.to_resources().ray_address
+    if address and store.is_local and not params.cluster.shared_folder_store:
+        raise UserError(f"--store {params.publish.store!r} is a folder on this machine, which the nodes of the Ray "
+                        f"cluster at {address!r} cannot see; use an s3:// store, or pass --shared-folder-store if "
+                        "every node mounts this folder at the same path.")
+    store.check()
     params.train.to_config().local_batch_size(params.cluster.num_workers)

@@ -44,6 +44,7 @@ class RunSummary(BaseModel):
     resumed_from_epoch: int
     epochs_trained: int
     training_seconds: float
+    nodes: int  # Ray nodes the final worker group spanned (0 for a reused run that predates the record)
     run_id: str
     model_name: str
     version: int
@@ -59,7 +60,8 @@ class RunSummary(BaseModel):
                    test_size=evaluation.test_size, ignored_files=raw.ignored_files,
                    skipped_images=prepared.skipped_images,
                    resumed_from_epoch=0 if model.reused else model.resumed_from_epoch, epochs_trained=len(trained),
-                   training_seconds=sum(m.epoch_seconds for m in trained), run_id=model.run_id,
+                   training_seconds=sum(m.epoch_seconds for m in trained), nodes=model.node_count,
+                   run_id=model.run_id,
                    model_name=release.name, version=release.version, promoted=release.promoted,
                    reason=release.reason, release_uri=release.uri)
 
@@ -91,8 +93,7 @@ def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
                    params.data.dataset, cache_dir)
         check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
         prepared = _run(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri)
-        model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, cache_dir,
-                     params.train.force)
+        model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, params.train.force)
     finally:
         if owns_ray:
             runtime.shutdown()

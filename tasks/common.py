@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
+from cluster.data import file_sha256
 from cluster.errors import UserError
+from cluster.nodecache import node_cache_root
 
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["cache_root", "file_sha256", "in_prefect_run", "result_storage", "retry_unless_user_error"]
 
 
 def in_prefect_run() -> bool:
@@ -34,8 +27,7 @@ def cache_root(cache_dir: str | None) -> Path:
     An explicit ``cache_dir`` wins, then ``TRAINFLOW_CACHE_DIR``, then
     ``~/.cache/trainflow``. Read at call time, never at import.
     """
-    chosen = cache_dir or os.environ.get("TRAINFLOW_CACHE_DIR") or "~/.cache/trainflow"
-    return Path(chosen).expanduser()
+    return Path(cache_dir).expanduser() if cache_dir else node_cache_root()
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:

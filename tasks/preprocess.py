@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
-from cluster.data import META, SPLITS, Meta, split_files
+from cluster.data import META, SPLITS, Meta, data_files, prepared_fingerprint, split_files
 from cluster.errors import UserError
 from tasks.common import retry_unless_user_error
 from tasks.ingest import scan_split
@@ -196,17 +196,16 @@ def prepared_from_meta(store: Store, prefix: str, meta: Meta, reused: bool) -> P
 
 def write_prepared(arrays: dict[str, tuple[np.ndarray, np.ndarray]], meta_fields: dict, store_uri: str,
                    prefix: str) -> PreparedData:
-    """Save the arrays to the store, hash them, and write ``meta.json`` last."""
+    """Save the arrays to the store, fingerprint them, and write ``meta.json`` last."""
     store = open_store(store_uri)
-    digest = hashlib.sha256()
     with tempfile.TemporaryDirectory() as tmp:
         for split, (x, y) in arrays.items():
             for name, array in zip(split_files(split), (x, y)):
-                path = Path(tmp) / name
-                np.save(path, array)
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
-                store.put_file(f"{prefix}/{name}", path)
-    meta = Meta(fingerprint=digest.hexdigest(), **meta_fields)
+                np.save(Path(tmp) / name, array)
+        fingerprint = prepared_fingerprint(Path(tmp))
+        for name in data_files():
+            store.put_file(f"{prefix}/{name}", Path(tmp) / name)
+    meta = Meta(fingerprint=fingerprint, **meta_fields)
     store.put_bytes(f"{prefix}/{META}", meta.to_json().encode())
     return prepared_from_meta(store, prefix, meta, reused=False)
 

@@ -87,7 +87,8 @@ def version_files(model: TrainedModel, evaluation: Evaluation, prepared: Prepare
     lineage = {
         "name": name, "version": version, "created_at": datetime.now(timezone.utc).isoformat(),
         "data_fingerprint": prepared.fingerprint, "prepared_uri": prepared.uri, "run_id": model.run_id,
-        "checkpoint_uri": model.checkpoint_uri, "parameters": params, "packages": package_versions(),
+        "checkpoint_uri": model.checkpoint_uri, "workers": [w.model_dump() for w in model.workers],
+        "parameters": params, "packages": package_versions(),
         "python": platform.python_version(), "git_commit": git_commit(),
     }
     return {

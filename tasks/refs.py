@@ -55,6 +55,16 @@ class EpochMetrics(_Ref):
     train_images_per_s: float
 
 
+class WorkerPlacement(_Ref):
+    """Where one rank of the worker group that trained the final epoch ran."""
+
+    rank: int
+    node_id: str | None  # None outside Ray (one process, torchrun)
+    node_ip: str | None
+    hostname: str
+    device: str
+
+
 class TrainedModel(_Ref):
     """A finished training run: its final checkpoint and how it got there."""
 
@@ -66,6 +76,12 @@ class TrainedModel(_Ref):
     num_workers: int
     resumed_from_epoch: int = 0
     reused: bool = False
+    workers: tuple[WorkerPlacement, ...] = ()
+
+    @property
+    def node_count(self) -> int:
+        """How many Ray nodes the final worker group spanned."""
+        return len({w.node_id or w.hostname for w in self.workers})
 
 
 class ClassMetrics(_Ref):

@@ -13,7 +13,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -22,21 +22,24 @@ from prefect.context import TaskRunContext
 
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
-from cluster.launch import Resources, check_capacity, fit_torch
+from cluster.launch import Resources, check_placement, fit_torch
+from cluster.nodecache import StoredData
 from cluster.runtime import ray_session
-from tasks.common import cache_root, in_prefect_run, retry_unless_user_error
-from tasks.refs import EpochMetrics, PreparedData, TrainedModel
+from tasks.common import in_prefect_run, retry_unless_user_error
+from tasks.refs import EpochMetrics, PreparedData, TrainedModel, WorkerPlacement
 from tasks.store import Store, open_store
 
 __all__ = ["Resources", "TrainLoopConfig", "run_identity", "train", "train_task"]
 
-_IDENTITY_FIELDS = ("model", "epochs", "batch_size", "lr", "momentum", "seed")
+# Fields of TrainLoopConfig that change where or how fast a run trains, never what it learns. Every other
+# field is part of the run's identity, so a new field changes the identity unless it is listed here.
+NOT_IDENTITY = frozenset({"data_dir", "use_gpu"})
 
 
 def run_identity(prepared: PreparedData, cfg: TrainLoopConfig) -> str:
     """A name for this training run that is the same whenever its result would be."""
-    fields = {name: getattr(cfg, name) for name in _IDENTITY_FIELDS}
-    blob = json.dumps({"data": prepared.fingerprint, "framework": "torch", **fields}, sort_keys=True)
+    identity = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IDENTITY}
+    blob = json.dumps({"data": prepared.fingerprint, "framework": "torch", **identity}, sort_keys=True)
     return f"{cfg.model}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
@@ -52,7 +55,7 @@ def check_trainable(train_images: int, cfg: TrainLoopConfig, resources: Resource
         raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({train_images} images); "
                         "lower --batch-size or add images.")
     with ray_session(resources.ray_address):
-        check_capacity(resources)
+        check_placement(resources)
 
 
 def latest_checkpoint(store: Store, run_prefix: str) -> tuple[str, dict] | None:
@@ -71,12 +74,25 @@ def to_trained_model(store: Store, checkpoint_key: str, state: dict, run_id: str
     return TrainedModel(
         checkpoint_uri=store.child_uri(checkpoint_key), framework="torch", model=state["spec"]["name"],
         run_id=run_id, history=tuple(EpochMetrics(**m) for m in state["history"]), num_workers=workers,
-        resumed_from_epoch=resumed_from, reused=reused)
+        resumed_from_epoch=resumed_from, reused=reused,
+        workers=tuple(WorkerPlacement(**w) for w in state.get("workers", ())))
+
+
+def stored_data(store: Store, prepared: PreparedData) -> StoredData:
+    """How a worker on any node finds ``prepared``: through the store's filesystem, never a driver path.
+
+    A folder store is read in place (it is this machine's, or the user declared it shared by every
+    node); from an object store each node fetches its own verified copy.
+    """
+    filesystem = store.ray_filesystem()
+    return StoredData(filesystem=filesystem, path=store.ray_storage_path(store.key_of(prepared.uri)),
+                      fingerprint=prepared.fingerprint, in_place=filesystem is None)
 
 
 def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store_uri: str,
-          on_report: Callable[[dict], None] = lambda m: None, cache_dir: str | None = None,
-          retrain: str | None = None, on_failure: Callable[[dict[int, str]], None] = lambda e: None) -> TrainedModel:
+          on_report: Callable[[dict], None] = lambda m: None, retrain: str | None = None,
+          on_failure: Callable[[dict[int, str]], None] = lambda e: None,
+          on_wait: Callable[[str], None] = lambda m: None) -> TrainedModel:
     """Train (or resume, or reuse) the run that ``prepared`` and ``cfg`` identify.
 
     ``retrain`` names a fresh run beside the identified one (``<identity>-retrain-<retrain>``), which
@@ -88,8 +104,7 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
     found = latest_checkpoint(store, run_prefix)
     if found and found[1]["epoch"] >= cfg.epochs:
         return to_trained_model(store, found[0], found[1], run_id, resources.num_workers, found[1]["epoch"], True)
-    data_dir = store.local_dir(store.key_of(prepared.uri), cache_root(cache_dir) / "prepared")
-    cfg = replace(cfg, data_dir=str(data_dir), use_gpu=resources.use_gpu)
+    cfg = replace(cfg, use_gpu=resources.use_gpu)
     reported: list[int] = []
 
     def report(metrics: dict) -> None:
@@ -97,8 +112,9 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
         on_report(metrics)
 
     with ray_session(resources.ray_address):
-        final = fit_torch(cfg, resources, run_name=run_id, storage_path=store.ray_storage_path("checkpoints"),
-                          storage_filesystem=store.ray_filesystem(), on_report=report, on_failure=on_failure)
+        final = fit_torch(cfg, resources, data=stored_data(store, prepared), run_name=run_id,
+                          storage_path=store.ray_storage_path("checkpoints"), storage_filesystem=store.ray_filesystem(),
+                          on_report=report, on_failure=on_failure, on_wait=on_wait)
     key = f"{run_prefix}/{Path(final).name}"
     state = json.loads(store.get_bytes(f"{key}/state.json"))
     # where Ray actually resumed: the epoch before the first one this call heard of
@@ -115,7 +131,7 @@ def format_epoch(m: dict, epochs: int) -> str:
 @task(name="train", task_run_name="train {cfg.model} x{resources.num_workers} workers, {cfg.epochs} epochs",
       retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store: str,
-               cache_dir: str | None = None, force: bool = False) -> TrainedModel:
+               force: bool = False) -> TrainedModel:
     """Prefect task: distributed training on Ray.
 
     Per-epoch metrics go to the run's log and move a progress artifact, both
@@ -137,16 +153,20 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
 
     context = TaskRunContext.get()
     retrain = (str(context.task_run.id)[:8] if context else uuid.uuid4().hex[:8]) if force else None
+
     def on_failure(errors: dict[int, str]) -> None:
         ranks = ", ".join(f"rank {rank} ({error})" for rank, error in sorted(errors.items()))
         log.warning("Ray training worker(s) failed: %s; Ray restarts the worker group from the last checkpoint "
                     "(at most %d restarts)", ranks, resources.max_failures)
 
-    model = train(prepared, cfg, resources, store, on_report, cache_dir, retrain, on_failure)
+    model = train(prepared, cfg, resources, store, on_report, retrain, on_failure, on_wait=log.info)
     if progress is not None:
         update_progress_artifact(progress, 100.0)  # a reused run reports no epochs
     if model.reused:
         log.info("reused finished run %s: its inputs and parameters are unchanged", model.run_id)
     elif model.resumed_from_epoch:
         log.info("resumed run %s after epoch %d", model.run_id, model.resumed_from_epoch)
+    if model.workers:
+        log.info("the last worker group ran on %d node(s): %s", model.node_count,
+                 ", ".join(f"rank {w.rank} on {w.node_ip or w.hostname} ({w.device})" for w in model.workers))
     return model

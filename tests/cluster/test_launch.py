@@ -11,8 +11,15 @@ from cluster.config import TrainLoopConfig
 from cluster.data import load_split
 from cluster.errors import UserError
 from cluster.launch import Resources, fit_torch
+from cluster.nodecache import StoredData
 from cluster.torch_backend import predict, read_state
 from tasks.store import open_store
+from tasks.train import stored_data
+
+
+def in_place(store_uri: str, ref) -> StoredData:
+    store = open_store(store_uri)
+    return stored_data(store, ref)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -21,9 +28,9 @@ def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, 
     store = open_store(store_uri)
     data = store.local_dir(store.key_of(ref.uri), tmp_path)
     reports: list[dict] = []
-    cfg = TrainLoopConfig(data_dir=str(data), epochs=6, lr=0.01, batch_size=16)
-    final = fit_torch(cfg, Resources(num_workers=workers, max_failures=0), run_name=f"w{workers}",
-                      storage_path=str(tmp_path / "ray"), on_report=reports.append)
+    cfg = TrainLoopConfig(data_dir="", epochs=6, lr=0.01, batch_size=16)
+    final = fit_torch(cfg, Resources(num_workers=workers, max_failures=0), data=in_place(store_uri, ref),
+                      run_name=f"w{workers}", storage_path=str(tmp_path / "ray"), on_report=reports.append)
 
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5, 6]  # once per epoch, not once per worker
     assert reports[-1]["train_loss"] < 0.5 * reports[0]["train_loss"]
@@ -38,11 +45,11 @@ def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, 
 def test_rerun_with_same_name_resumes_from_its_last_checkpoint(ray_local, prepared, tmp_path):
     store_uri, ref = prepared
     store = open_store(store_uri)
-    data = str(store.local_dir(store.key_of(ref.uri), tmp_path))
-    cfg = TrainLoopConfig(data_dir=data, epochs=2, lr=0.01, batch_size=16)
-    fit_torch(cfg, Resources(num_workers=1), run_name="resume", storage_path=str(tmp_path / "ray"))
+    data = in_place(store_uri, ref)
+    cfg = TrainLoopConfig(data_dir="", epochs=2, lr=0.01, batch_size=16)
+    fit_torch(cfg, Resources(num_workers=1), data=data, run_name="resume", storage_path=str(tmp_path / "ray"))
     reports: list[dict] = []
-    final = fit_torch(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 3}), Resources(num_workers=1),
+    final = fit_torch(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 3}), Resources(num_workers=1), data=data,
                       run_name="resume", storage_path=str(tmp_path / "ray"), on_report=reports.append)
     assert [r["epoch"] for r in reports] == [3]
     assert read_state(Path(final))[1] == 3
@@ -50,7 +57,9 @@ def test_rerun_with_same_name_resumes_from_its_last_checkpoint(ray_local, prepar
 
 def test_more_workers_than_the_cluster_has_fails_fast(ray_local, prepared, tmp_path):
     cfg = TrainLoopConfig(data_dir="unused", epochs=1)
+    data = in_place(*prepared)
     with pytest.raises(UserError, match="lower num_workers"):
-        fit_torch(cfg, Resources(num_workers=64), run_name="too-big", storage_path=str(tmp_path))
-    with pytest.raises(UserError, match="GPUs"):
-        fit_torch(cfg, Resources(num_workers=1, use_gpu=True), run_name="no-gpu", storage_path=str(tmp_path))
+        fit_torch(cfg, Resources(num_workers=64), data=data, run_name="too-big", storage_path=str(tmp_path))
+    with pytest.raises(UserError, match="1 GPU"):
+        fit_torch(cfg, Resources(num_workers=1, use_gpu=True), data=data, run_name="no-gpu",
+                  storage_path=str(tmp_path))

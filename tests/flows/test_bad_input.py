@@ -138,8 +138,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "archive-absolute-member": (archive_with_member(f"{{tmp}}/abs-{ESCAPE}"), ["unsafe member", "relative paths"]),
     "batch-larger-than-train-set": (lambda tmp: ["--dataset", f"folder:{tiny_images(tmp / 'few')}"],
                                     ["batch_size=64", "larger than the training set", "--batch-size"]),
-    "more-workers-than-cpus": (lambda tmp: ["--workers", "64"], ["64 workers need 64 CPUs", "lower num_workers"]),
-    "gpus-on-a-cpu-cluster": (lambda tmp: ["--gpu", "--workers", "1"], ["need 1 CPUs and 1 GPUs", "0 GPUs"]),
+    "more-workers-than-cpus": (lambda tmp: ["--workers", "64"], ["cannot place 64 workers x (1 CPU)", "at most 2 such", "lower num_workers"]),
+    "gpus-on-a-cpu-cluster": (lambda tmp: ["--gpu", "--workers", "1"], ["cannot place 1 worker x (1 CPU + 1 GPU)", "2 CPU + 0 GPU", "use_gpu"]),
 }
 
 

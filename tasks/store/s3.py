@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cluster.errors import UserError
 from tasks.common import file_sha256
-from tasks.store import AlreadyExists, Store
+from tasks.store.base import AlreadyExists, Store
 
 _MULTIPART_THRESHOLD = 16 * 1024 * 1024
 

@@ -1,0 +1,67 @@
+"""Workers fetch prepared data into a node-local cache: once per node, verified, shared by memory maps."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs
+import pytest
+
+from cluster.data import META, data_files, load_split
+from cluster.nodecache import StoredData, materialize
+from tasks.store import open_store
+
+
+def stored(prepared, tmp_path: Path) -> StoredData:
+    """The prepared dataset as a worker on another node sees it: a filesystem and a path, not in place."""
+    store_uri, ref = prepared
+    store = open_store(store_uri)
+    copy = tmp_path / "remote"
+    shutil.copytree(store.local_dir(store.key_of(ref.uri), tmp_path), copy)
+    return StoredData(filesystem=pyarrow.fs.LocalFileSystem(), path=str(copy), fingerprint=ref.fingerprint)
+
+
+def test_fetches_once_per_node_and_verifies(prepared, tmp_path):
+    data = stored(prepared, tmp_path)
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(materialize(data, tmp_path / "node")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(set(results)) == 1 and len(results) == 4
+    local = results[0]
+    assert local.parent == tmp_path / "node" / "prepared"
+    assert sorted(p.name for p in local.iterdir()) == sorted([*data_files(), META])
+    assert [p.name for p in local.parent.iterdir() if p.is_dir()] == [local.name]  # one copy, no leftovers
+    before = {p.name: p.stat().st_mtime_ns for p in local.iterdir()}
+    assert materialize(data, tmp_path / "node") == local
+    assert {p.name: p.stat().st_mtime_ns for p in local.iterdir()} == before  # not fetched again
+
+
+def test_a_corrupt_copy_is_refused_and_leaves_nothing(prepared, tmp_path):
+    data = stored(prepared, tmp_path)
+    train_x = Path(data.path) / "train_x.npy"
+    raw = bytearray(train_x.read_bytes())
+    raw[-1] ^= 0xFF
+    train_x.write_bytes(bytes(raw))
+    with pytest.raises(OSError, match="corrupt"):
+        materialize(data, tmp_path / "node")
+    assert [p for p in (tmp_path / "node" / "prepared").iterdir() if p.is_dir()] == []
+
+
+def test_in_place_data_is_not_copied(prepared, tmp_path):
+    data = stored(prepared, tmp_path)
+    in_place = StoredData(filesystem=None, path=data.path, fingerprint=data.fingerprint, in_place=True)
+    assert materialize(in_place, tmp_path / "node") == Path(data.path)
+    assert not (tmp_path / "node").exists()
+
+
+def test_splits_load_as_shared_memory_maps(prepared, tmp_path):
+    local = materialize(stored(prepared, tmp_path), tmp_path / "node")
+    x, y = load_split(local, "train", mmap=True)
+    assert isinstance(x, np.memmap) and x.dtype == np.uint8 and x.ndim == 4 and len(x) == len(y)

@@ -1,0 +1,38 @@
+"""The training run's identity: every field that changes what a run learns is in it."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import pytest
+
+from cluster.config import TrainLoopConfig
+from tasks.refs import PreparedData
+from tasks.train import NOT_IDENTITY, run_identity
+
+PREPARED = PreparedData(uri="file:///store/prepared/x", fingerprint="f" * 64, classes=("a", "b"), image_size=8,
+                        channels=1, counts={"train": 10, "val": 2, "test": 4}, mean=(0.5,), std=(0.2,))
+BASE = TrainLoopConfig(data_dir="/here")
+# A different value for every field; a new TrainLoopConfig field fails this test until it is listed here
+# and either changes the identity or is declared speed/placement-only in NOT_IDENTITY.
+OTHER = {"data_dir": "/elsewhere", "model": "seed_cnn", "epochs": 11, "batch_size": 32, "lr": 0.01, "momentum": 0.5,
+         "seed": 1, "precision": "bf16", "channels_last": True, "use_gpu": True}
+
+
+def test_every_config_field_is_classified():
+    assert {f.name for f in fields(TrainLoopConfig)} == set(OTHER)
+
+
+@pytest.mark.parametrize("name", sorted(set(OTHER) - {"model"}))  # seed_cnn is the only model so far
+def test_a_field_changes_the_identity_unless_it_only_changes_speed_or_placement(name):
+    changed = run_identity(PREPARED, replace(BASE, **{name: OTHER[name]})) != run_identity(PREPARED, BASE)
+    assert changed == (name not in NOT_IDENTITY), name
+
+
+def test_precision_after_fp32_is_a_new_run():
+    assert run_identity(PREPARED, replace(BASE, precision="bf16")) != run_identity(PREPARED, BASE)
+
+
+def test_the_data_fingerprint_changes_the_identity():
+    other = PREPARED.model_copy(update={"fingerprint": "e" * 64})
+    assert run_identity(other, BASE) != run_identity(PREPARED, BASE)
