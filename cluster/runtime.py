@@ -62,10 +62,45 @@ def resolve_address(address: str | None) -> str | None:
 
 
 def project_runtime_env() -> dict:
-    """A runtime_env that carries this project's code to every node of a cluster."""
+    """A runtime_env that carries this project's code to every node of a cluster.
+
+    Empty inside a Ray job: the job's own runtime_env (``trainflow submit``) already carries it, and Ray
+    refuses a driver's runtime_env that conflicts with its job's.
+    """
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor for the entrypoint
+        return {}
     root = Path(__file__).resolve().parent.parent
     return {"py_modules": [str(root / name) for name in _PACKAGES if (root / name / "__init__.py").is_file()],
             "excludes": _NOT_SHIPPED}
+
+
+_TOKEN_FIX = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a "
+              "file holding it.")
+
+
+def _check_token(address: str) -> None:
+    """Ask the cluster's GCS one cheap question with this process's token, and fail in one sentence if refused.
+
+    ``ray.init`` itself retries a refused token for about 20 s, printing a
+    warning a second, and then reports only that it could not connect.
+    """
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with init_grpc_channel(address) as channel:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=10)
+    except AuthenticationError:  # token mode on here, but no token to send
+        raise UserError(f"ray_address={address!r}: this driver has no authentication token for the Ray cluster; "
+                        f"{_TOKEN_FIX}") from None
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise UserError(f"ray_address={address!r}: the Ray cluster refused this driver's authentication "
+                            f"token (missing or wrong); {_TOKEN_FIX}") from None
+        # anything else (unreachable, not a GCS): ray.init below says it in its own words
 
 
 def _init_cluster(address: str) -> None:
@@ -73,12 +108,14 @@ def _init_cluster(address: str) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
+    if ":" in address and not address.startswith("ray://"):  # host:port of a GCS ('auto' finds it itself)
+        _check_token(address)
     try:
         ray.init(address=address, runtime_env=project_runtime_env(), log_to_driver=True,
                  logging_config=ray.LoggingConfig(log_level="ERROR"))
     except AuthenticationError:
-        raise UserError(f"ray_address={address!r}: the Ray cluster refused this driver's authentication token; "
-                        "set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it.") from None
+        raise UserError(f"ray_address={address!r}: this driver has no authentication token for the Ray cluster; "
+                        f"{_TOKEN_FIX}") from None
     except ConnectionError as exc:
         raise UserError(f"ray_address={address!r}: cannot reach the Ray cluster ({' '.join(str(exc).split())[:200]}); "
                         "check the address, or leave it empty to start Ray locally.") from None

@@ -1,6 +1,7 @@
 """The ``trainflow`` command.
 
     trainflow run [--preset NAME] [--dataset ...] [--epochs N] [--workers N] [--gpu] [--force] ...
+    trainflow submit --address http://HEAD:8265 [run options]
     trainflow presets
     trainflow serve [--every SECONDS]
     trainflow models list|show NAME [VERSION]|promote NAME VERSION [--store ...]
@@ -54,13 +55,10 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trainflow", description="Train image classifiers as a Prefect + Ray pipeline.")
     sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the whole pipeline once, here")
-    run.add_argument("--preset", help="named parameter set (see `trainflow presets`)")
-    for option, (_, _, kind) in _OPTIONS.items():
-        run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind)
-    for flag, (_, _, help_text) in _FLAGS.items():
-        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true", help=help_text)
-    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_run_options(sub.add_parser("run", help="run the whole pipeline once, here"))
+    submit = sub.add_parser("submit", help="run the pipeline as a Ray job on a cluster (takes run's options)")
+    submit.add_argument("--address", required=True, help="the Ray head's dashboard, http://HEAD:8265")
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
     sub.add_parser("presets", help="list the named parameter presets")
     serve = sub.add_parser("serve", help="register the deployments with PREFECT_API_URL and run them until stopped")
     serve.add_argument("--every", type=float, default=None, metavar="SECONDS",
@@ -79,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
         if action == "promote":
             cmd.add_argument("--reason", default="promoted by hand")
     return ap
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    run.add_argument("--preset", help="named parameter set (see `trainflow presets`)")
+    for option, (_, _, kind) in _OPTIONS.items():
+        run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind)
+    for flag, (_, _, help_text) in _FLAGS.items():
+        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true", help=help_text)
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return run
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -134,10 +142,15 @@ def _run(args: argparse.Namespace) -> int:
     preflight(params)
     started = time.perf_counter()
     from cluster import runtime
+    from cluster.placement import check_placement
 
     # Ray takes seconds to start, and so does Prefect's ephemeral server: overlap them.
-    runtime.prestart(params.cluster.to_resources().ray_address)
+    resources = params.cluster.to_resources()
+    runtime.prestart(resources.ray_address)
     try:
+        if resources.ray_address:  # an existing cluster answers at once: refuse a placement it can never hold now
+            with runtime.ray_session(resources.ray_address):
+                check_placement(resources)
         from flows.pipeline import train_pipeline
 
         for name in ("prefect.flow_runs", "prefect.task_runs"):  # where Prefect's engines log run failures
@@ -148,6 +161,17 @@ def _run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     print(summary.model_dump_json(indent=2) if args.json else format_summary(summary, wall))
     return 0
+
+
+def _submit(args: argparse.Namespace, run_args: list[str]) -> int:
+    """Check the run's options here, then hand them to ``trainflow run`` in a Ray job on the cluster."""
+    from cluster.jobs import submit_run
+    from flows.params import build_params
+
+    run_parser = _add_run_options(argparse.ArgumentParser(prog="trainflow submit"))
+    build_params((options := run_parser.parse_args(run_args)).preset, overrides_from(options))
+    env_vars = {name: os.environ[name] for name in ("PREFECT_API_URL",) if os.environ.get(name)}
+    return submit_run(args.address, run_args, env_vars=env_vars, follow=not args.no_wait)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -174,7 +198,9 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra and args.command != "submit":
+        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         if args.command == "presets":
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_all(args.every, args.store)
             return 0
+        if args.command == "submit":
+            return _submit(args, extra)
         return _models(args) if args.command == "models" else _run(args)
     except UserError as exc:
         print(f"trainflow: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always

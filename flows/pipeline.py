@@ -92,7 +92,7 @@ def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
         raw = _run(stages, "ingest", ingest_task.with_options(result_storage=result_storage(cache_dir)),
                    params.data.dataset, cache_dir)
         check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
-        prepared = _run(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri)
+        prepared = _run(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri, resources.ray_address)
         model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, params.train.force)
     finally:
         if owns_ray:

@@ -279,10 +279,14 @@ def ingest(source: str, cache: Path) -> RawData:
         UserError: when the source is missing, unreadable or not class folders.
     """
     kind, location = parse_source(source)
+    mirror = None
     if kind == "digits":
         split_dirs = {"all": write_digits(cache)}
     elif kind == "cifar10":
         split_dirs = download_cifar10(cache)
+    elif location.startswith("s3://"):
+        local = download_s3(location, cache)
+        split_dirs, mirror = locate_splits(str(local), cache), (str(local), location)
     else:
         split_dirs = locate_splits(location, cache)
     scanned: dict[str, dict[str, list[Path]]] = {}
@@ -307,6 +311,7 @@ def ingest(source: str, cache: Path) -> RawData:
         classes=classes,
         counts={split: sum(map(len, by_class.values())) for split, by_class in scanned.items()},
         ignored_files=ignored,
+        mirror=mirror,
     )
 
 

@@ -10,19 +10,24 @@ half-written dataset.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
 
 from cluster.data import META, SPLITS, Meta, data_files, prepared_fingerprint, split_files
 from cluster.errors import UserError
+from cluster.fanout import cluster_cpus, map_on_cluster
+from cluster.runtime import ray_session
 from tasks.common import retry_unless_user_error
 from tasks.ingest import scan_split
 from tasks.refs import PreparedData, RawData
@@ -101,16 +106,22 @@ def count_train_images(raw: RawData, cfg: PreprocessConfig) -> int:
     return len(plan_splits(raw, cfg)["train"])
 
 
-def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[bool], list[tuple[int, str]]]:
+Chunk = tuple[list[str], int, str | None]  # (files, image size, s3:// prefix the files are keys of, or None)
+MapChunks = Callable[[Callable[[Chunk], Any], list[Chunk]], list[Any]]
+
+
+def _decode_chunk(chunk: Chunk) -> tuple[np.ndarray, list[bool], list[tuple[int, str]]]:
+    """Decode one chunk: local paths, or keys under an s3:// prefix read from the object store."""
     from PIL import Image
 
-    paths, size = args
-    out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    files, size, origin = chunk
+    source = open_store(origin) if origin else None
+    out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     gray: list[bool] = []
     bad: list[tuple[int, str]] = []
-    for i, path in enumerate(paths):
+    for i, name in enumerate(files):
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source.get_bytes(name)) if source else name) as img:
                 is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
                 rgb = img.convert("RGB")
                 if rgb.size != (size, size):
@@ -118,25 +129,30 @@ def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[bool], 
                 out[i] = np.asarray(rgb)
                 gray.append(is_gray)
         except Exception as exc:  # PIL raises many types for bad files
-            bad.append((i, f"{path} ({type(exc).__name__})"))
+            bad.append((i, f"{f'{origin}/' if origin else ''}{name} ({type(exc).__name__})"))
     return out, gray, bad
 
 
-def decode_images(paths: list[str], size: int) -> tuple[np.ndarray, bool, list[tuple[int, str]]]:
-    """Decode and resize images to (N, size, size, 3) uint8.
+def _map_here(fn: Callable[[Chunk], Any], chunks: list[Chunk]) -> list[Any]:
+    """Map over this machine's cores: a fork pool (children only run PIL, and start in milliseconds)."""
+    if sum(len(files) for files, _, _ in chunks) < _PARALLEL_THRESHOLD or (os.cpu_count() or 1) == 1:
+        return list(map(fn, chunks))
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+        return pool.map(fn, chunks)
 
-    Returns the array, whether every decodable image was grayscale, and the
-    (index, description) of each file that could not be decoded (its row is zeros).
+
+def decode_images(paths: list[str], size: int, *, origin: str | None = None, map_chunks: MapChunks = _map_here,
+                  parallelism: int | None = None) -> tuple[np.ndarray, bool, list[tuple[int, str]]]:
+    """Decode and resize images to (N, size, size, 3) uint8, in chunks mapped by ``map_chunks``.
+
+    ``paths`` are local files, or keys under the ``origin`` s3:// prefix. The
+    result does not depend on how the chunks were mapped. Returns the array,
+    whether every decodable image was grayscale, and the (index, description)
+    of each file that could not be decoded (its row is zeros).
     """
-    n_proc = os.cpu_count() or 1
-    step = max(64, len(paths) // (n_proc * 4) + 1)
-    chunks = [(paths[i:i + step], size) for i in range(0, len(paths), step)]
-    if len(paths) < _PARALLEL_THRESHOLD or n_proc == 1:
-        results = list(map(_decode_chunk, chunks))
-    else:
-        # fork: children only run PIL on their chunk, and start in milliseconds
-        with multiprocessing.get_context("fork").Pool(n_proc) as pool:
-            results = pool.map(_decode_chunk, chunks)
+    workers = parallelism or os.cpu_count() or 1
+    step = max(64, len(paths) // (workers * 4) + 1)
+    results = map_chunks(_decode_chunk, [(paths[i:i + step], size, origin) for i in range(0, len(paths), step)])
     bad = [(c * step + i, what) for c, (_, _, chunk_bad) in enumerate(results) for i, what in chunk_bad]
     images = np.concatenate([r[0] for r in results]) if results else np.zeros((0, size, size, 3), np.uint8)
     return images, all(g for _, gray, _ in results for g in gray), bad
@@ -157,7 +173,34 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(float(v) for v in flat.mean(axis=0)), tuple(float(v) for v in std)
 
 
-def prepare_arrays(raw: RawData, cfg: PreprocessConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, int]:
+Decode = Callable[[list[str], int], tuple[np.ndarray, bool, list[tuple[int, str]]]]
+
+
+def cluster_decode(raw: RawData, log: Callable[[str], None]) -> Decode | None:
+    """Decode as Ray tasks over the connected cluster, each reading its files from the object store.
+
+    None when some file exists only on this machine (a dataset that is not a
+    copy of an s3:// prefix, or one unpacked from an archive there).
+    """
+    if raw.mirror is None or not all(Path(d).is_relative_to(raw.mirror[0]) for d in raw.splits.values()):
+        return None
+    root, origin = raw.mirror
+
+    def decode(paths: list[str], size: int) -> tuple[np.ndarray, bool, list[tuple[int, str]]]:
+        keys = [Path(p).relative_to(root).as_posix() for p in paths]
+
+        def map_chunks(fn, chunks):
+            results, nodes = map_on_cluster(fn, chunks)
+            log(f"decoded {len(paths)} images as {len(chunks)} Ray tasks on {nodes} node(s), read from {origin}")
+            return results
+
+        return decode_images(keys, size, origin=origin, map_chunks=map_chunks, parallelism=cluster_cpus())
+
+    return decode
+
+
+def prepare_arrays(raw: RawData, cfg: PreprocessConfig, decode: Decode = decode_images
+                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, int]:
     """Decode every planned image once; return arrays per split, the channel count and how many were skipped.
 
     Raises:
@@ -167,7 +210,7 @@ def prepare_arrays(raw: RawData, cfg: PreprocessConfig) -> tuple[dict[str, tuple
     if not plan["train"]:
         raise UserError(f"--dataset {raw.source!r} leaves no training images after the splits; add images.")
     paths = [p for s in SPLITS for p, _ in plan[s]]
-    images, all_gray, bad = decode_images(paths, cfg.image_size)
+    images, all_gray, bad = decode(paths, cfg.image_size)
     if bad and not cfg.skip_bad_images:
         raise UserError(f"{len(bad)} image(s) could not be decoded, e.g. {', '.join(w for _, w in bad[:10])}; "
                         "remove or fix them, or set skip_bad_images (--skip-bad-images) to leave them out.")
@@ -216,18 +259,27 @@ def prepared_prefix(raw: RawData, cfg: PreprocessConfig) -> str:
                                         ).hexdigest()[:16]
 
 
-def preprocess(raw: RawData, cfg: PreprocessConfig, store_uri: str) -> PreparedData:
+def preprocess(raw: RawData, cfg: PreprocessConfig, store_uri: str, ray_address: str | None = None,
+               log: Callable[[str], None] = lambda m: None) -> PreparedData:
     """Decode ``raw`` into prepared arrays in the store at ``store_uri``.
 
     When the store already holds them (its ``meta.json`` is written last, so it
     means complete), they are returned as they are, with ``reused`` set. The
     check reads the store itself, so a wiped store is simply prepared again.
+    With the ``ray_address`` of a cluster and a dataset in an object store,
+    the decoding runs as Ray tasks on the cluster's nodes; the arrays are the
+    same bytes either way.
     """
     store = open_store(store_uri)
     prefix = prepared_prefix(raw, cfg)
     if store.exists(f"{prefix}/{META}"):
         return prepared_from_meta(store, prefix, Meta.from_json(store.get_bytes(f"{prefix}/{META}").decode()), True)
-    arrays, channels, skipped = prepare_arrays(raw, cfg)
+    decode = cluster_decode(raw, log) if ray_address else None
+    if decode is None:
+        arrays, channels, skipped = prepare_arrays(raw, cfg)
+    else:
+        with ray_session(ray_address):
+            arrays, channels, skipped = prepare_arrays(raw, cfg, decode)
     mean, std = channel_stats(arrays["train"][0])
     fields = dict(classes=raw.classes, image_size=cfg.image_size, channels=channels,
                   counts={s: len(y) for s, (_, y) in arrays.items()}, mean=mean, std=std, skipped_images=skipped)
@@ -236,10 +288,13 @@ def preprocess(raw: RawData, cfg: PreprocessConfig, store_uri: str) -> PreparedD
 
 @task(name="preprocess", task_run_name="preprocess {raw.source}", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=retry_unless_user_error)
-def preprocess_task(raw: RawData, cfg: PreprocessConfig, store: str) -> PreparedData:
-    """Prefect task: decode the raw images once into prepared arrays in ``store`` (or find them there)."""
-    prepared = preprocess(raw, cfg, store)
+def preprocess_task(raw: RawData, cfg: PreprocessConfig, store: str, ray_address: str | None = None) -> PreparedData:
+    """Prefect task: decode the raw images once into prepared arrays in ``store`` (or find them there).
+
+    ``ray_address``: a cluster this run trains on; an object-store dataset is then decoded on its nodes.
+    """
+    log = get_run_logger()
+    prepared = preprocess(raw, cfg, store, ray_address, log.info)
     if prepared.skipped_images:
-        get_run_logger().warning("left out %d image(s) that could not be decoded (skip_bad_images)",
-                                 prepared.skipped_images)
+        log.warning("left out %d image(s) that could not be decoded (skip_bad_images)", prepared.skipped_images)
     return prepared

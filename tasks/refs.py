@@ -27,6 +27,9 @@ class RawData(_Ref):
     classes: tuple[str, ...]
     counts: dict[str, int]
     ignored_files: int = 0
+    # (local folder, s3:// prefix) when the local files are a copy of an object-store dataset: cluster
+    # nodes then read the originals instead of this machine's copy
+    mirror: tuple[str, str] | None = None
 
 
 class PreparedData(_Ref):
