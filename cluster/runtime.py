@@ -117,8 +117,11 @@ def _init_cluster(address: str) -> None:
         raise UserError(f"ray_address={address!r}: this driver has no authentication token for the Ray cluster; "
                         f"{_TOKEN_FIX}") from None
     except ConnectionError as exc:
+        # Ray Client gives no sign of a refused token but a timeout: name both causes
+        token = f"; if it is right, the server may have refused this driver's token: {_TOKEN_FIX}" \
+            if address.startswith("ray://") else ", or leave it empty to start Ray locally."
         raise UserError(f"ray_address={address!r}: cannot reach the Ray cluster ({' '.join(str(exc).split())[:200]}); "
-                        "check the address, or leave it empty to start Ray locally.") from None
+                        f"check the address{token}") from None
 
 
 def connect(address: str | None) -> bool:

@@ -16,6 +16,7 @@ asked of a short driver in a subprocess (:meth:`RayTestCluster.run_driver`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -50,7 +51,8 @@ class Node:
     Attributes:
         name: ``head`` or ``node-<n>``.
         process: The `ray start` process (for a hidden node, `unshare` that became it by exec).
-        temp_dir: This node's RAY_TMPDIR (its sessions, logs, sockets, runtime_env downloads).
+        temp_dir: This node's own folder: RAY_TMPDIR, and ``ray-temp/`` inside it is its ``--temp-dir``
+            (sessions, logs, sockets, runtime_env downloads).
         log_path: Where `ray start`'s own output goes.
         hidden: Whether the node runs with the cluster's hidden paths covered by empty folders.
         node_id: Ray's hex node id, read from the raylet's command line once it runs.
@@ -321,6 +323,7 @@ def start_cluster(workdir: Path, *, head_cpus: int = 1, hidden_paths: Iterable[P
     return cluster
 
 
+@functools.cache
 def hiding_unsupported() -> str | None:
     """Why a hidden node cannot run here (no `unshare`, or no permission for a mount namespace), or None."""
     if not shutil.which("unshare"):
@@ -419,7 +422,7 @@ def _installed(module: str, what: str, wanted: bool | None) -> bool:
 
 
 def _free_port() -> int:
-    """A port that is free on 127.0.0.2 now."""
+    """A port that is free on 127.0.0.2 now (Ray binds it a moment later; a clash fails the start, with its log)."""
     with socket.socket() as s:
         s.bind((HEAD_IP, 0))
         return s.getsockname()[1]
@@ -449,12 +452,15 @@ def running(pids: Iterable[int]) -> list[int]:
 def _descendants(pids: Iterable[int]) -> set[_Proc]:
     """The live processes among ``pids`` and all their descendants, as (pid, start time)."""
     table = _table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
     todo = [pid for pid in pids if pid in table]
     found: set[_Proc] = set()
     while todo:
         pid = todo.pop()
         found.add((pid, table[pid][1]))
-        todo.extend(child for child, (parent, _) in table.items() if parent == pid)
+        todo.extend(children.get(pid, []))
     return found
 
 

@@ -45,7 +45,8 @@ def result(cluster: RayTestCluster, code: str, **kwargs) -> dict:
     """Run driver ``code`` that prints ``RESULT=<json>``; its parsed result (the driver must succeed)."""
     run = cluster.run_driver(code, **kwargs)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT=")]
-    assert run.returncode == 0 and lines, f"driver failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+    assert run.returncode == 0 and lines, \
+        f"driver failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
     return json.loads(lines[-1].removeprefix("RESULT="))
 
 
@@ -114,12 +115,14 @@ def test_py_modules_in_the_runtime_env_ship_the_package_to_the_hidden_node(two_n
     assert out["cluster.runtime"].endswith("/cluster/runtime.py")
 
 
-@pytest.mark.parametrize("case", ["no token", "wrong token"])
+@pytest.mark.parametrize("case", ["token mode without a token", "no auth settings", "wrong token"])
 @pytest.mark.timeout(120)
 def test_a_driver_without_the_right_token_is_refused(two_nodes, tmp_path, case):
     env = {"HOME": str(tmp_path),  # neither read nor write ~/.ray/auth_token
-           "RAY_gcs_server_port_wait_time_s": "3"}  # Ray retries the refused connection ~20 s by default
-    env |= {"RAY_AUTH_TOKEN": None} if case == "no token" else {"RAY_AUTH_TOKEN": "0" * 64}
+           "RAY_gcs_server_port_wait_time_s": "3"}  # Ray retries a refused connection for ~20 s by default
+    env |= {"token mode without a token": {"RAY_AUTH_TOKEN": None},
+            "no auth settings": {"RAY_AUTH_TOKEN": None, "RAY_AUTH_MODE": None},
+            "wrong token": {"RAY_AUTH_TOKEN": "0" * 64}}[case]
     out = result(two_nodes, """
     import json, ray
     try:
@@ -131,13 +134,61 @@ def test_a_driver_without_the_right_token_is_refused(two_nodes, tmp_path, case):
     """, env=env)
 
     assert not out["connected"]
-    if case == "no token":  # refused before any connection is tried
-        assert out["errors"][0].startswith("ray.exceptions.AuthenticationError: Token authentication is enabled "
-                                           "but no authentication token was found")
-    else:  # the GCS refuses it
-        assert out["errors"][0] == f"builtins.ConnectionError: Failed to connect to Ray cluster at {two_nodes.gcs_address}"
+    if case == "token mode without a token":  # refused before any connection is tried
+        assert out["errors"] == ["ray.exceptions.AuthenticationError: Token authentication is enabled but no "
+                                 "authentication token was found" + out["errors"][0].split("was found", 1)[1]]
+    else:  # the GCS refuses it; Ray wraps that in a generic ConnectionError
+        refused = f"builtins.ConnectionError: Failed to connect to Ray cluster at {two_nodes.gcs_address}"
+        assert out["errors"][0] == refused
         assert "AuthenticationError: RPC error: InvalidAuthToken" in out["errors"][1]
+        assert ("RAY_AUTH_MODE is currently 'disabled'" in out["errors"][1]) == (case == "no auth settings")
     assert not (tmp_path / ".ray").exists()
+
+
+@pytest.mark.timeout(240)
+def test_ray_jobs_take_the_token_from_the_environment_or_a_bearer_header(two_nodes, tmp_path):
+    if not two_nodes.dashboard_url:
+        pytest.skip("the dashboard (Ray Jobs) needs ray[default], which is not installed")
+    entrypoint = "python -c \"import ray; ray.init(); print('CPUS', ray.cluster_resources()['CPU'])\""
+    code = f"""
+    import json, os, time
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    out = {{}}
+    try:
+        JobSubmissionClient({two_nodes.dashboard_url!r}, headers=json.loads(os.environ["HEADERS"]))
+    except AuthenticationError as exc:
+        out["refused"] = str(exc)
+    client = JobSubmissionClient({two_nodes.dashboard_url!r}, headers={{"Authorization": "Bearer {two_nodes.token}"}})
+    job = client.submit_job(entrypoint={entrypoint!r})
+    deadline = time.monotonic() + 150
+    while not (status := client.get_job_status(job)).is_terminal() and time.monotonic() < deadline:
+        time.sleep(1)
+    out |= {{"status": str(status), "logs": client.get_job_logs(job)}}
+    print("RESULT=" + json.dumps(out))
+    """
+    bare = {"RAY_ADDRESS": None, "RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None, "HOME": str(tmp_path)}
+    from_env = result(two_nodes, code, env={"RAY_ADDRESS": None, "HEADERS": "{}"}, timeout=200)
+    from_header = result(two_nodes, code, env={**bare, "HEADERS": "{}"}, timeout=200)
+
+    assert "refused" not in from_env  # RAY_AUTH_MODE=token + RAY_AUTH_TOKEN: the SDK sends the bearer header itself
+    assert from_header["refused"].startswith("Authentication required: Unauthorized: Missing authentication token")
+    for out in (from_env, from_header):
+        assert out["status"] == "SUCCEEDED" and "CPUS 2.0" in out["logs"], out  # the job's driver saw both nodes
+
+
+@pytest.mark.timeout(180)
+def test_ray_client_connects_with_the_token_and_reaches_the_hidden_node(two_nodes):
+    if not two_nodes.client_address:
+        pytest.skip("Ray Client needs ray[client] (grpcio), which is not installed")
+    node = two_nodes.nodes[1]
+    out = result(two_nodes, PROBE + f"""
+    ray.init({two_nodes.client_address!r}, logging_level="ERROR")
+    probed = ray.get(on({node.node_id!r}, "/x/y"))
+    print("RESULT=" + json.dumps({{"client": ray.util.client.ray.is_connected(), **probed}}))
+    """, env={"RAY_ADDRESS": None})
+
+    assert out["client"] and out["node"] == node.node_id and out["cluster"].startswith("ModuleNotFoundError")
 
 
 @needs_hiding
@@ -180,8 +231,9 @@ def test_stop_leaves_no_process_and_no_folder_of_ours(tmp_path):
         class Sleeper:
             def ping(self):
                 return 1
-        sleepers = [Sleeper.options(lifetime="detached", name=n, scheduling_strategy=NodeAffinitySchedulingStrategy(n, False))
-                    .remote() for n in {[cluster.head.node_id, node.node_id]!r}]
+        pinned = [NodeAffinitySchedulingStrategy(n, soft=False) for n in {[cluster.head.node_id, node.node_id]!r}]
+        sleepers = [Sleeper.options(lifetime="detached", name=str(i), scheduling_strategy=pin).remote()
+                    for i, pin in enumerate(pinned)]
         ray.get([s.ping.remote() for s in sleepers])
         """).check_returncode()
         before = cluster.our_processes()
@@ -197,7 +249,8 @@ def test_stop_leaves_no_process_and_no_folder_of_ours(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_head_that_cannot_start_fails_with_its_log(tmp_path):
     before = set(Path("/tmp").glob("tfray-*"))
-    with pytest.raises(RuntimeError, match=r"(?s)Ray head on 127\.0\.0\.2 exited; the end of .*head\.log:\n.*Resource quantities must be nonnegative"):
+    expected = r"(?s)Ray head on 127\.0\.0\.2 exited; the end of .*head\.log:\n.*Resource quantities must be nonneg"
+    with pytest.raises(RuntimeError, match=expected):
         start_cluster(tmp_path, head_cpus=-1)
     assert set(Path("/tmp").glob("tfray-*")) <= before  # its temporary folder is gone
 
@@ -208,7 +261,8 @@ def test_a_head_that_does_not_start_in_time_is_stopped_with_a_clear_error(tmp_pa
     with pytest.raises(RuntimeError, match=r"Ray head on 127\.0\.0\.2 did not start within 1 s; the end of "):
         start_cluster(tmp_path, timeout=1)
     assert set(Path("/tmp").glob("tfray-*")) <= before
-    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _marker_of(pid) not in {None, *map(str, before)}]
+    ours = {None, *map(str, before)}
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _marker_of(pid) not in ours]
 
 
 def _marker_of(pid: str) -> str | None:

@@ -93,6 +93,17 @@ def test_the_flow_trains_across_two_nodes_that_share_no_disk(cluster, s3_server)
     assert len(cluster.wait_for_nodes(2)) == 2  # the run never shuts down a cluster it did not start
 
 
+@pytest.mark.timeout(400)
+def test_ray_client_addresses_work_too(cluster, s3_server):
+    if cluster.client_address is None:
+        pytest.skip("the cluster runs no Ray Client server (grpcio, from ray[default], is not installed)")
+    run = trainflow(cluster, "run", *RUN, "--epochs", "2", "--store", f"s3://{s3_server.bucket}/client",
+                    "--ray-address", cluster.client_address, "--json")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    summary = json.loads(run.stdout[run.stdout.index("{\n"):])
+    assert summary["nodes"] == 2 and summary["epochs_trained"] == 2
+
+
 @pytest.mark.timeout(120)
 def test_a_folder_store_is_refused_on_a_cluster_and_nothing_is_written(cluster):
     store = cluster.workdir / "stores" / "folder"
@@ -100,6 +111,17 @@ def test_a_folder_store_is_refused_on_a_cluster_and_nothing_is_written(cluster):
                     cluster.gcs_address)
     assert_one_line_error(run, "cannot see", "s3://", "--shared-folder-store")
     assert not store.exists()
+
+
+@pytest.mark.timeout(400)
+def test_a_folder_store_every_node_sees_works_when_declared_shared(cluster, tmp_path):
+    store = tmp_path / "shared-store"  # not among the hidden folders: both nodes see it, as an NFS mount would be
+    run = trainflow(cluster, "run", *RUN, "--epochs", "2", "--store", str(store), "--ray-address", cluster.gcs_address,
+                    "--shared-folder-store", "--json")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    summary = json.loads(run.stdout[run.stdout.index("{\n"):])
+    assert summary["nodes"] == 2
+    assert (store / "models" / "seed-cnn" / "champion.json").is_file()
 
 
 @pytest.mark.timeout(180)
