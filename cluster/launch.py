@@ -127,15 +127,23 @@ def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, r
 
 def _trainer(cfg: TrainLoopConfig, resources: Resources, data: StoredData, run_name: str, storage_path: str,
              storage_filesystem):
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # Ray Train passes this to its controller: how long a (re)starting worker group may wait for its placement.
-    # With controller_failure_limit=0 below, a group that cannot be placed in that time ends the run instead of
-    # being retried forever (a lost node with no replacement).
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(resources.wait_for_resources)
-    reports = Queue()
+    # Ray Train passes this to its controller: how long one start of a worker group may wait for its placement.
+    # Failed starts count against controller_failure_limit (unlimited by default: a lost node with no
+    # replacement was retried forever). With the same budget as worker failures and wait_for_resources shared
+    # among those tries, a group that cannot be placed ends the run after about wait_for_resources seconds;
+    # a start that fails for a moment (a lost node not yet known dead) is tried again.
+    tries = resources.max_failures + 1
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{resources.wait_for_resources / tries:g}"
+    # On the driver's node, as Train's controller is: a queue actor on another node would die with that node
+    # and take the run's report channel (and so the train task) with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    reports = Queue(actor_options={"scheduling_strategy": here})
     trainer = TorchTrainer(
         _torch_worker,
         train_loop_config={"loop": cfg.to_dict(), "data": data},
@@ -146,7 +154,7 @@ def _trainer(cfg: TrainLoopConfig, resources: Resources, data: StoredData, run_n
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              callbacks=[_report_callback(reports)],
                              failure_config=FailureConfig(max_failures=resources.max_failures,
-                                                          controller_failure_limit=0),
+                                                          controller_failure_limit=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # Train's INFO lines (each report, each checkpoint) repeat what the flow logs
                              logging_config=LoggingConfig(log_level="WARNING")),
