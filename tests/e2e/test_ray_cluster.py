@@ -83,7 +83,8 @@ def test_the_flow_trains_across_two_nodes_that_share_no_disk(cluster, s3_server)
     print(f"\n2-node run: {wall:.1f} s wall, {summary['training_seconds']:.1f} s in epochs, "
           f"accuracy {summary['accuracy']:.4f}")
     assert summary["nodes"] == 2 and summary["epochs_trained"] == 6
-    assert summary["accuracy"] > 0.85  # a local 2-worker run of these parameters: 0.93 (see the closing note)
+    # bench/cluster_run.py: a local 2-worker run of these parameters reached 0.8691, and so did this one there
+    assert abs(summary["accuracy"] - 0.869) < 0.03, summary["accuracy"]
     lineage = s3_json(s3_server, f"cluster-e2e/models/seed-cnn/versions/{summary['version']}/lineage.json")
     workers = lineage["workers"]
     assert [w["rank"] for w in workers] == [0, 1]
