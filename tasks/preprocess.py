@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -28,7 +29,7 @@ from cluster.data import META, SPLITS, Meta, data_files, prepared_fingerprint, s
 from cluster.errors import UserError
 from cluster.fanout import cluster_cpus, map_on_cluster
 from cluster.runtime import ray_session
-from tasks.common import retry_unless_user_error
+from tasks.common import in_prefect_run, retry_unless_user_error
 from tasks.ingest import scan_split
 from tasks.refs import PreparedData, RawData
 from tasks.store import Store, open_store
@@ -293,7 +294,7 @@ def preprocess_task(raw: RawData, cfg: PreprocessConfig, store: str, ray_address
 
     ``ray_address``: a cluster this run trains on; an object-store dataset is then decoded on its nodes.
     """
-    log = get_run_logger()
+    log = get_run_logger() if in_prefect_run() else logging.getLogger(__name__)  # a bare .fn call has no run
     prepared = preprocess(raw, cfg, store, ray_address, log.info)
     if prepared.skipped_images:
         log.warning("left out %d image(s) that could not be decoded (skip_bad_images)", prepared.skipped_images)

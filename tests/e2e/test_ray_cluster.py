@@ -38,7 +38,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Iterator[Ray
         pytest.skip(f"cannot hide a node's disk here: {HIDING}")
     workdir = tmp_path_factory.mktemp("cluster-e2e")
     cache = Path(os.environ["TRAINFLOW_CACHE_DIR"])
-    node_env = {**s3_server.env(), "PATH": f"{BIN}:{os.environ['PATH']}", "TRAINFLOW_CACHE_DIR": str(cache)}
+    node_env = {**s3_server.env(), "PATH": f"{BIN}:{os.environ['PATH']}", "TRAINFLOW_CACHE_DIR": str(cache),
+                # a lost node is known dead after ~3 s instead of ~15 s: shorter node-loss tests, same behaviour
+                "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     started = start_cluster(workdir, hidden_paths=[cache, workdir / "stores"], node_env=node_env)
     try:
         started.add_node(num_cpus=1, hidden=True)
@@ -95,14 +97,17 @@ def test_the_flow_trains_across_two_nodes_that_share_no_disk(cluster, s3_server)
 
 
 @pytest.mark.timeout(400)
-def test_ray_client_addresses_work_too(cluster, s3_server):
+def test_over_ray_client_with_a_folder_store_every_node_sees(cluster, tmp_path):
+    """Two features in one run, to save a run: a `ray://` address, and a folder store declared shared."""
     if cluster.client_address is None:
         pytest.skip("the cluster runs no Ray Client server (grpcio, from ray[default], is not installed)")
-    run = trainflow(cluster, "run", *RUN, "--epochs", "2", "--store", f"s3://{s3_server.bucket}/client",
+    store = tmp_path / "shared-store"  # not among the hidden folders: both nodes see it, as an NFS mount would be
+    run = trainflow(cluster, "run", *RUN, "--epochs", "2", "--store", str(store), "--shared-folder-store",
                     "--ray-address", cluster.client_address, "--json")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     summary = json.loads(run.stdout[run.stdout.index("{\n"):])
     assert summary["nodes"] == 2 and summary["epochs_trained"] == 2
+    assert (store / "models" / "seed-cnn" / "champion.json").is_file()
 
 
 @pytest.mark.timeout(120)
@@ -112,17 +117,6 @@ def test_a_folder_store_is_refused_on_a_cluster_and_nothing_is_written(cluster):
                     cluster.gcs_address)
     assert_one_line_error(run, "cannot see", "s3://", "--shared-folder-store")
     assert not store.exists()
-
-
-@pytest.mark.timeout(400)
-def test_a_folder_store_every_node_sees_works_when_declared_shared(cluster, tmp_path):
-    store = tmp_path / "shared-store"  # not among the hidden folders: both nodes see it, as an NFS mount would be
-    run = trainflow(cluster, "run", *RUN, "--epochs", "2", "--store", str(store), "--ray-address", cluster.gcs_address,
-                    "--shared-folder-store", "--json")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    summary = json.loads(run.stdout[run.stdout.index("{\n"):])
-    assert summary["nodes"] == 2
-    assert (store / "models" / "seed-cnn" / "champion.json").is_file()
 
 
 @pytest.mark.timeout(180)
@@ -258,7 +252,7 @@ def test_node_loss_without_a_replacement_fails_after_the_wait_instead_of_hanging
     assert process.returncode == 2 and len(errors) == 1, output[-5000:]
     assert "could not place 2 workers" in errors[0] and "wait_for_resources=30" in errors[0], errors[0]
     print(f"\nnode lost for good: the run failed {failed_after:.1f} s after the kill")
-    assert 30 <= failed_after < 150, failed_after
+    assert 20 <= failed_after < 120, failed_after  # about wait_for_resources: the tries share it
 
 
 @pytest.fixture
@@ -354,7 +348,7 @@ def test_preprocessing_on_the_cluster_reads_s3_and_gives_the_local_fingerprint(c
 def test_submit_runs_the_flow_as_a_ray_job_and_the_model_lands_in_s3(cluster, s3_server):
     if cluster.dashboard_url is None:
         pytest.skip("the cluster runs no dashboard (ray[default] is not installed), so it takes no Ray jobs")
-    run = trainflow(cluster, "submit", "--address", cluster.dashboard_url, *RUN, "--epochs", "2", "--store",
+    run = trainflow(cluster, "submit", "--address", cluster.dashboard_url, *RUN, "--epochs", "1", "--store",
                     f"s3://{s3_server.bucket}/submitted", timeout=500)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
     assert re.search(r"trainflow: submitted Ray job \S+ to http://", run.stdout)

@@ -172,7 +172,7 @@ def test_parallel_decode_matches_sequential(tmp_path: Path):
         img.save(path)
         paths.append(str(path))
     images, gray, _ = decode_images(paths, 9)
-    reference, ref_gray, bad = pp._decode_chunk((paths, 9))
+    reference, ref_gray, bad = pp._decode_chunk((paths, 9, None))
     assert bad == []
     assert images.shape == reference.shape == (len(paths), 9, 9, 3)
     assert images.tobytes() == reference.tobytes()
