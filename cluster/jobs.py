@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 
 from cluster.errors import UserError
-from cluster.runtime import project_runtime_env
+from cluster.runtime import TOKEN_FIX, project_runtime_env
 
 
 def _client(address: str):
@@ -24,8 +24,8 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
-        raise UserError(f"--address {address!r}: the Ray cluster refused this client's authentication token; set "
-                        "RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it.") from None
+        raise UserError(f"--address {address!r}: the Ray cluster refused this client's authentication token; "
+                        f"{TOKEN_FIX}") from None
     except (ConnectionError, RuntimeError) as exc:
         raise UserError(f"--address {address!r}: cannot reach a Ray dashboard there "
                         f"({' '.join(str(exc).split())[:160]}); give the head's http://HOST:8265.") from None

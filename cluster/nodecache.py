@@ -25,14 +25,17 @@ from cluster.data import META, data_files, prepared_fingerprint
 class StoredData:
     """Where a prepared dataset lives in the store, as any node can reach it.
 
-    ``in_place`` says the path is a folder every node can read as it is (the
+    Without a filesystem the path is a folder every node can read as it is (the
     folder store of a local run, or one the user declared shared): no copy.
     """
 
-    filesystem: Any  # a pyarrow.fs.FileSystem; Any keeps pyarrow out of this module's imports
+    filesystem: Any  # a pyarrow.fs.FileSystem, or None; Any keeps pyarrow out of this module's imports
     path: str
     fingerprint: str
-    in_place: bool = False
+
+    @property
+    def in_place(self) -> bool:
+        return self.filesystem is None
 
 
 def node_cache_root() -> Path:

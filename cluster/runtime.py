@@ -74,8 +74,13 @@ def project_runtime_env() -> dict:
             "excludes": _NOT_SHIPPED}
 
 
-_TOKEN_FIX = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a "
-              "file holding it.")
+TOKEN_FIX = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a "
+             "file holding it.")
+
+
+def _no_token(address: str) -> UserError:
+    return UserError(f"ray_address={address!r}: this driver has no authentication token for the Ray cluster; "
+                     f"{TOKEN_FIX}")
 
 
 def _check_token(address: str) -> None:
@@ -94,12 +99,11 @@ def _check_token(address: str) -> None:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
                 gcs_service_pb2.GetClusterIdRequest(), timeout=10)
     except AuthenticationError:  # token mode on here, but no token to send
-        raise UserError(f"ray_address={address!r}: this driver has no authentication token for the Ray cluster; "
-                        f"{_TOKEN_FIX}") from None
+        raise _no_token(address) from None
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
             raise UserError(f"ray_address={address!r}: the Ray cluster refused this driver's authentication "
-                            f"token (missing or wrong); {_TOKEN_FIX}") from None
+                            f"token (missing or wrong); {TOKEN_FIX}") from None
         # anything else (unreachable, not a GCS): ray.init below says it in its own words
 
 
@@ -114,11 +118,10 @@ def _init_cluster(address: str) -> None:
         ray.init(address=address, runtime_env=project_runtime_env(), log_to_driver=True,
                  logging_config=ray.LoggingConfig(log_level="ERROR"))
     except AuthenticationError:
-        raise UserError(f"ray_address={address!r}: this driver has no authentication token for the Ray cluster; "
-                        f"{_TOKEN_FIX}") from None
+        raise _no_token(address) from None
     except ConnectionError as exc:
         # Ray Client gives no sign of a refused token but a timeout: name both causes
-        token = f"; if it is right, the server may have refused this driver's token: {_TOKEN_FIX}" \
+        token = f"; if it is right, the server may have refused this driver's token: {TOKEN_FIX}" \
             if address.startswith("ray://") else ", or leave it empty to start Ray locally."
         raise UserError(f"ray_address={address!r}: cannot reach the Ray cluster ({' '.join(str(exc).split())[:200]}); "
                         f"check the address{token}") from None
@@ -129,8 +132,8 @@ def connect(address: str | None) -> bool:
 
     ``address=None`` starts a fresh single-node Ray on loopback (never joining
     some other Ray that happens to run on the machine); otherwise connects to
-    the cluster at ``address`` (``host:port`` or ``auto``) and ships this
-    project's code in the job's runtime_env.
+    the cluster at ``address`` (``host:port``, ``auto`` or ``ray://…``) and
+    ships this project's code in the job's runtime_env.
     """
     # Ray Train propagates these from the driver's environment to its controller and workers. The controller
     # collects reports (and so registers checkpoints) when it polls the workers: every 2 s by default. At 0.5 s

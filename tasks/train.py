@@ -86,7 +86,7 @@ def stored_data(store: Store, prepared: PreparedData) -> StoredData:
     """
     filesystem = store.ray_filesystem()
     return StoredData(filesystem=filesystem, path=store.ray_storage_path(store.key_of(prepared.uri)),
-                      fingerprint=prepared.fingerprint, in_place=filesystem is None)
+                      fingerprint=prepared.fingerprint)
 
 
 def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store_uri: str,

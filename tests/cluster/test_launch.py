@@ -18,8 +18,10 @@ from tasks.train import stored_data
 
 
 def in_place(store_uri: str, ref) -> StoredData:
-    store = open_store(store_uri)
-    return stored_data(store, ref)
+    """The prepared data as workers of a local Ray find it: read in place from the folder store."""
+    data = stored_data(open_store(store_uri), ref)
+    assert data.in_place
+    return data
 
 
 @pytest.mark.parametrize("workers", [1, 2])

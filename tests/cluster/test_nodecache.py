@@ -56,7 +56,7 @@ def test_a_corrupt_copy_is_refused_and_leaves_nothing(prepared, tmp_path):
 
 def test_in_place_data_is_not_copied(prepared, tmp_path):
     data = stored(prepared, tmp_path)
-    in_place = StoredData(filesystem=None, path=data.path, fingerprint=data.fingerprint, in_place=True)
+    in_place = StoredData(filesystem=None, path=data.path, fingerprint=data.fingerprint)
     assert materialize(in_place, tmp_path / "node") == Path(data.path)
     assert not (tmp_path / "node").exists()
 
