@@ -24,10 +24,15 @@ test-system-deps:
 	       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql chromium; } \
 	  || echo "note: could not install postgresql/chromium; their tests will be skipped"
 
-test: $(BIN)/.installed test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
+# The tests cover both frameworks: they add the tensorflow extra to the venv.
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,tensorflow]'
+	@touch $@
+
+test: $(BIN)/.installed-test test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
 	$(BIN)/python -m pytest -v --durations=15
 
-test-fast: $(BIN)/.installed
+test-fast: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(BIN)/.installed  ## training throughput vs ../shared/bench/baseline_torch.py, as JSON
