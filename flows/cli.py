@@ -23,6 +23,7 @@ from cluster.errors import UserError
 # CLI option → (section, field) in PipelineParams
 _OPTIONS: dict[str, tuple[str, str, type]] = {
     "dataset": ("data", "dataset", str),
+    "tfds_data_dir": ("data", "tfds_data_dir", str),
     "image_size": ("data", "image_size", int),
     "limit_train": ("data", "limit_train", int),
     "limit_test": ("data", "limit_test", int),
@@ -47,6 +48,7 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
 _FLAGS: dict[str, tuple[str, str, str]] = {
     "gpu": ("cluster", "use_gpu", "one GPU per Ray worker"),
     "skip_bad_images": ("data", "skip_bad_images", "leave out (and count) images that fail to decode"),
+    "tfds_download": ("data", "tfds_download", "let TFDS download a tfds: dataset that is not prepared yet"),
     "force": ("train", "force", "retrain even if an identical run already finished"),
     "shared_folder_store": ("cluster", "shared_folder_store", "a folder --store that every Ray node mounts"),
 }
@@ -81,8 +83,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--preset", help="named parameter set (see `trainflow presets`)")
+    from tasks.sources import forms  # the registry of sources: its forms are the choices
+
+    helps = {"dataset": forms(), "tfds_data_dir": "where prepared TFDS datasets are (default $TFDS_DATA_DIR)"}
     for option, (_, _, kind) in _OPTIONS.items():
-        run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind)
+        run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind, help=helps.get(option))
     for flag, (_, _, help_text) in _FLAGS.items():
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true", help=help_text)
     run.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -7,14 +7,19 @@ Secrets never belong here: S3 credentials come from the environment.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.runtime import resolve_address
+from tasks import sources
 from tasks.preprocess import PreprocessConfig
+from tasks.sources import SOURCES
 from tasks.train import Resources, TrainLoopConfig
+
+
+# the form's dataset choices: every registered source
+SourceKind = Literal[tuple(SOURCES)]  # type: ignore[valid-type]
 
 
 class _Section(BaseModel):
@@ -22,13 +27,16 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    kind: Literal["digits", "cifar10", "folder"] = Field(
-        "digits", title="Dataset",
-        description="digits: bundled with scikit-learn; cifar10: downloaded by torchvision; folder: your images at "
-                    "'Dataset path'")
+    kind: SourceKind = Field(
+        "digits", title="Dataset", description="; ".join(f"{s.name}: {s.description}" for s in SOURCES.values()))
     path: str = Field("", title="Dataset path",
-                      description="Only for 'folder': a directory of class folders (optionally train/ and test/), "
-                                  "a .tar/.tar.gz of one, or an s3://bucket/prefix holding either")
+                      description="; ".join(f"Only for '{s.name}': {s.location_help}" for s in SOURCES.values()
+                                            if s.needs_location))
+    tfds_data_dir: str | None = Field(None, title="TFDS data dir",
+                                      description="Only for 'tfds': the folder holding prepared TFDS datasets "
+                                                  "(default $TFDS_DATA_DIR or TFDS's default ~/tensorflow_datasets)")
+    tfds_download: bool = Field(False, title="Allow TFDS download",
+                                description="Only for 'tfds': allow TFDS to download the dataset")
     image_size: int = Field(32, ge=8, le=512, title="Image size", description="Images are resized to this square")
     channels: Literal["auto", "rgb", "grayscale"] = Field("auto", title="Channels",
                                                           description="auto: grayscale only if every image is")
@@ -46,32 +54,42 @@ class DataParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _from_source_string(cls, data: Any) -> Any:
-        """Also accept the CLI's one-string form ``dataset``: 'digits', 'cifar10' or 'folder:<path>'."""
+        """Also accept the CLI's one-string form ``dataset`` (e.g. 'digits', 'folder:<path>', 'tfds:<name>')."""
         if isinstance(data, dict) and "dataset" in data:
-            from tasks.ingest import parse_source
-
             data = dict(data)
-            kind, path = parse_source(str(data.pop("dataset")))
-            data.update(kind=kind, path=path)
+            spec = sources.parse(str(data.pop("dataset")))
+            data.update(kind=spec.kind, path=spec.location,
+                        **{f"{spec.kind}_{key}": value for key, value in spec.options.items()})
         return data
 
     @model_validator(mode="after")
-    def _path_goes_with_folder(self) -> DataParams:
-        if self.kind == "folder" and not self.path:
-            raise ValueError("data.path is empty; a 'folder' dataset needs a directory, archive or s3:// prefix.")
-        if self.kind != "folder" and self.path:
-            raise ValueError(f"data.path is set but data.kind is {self.kind!r}; clear the path or choose 'folder'.")
+    def _fields_go_with_kind(self) -> DataParams:
+        """The path is set exactly when the source takes one; a source's own options only with that source."""
+        source = SOURCES[self.kind]
+        if source.needs_location and not self.path:
+            raise ValueError(f"data.path is empty; a {self.kind!r} dataset needs {source.location_help}.")
+        if not source.needs_location and self.path:
+            takes = " or ".join(repr(s.name) for s in SOURCES.values() if s.needs_location)
+            raise ValueError(f"data.path is set but data.kind is {self.kind!r}; clear the path or choose {takes}.")
+        for other in SOURCES.values():
+            for key in other.options:
+                name = f"{other.name}_{key}"
+                if other.name != self.kind and getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(f"data.{name} is set but data.kind is {self.kind!r}; clear it or choose "
+                                     f"{other.name!r}.")
+        sources.parse(self.dataset)  # the location's own syntax, e.g. a TFDS name
         return self
 
     @property
     def dataset(self) -> str:
-        """The source string ingest takes: 'digits', 'cifar10' or 'folder:<path>'."""
-        return f"folder:{self.path}" if self.kind == "folder" else self.kind
+        """The source string ingest takes, e.g. 'digits', 'folder:<path>' or 'tfds:<name>?data_dir=<dir>'."""
+        options = {key: getattr(self, f"{self.kind}_{key}") for key in SOURCES[self.kind].options}
+        return sources.source_string(self.kind, self.path, options)
 
     @property
     def label(self) -> str:
-        """A short name for run names: the kind, plus the folder's last path part."""
-        return f"folder:{PurePosixPath(self.path.rstrip('/')).name}" if self.kind == "folder" else self.kind
+        """A short name for run names, e.g. the kind, or 'folder:' plus the folder's last path part."""
+        return sources.label(sources.parse(self.dataset))
 
     def to_config(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.image_size, channels=self.channels, val_fraction=self.val_fraction,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
@@ -120,3 +123,24 @@ def prepared(tmp_path_factory: pytest.TempPathFactory):
     raw = ingest(f"folder:{root / 'images'}", root / "cache")
     store_uri = str(root / "store")
     return store_uri, preprocess(raw, PreprocessConfig(image_size=16, test_fraction=0.25), store_uri)
+
+
+# TensorFlow Datasets is the tensorflow extra, which `make test` installs; without it the tfds tests skip
+needs_tfds = pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is None,
+                                reason="tensorflow_datasets is not installed: pip install 'trainflow[tensorflow]'")
+
+
+@pytest.fixture(scope="session")
+def tfds_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real, small TFDS datasets (see tests/tfds_build.py): ``<dir>/base`` and ``<dir>/rebuilt`` data dirs.
+
+    Built in a child process: TensorFlow must not load in this one, which imports torch.
+    """
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+        pytest.skip("tensorflow_datasets is not installed: pip install 'trainflow[tensorflow]'")
+    out = tmp_path_factory.mktemp("tfds")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+    built = subprocess.run([sys.executable, "-m", "tests.tfds_build", str(out)], cwd=Path(__file__).parents[1],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return out

@@ -11,6 +11,7 @@ Prefect's temporary server and so take about fifteen.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import os
 import shutil
@@ -113,7 +114,12 @@ ESCAPE = f"escaped-{uuid.uuid4().hex[:8]}.png"
 CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     # caught by the preflight, before any server or cluster starts
     "missing-path": (lambda tmp: ["--dataset", f"folder:{tmp / 'nowhere'}"], ["nowhere", "does not exist"]),
-    "unknown-source": (lambda tmp: ["--dataset", "imagenet"], ["--dataset", "'imagenet'", "digits", "folder:"]),
+    "unknown-source": (lambda tmp: ["--dataset", "imagenet"], ["--dataset", "'imagenet'", "digits", "folder:",
+                                                                "tfds:<name>"]),
+    "tfds-not-prepared": (lambda tmp: ["--dataset", "tfds:absent_set", "--tfds-data-dir", str(tmp)],
+                          ["'tfds:absent_set?data_dir=", "not prepared in", "tfds_data_dir", "tfds_download"]
+                          if importlib.util.find_spec("tensorflow_datasets") else
+                          ["'tfds:absent_set", "needs TensorFlow Datasets", "trainflow[tensorflow]"]),
     "unknown-framework": (lambda tmp: ["--framework", "caffe"], ["train.framework", "'torch'"]),
     "unknown-model": (lambda tmp: ["--model", "resnet9000"], ["train.model", "'seed_cnn'"]),
     "unknown-preset": (lambda tmp: ["--preset", "nope"], ["--preset", "'nope'", "digits-quickstart"]),
