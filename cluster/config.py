@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from cluster.errors import UserError
+from cluster.frameworks import get_framework
 
-FRAMEWORKS = ("torch",)
 MODELS = ("seed_cnn",)
 PRECISIONS = ("fp32", "bf16")
 
@@ -21,6 +21,7 @@ class TrainLoopConfig:
     """Everything one worker needs to train; the data is a local directory."""
 
     data_dir: str
+    framework: str = "torch"
     model: str = "seed_cnn"
     epochs: int = 10
     batch_size: int = 64  # global: split evenly across workers
@@ -32,6 +33,7 @@ class TrainLoopConfig:
     use_gpu: bool = False
 
     def __post_init__(self) -> None:
+        framework = get_framework(self.framework)
         if self.model not in MODELS:
             raise UserError(f"model={self.model!r} is unknown; choose one of {', '.join(MODELS)}.")
         if self.epochs < 1:
@@ -44,6 +46,10 @@ class TrainLoopConfig:
             raise UserError(f"momentum={self.momentum} must be in [0, 1).")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
+        asked = {"precision=bf16": self.precision == "bf16", "channels_last": self.channels_last}
+        for option in sorted(name for name, on in asked.items() if on and name not in framework.options):
+            raise UserError(f"{option} is not implemented for framework={self.framework!r}; turn it off or "
+                            "choose a framework that has it.")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,8 +1,12 @@
-"""Build and run Ray Train trainers; the only module that imports ``ray.train``.
+"""Run Ray Train for any registered framework, and framework code as Ray tasks; the only module that imports ``ray.train``.
 
-Per-epoch reports travel from the workers to the driver through a Ray queue
-fed by a controller callback, so the caller sees progress while ``fit()`` runs
-(and can log it, or update a Prefect artifact) without any per-step cost.
+Framework code never runs in the calling (Prefect) process: the trainer is
+built and driven by a launcher task on the driver's node, its workers run the
+framework's loop, and evaluation's predictions run in a task of their own, each
+in a process of that framework alone (TensorFlow after torch works in one
+process, the other order has segfaulted). Per-epoch reports travel from the
+workers to the caller through a Ray queue fed by a controller callback, so the
+caller sees progress while the run goes on, without any per-step cost.
 """
 
 from __future__ import annotations
@@ -11,31 +15,40 @@ import os
 import queue as stdlib_queue
 import shutil
 import socket
-import threading
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from cluster.config import TrainLoopConfig
+from cluster.data import load_split
+from cluster.errors import UserError
+from cluster.frameworks import Framework, get_framework, load
 from cluster.nodecache import StoredData, materialize
 from cluster.placement import (LOG_EVERY_S, Resources, ResourcesUnavailable, check_placement, free_resources,
                                pending_placement, wait_for_placement)
 
-__all__ = ["Resources", "check_placement", "fit_torch"]
+__all__ = ["Resources", "RayWorkerContext", "StoredCheckpoint", "check_framework", "check_placement", "fit",
+           "predict"]
 
 
-class _RayWorkerContext:
-    """Adapts Ray Train's worker API to ``cluster.torch_loop.WorkerContext``."""
+class RayWorkerContext:
+    """Ray Train's worker API as the framework loops' ``WorkerContext`` (rank, world, report, restore).
+
+    ``device`` is the framework's business: its Ray entry point sets it before training.
+    """
 
     def __init__(self) -> None:
         import ray.train
-        import ray.train.torch
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device: object = "cpu"
 
     def placement(self) -> dict:
         import ray
@@ -61,12 +74,11 @@ class _RayWorkerContext:
         return True
 
 
-def _torch_worker(config: dict) -> None:
+def _worker(config: dict) -> None:
     """A Ray Train worker's first lines: rebuild the typed config, fetch the data onto this node, train."""
-    from cluster.torch_loop import train_loop
-
-    cfg = replace(TrainLoopConfig.from_dict(config["loop"]), data_dir=str(materialize(config["data"])))
-    train_loop(cfg, _RayWorkerContext())
+    cfg = TrainLoopConfig.from_dict(config["loop"])
+    cfg = replace(cfg, data_dir=str(materialize(config["data"])))
+    load(get_framework(cfg.framework).train)(cfg, RayWorkerContext())
 
 
 def _report_callback(report_queue):
@@ -84,11 +96,11 @@ def _report_callback(report_queue):
     return _ForwardReports()
 
 
-def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_name: str, storage_path: str,
-              storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None,
-              on_failure: Callable[[dict[int, str]], None] = lambda e: None,
-              on_wait: Callable[[str], None] = lambda m: None) -> str:
-    """Train with a TorchTrainer (DDP over gloo on CPU, NCCL on GPU) and wait for it.
+def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_name: str, storage_path: str,
+        storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None,
+        on_failure: Callable[[dict[int, str]], None] = lambda e: None,
+        on_wait: Callable[[str], None] = lambda m: None) -> str:
+    """Train ``cfg.framework``'s loop on a Ray Train worker group and wait for it.
 
     Each worker fetches ``data`` onto its own node. Re-running with the same
     ``run_name`` and ``storage_path`` resumes from the last checkpoint that run
@@ -102,70 +114,132 @@ def fit_torch(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, r
         UserError: the batch does not split, or no set of live nodes can hold the group.
         ResourcesUnavailable: the cluster did not free room within ``resources.wait_for_resources``.
     """
+    import ray
+    from ray.util.queue import Queue
+
     cfg.local_batch_size(resources.num_workers)  # raises before any worker starts
     check_placement(resources)
     wait_for_placement(resources, on_wait)
-    trainer, reports = _trainer(cfg, resources, data, run_name, storage_path, storage_filesystem)
-    outcome: dict = {}
-
-    def _fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=_fit, name="ray-fit", daemon=True)
-    thread.start()
-    _pump(thread, reports, on_report, on_failure, on_wait)
-    if "error" in outcome:
-        raise _explain(outcome["error"], resources)
-    result = outcome["result"]
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
-    return result.checkpoint.path
+    framework = get_framework(cfg.framework)
+    # On the driver's node, as Train's controller is: a queue actor on another node would die with that node
+    # and take the run's report channel (and so the train task) with it.
+    reports = Queue(actor_options={"scheduling_strategy": _here()})
+    launcher = ray.remote(num_cpus=0, max_calls=1)(_launch).options(
+        scheduling_strategy=_here(), runtime_env={"env_vars": _launcher_env(framework, resources)})
+    done = launcher.remote(cfg.to_dict(), resources, data, run_name, storage_path, storage_filesystem, reports)
+    try:
+        _pump(done, reports, on_report, on_failure, on_wait)
+        return ray.get(done)
+    except ray.exceptions.RayTaskError as error:
+        raise _explain(error.cause if isinstance(error.cause, BaseException) else error, resources) from error
+    finally:
+        ray.cancel(done, force=True)  # a no-op once it finished; else the run must not outlive its caller
+        reports.shutdown()
 
 
-def _trainer(cfg: TrainLoopConfig, resources: Resources, data: StoredData, run_name: str, storage_path: str,
-             storage_filesystem):
+def check_framework(name: str) -> None:
+    """Raises UserError when the nodes of the connected Ray cluster lack framework ``name``.
+
+    Asks one node (any node may host a worker; the project's image gives them all the same packages).
+    """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
+
+    missing = ray.get(ray.remote(num_cpus=0)(_missing_modules).remote(name))
+    if missing:
+        spec = get_framework(name)
+        raise UserError(f"framework={name!r} needs {', '.join(missing)}, which the Ray cluster's nodes lack; "
+                        f"install it in their image: {spec.install}")
+
+
+def _missing_modules(name: str) -> list[str]:
+    return get_framework(name).missing_modules()
+
+
+def _here():
+    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # Ray Train passes this to its controller: how long one start of a worker group may wait for its placement.
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _launcher_env(framework: Framework, resources: Resources) -> dict[str, str]:
+    """What Train's driver reads from its environment, set for the launcher task that plays that driver."""
+    # How long one start of a worker group may wait for its placement; Train passes it on to its controller.
     # Failed starts count against controller_failure_limit (unlimited by default: a lost node with no
     # replacement was retried forever). With the same budget as worker failures and wait_for_resources shared
     # among those tries, a group that cannot be placed ends the run after about wait_for_resources seconds;
     # a start that fails for a moment (a lost node not yet known dead) is tried again.
-    tries = resources.max_failures + 1
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{resources.wait_for_resources / tries:g}"
-    # On the driver's node, as Train's controller is: a queue actor on another node would die with that node
-    # and take the run's report channel (and so the train task) with it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    reports = Queue(actor_options={"scheduling_strategy": here})
-    trainer = TorchTrainer(
-        _torch_worker,
-        train_loop_config={"loop": cfg.to_dict(), "data": data},
-        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+    timeout = resources.wait_for_resources / (resources.max_failures + 1)
+    train_settings = {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}  # see runtime.connect
+    return {**train_settings, **framework.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{timeout:g}"}
+
+
+def _launch(loop: dict, resources: Resources, data: StoredData, run_name: str, storage_path: str,
+            storage_filesystem, reports) -> str:
+    """Ray task on the driver's node: build the framework's trainer, run it, return the final checkpoint's path."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    framework = get_framework(loop["framework"])
+    trainer = DataParallelTrainer(
+        _worker,
+        train_loop_config={"loop": loop, "data": data},
+        backend_config=load(framework.backend_config)(resources.use_gpu),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},
                                      placement_strategy=resources.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             callbacks=[_report_callback(reports)],
+                             callbacks=[_report_callback(reports)], worker_runtime_env={"env_vars": framework.env},
                              failure_config=FailureConfig(max_failures=resources.max_failures,
                                                           controller_failure_limit=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # Train's INFO lines (each report, each checkpoint) repeat what the flow logs
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
-    return trainer, reports
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
+    return result.checkpoint.path
 
 
-def _pump(thread: threading.Thread, reports, on_report, on_failure, on_wait) -> None:
-    """Deliver reports on this thread until fit() ends; after 30 s of silence, say what the group waits for."""
+@dataclass(frozen=True, kw_only=True)
+class StoredCheckpoint:
+    """A checkpoint folder in the store, as any node reaches it (no filesystem: a folder every node sees)."""
+
+    filesystem: Any  # a pyarrow.fs.FileSystem, or None
+    path: str
+
+
+def predict(framework: str, checkpoint: StoredCheckpoint, data: StoredData, *, split: str = "test",
+            cpus: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, predicted labels) of ``data``'s ``split`` by the checkpoint's model.
+
+    Runs as a Ray task in a fresh process of the framework's own, which fetches the
+    checkpoint and the data on whichever node it lands.
+    """
+    import ray
+
+    spec = get_framework(framework)
+    task = ray.remote(max_calls=1)(_predict).options(num_cpus=cpus, runtime_env={"env_vars": spec.env})
+    return ray.get(task.remote(framework, checkpoint, data, split))
+
+
+def _predict(framework: str, checkpoint: StoredCheckpoint, data: StoredData, split: str):
+    from ray.train import Checkpoint
+
+    x, y = load_split(materialize(data), split)
+    with tempfile.TemporaryDirectory() as tmp:
+        Checkpoint(checkpoint.path, filesystem=checkpoint.filesystem).to_directory(tmp)
+        predicted = load(get_framework(framework).predict)(Path(tmp), x)
+    return np.asarray(y), np.asarray(predicted)
+
+
+def _pump(done, reports, on_report, on_failure, on_wait) -> None:
+    """Deliver reports on this thread until the launcher ends; after 30 s of silence, say what the group waits for."""
+    import ray
+
     quiet_since = time.monotonic()
-    while thread.is_alive() or not reports.empty():
+    while not ray.wait([done], timeout=0)[0] or not reports.empty():
         try:
             kind, payload = reports.get(timeout=0.5)
         except stdlib_queue.Empty:
@@ -177,11 +251,10 @@ def _pump(thread: threading.Thread, reports, on_report, on_failure, on_wait) -> 
             continue
         quiet_since = time.monotonic()
         (on_report if kind == "report" else on_failure)(payload)
-    reports.shutdown()
 
 
 def _explain(error: BaseException, resources: Resources) -> BaseException:
-    """A worker group that could not be placed in time becomes one sentence; anything else stays as it is."""
+    """A worker group that could not be placed in time becomes one sentence; anything else stays as it was raised."""
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 

@@ -6,8 +6,6 @@ flow can be imported and deployed without loading torch.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cluster.worker import STATE_FILE, ModelSpec, read_state, write_state
+
+__all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "ModelSpec", "Normalizer", "SeedCNN", "build_model", "eval_pass",
+           "load_weights", "predict", "read_state", "save_checkpoint", "train_step"]
+
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optimizer.pt"
-STATE_FILE = "state.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """What it takes to rebuild a model and feed it: shape, classes, normalisation."""
-
-    name: str
-    in_channels: int
-    num_classes: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[str, ...]
 
 
 class SeedCNN(nn.Module):
@@ -120,16 +109,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / MODEL_FILE)
     torch.save(optimizer.state_dict(), directory / OPTIM_FILE)
-    state = {"epoch": epoch, "history": history, "spec": asdict(spec), "workers": workers or []}
-    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
-
-
-def read_state(directory: Path) -> tuple[ModelSpec, int, list[dict]]:
-    """The spec, last finished epoch and metric history stored in a checkpoint."""
-    state = json.loads((directory / STATE_FILE).read_text())
-    raw = state["spec"]
-    spec = ModelSpec(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]), "classes": tuple(raw["classes"])})
-    return spec, state["epoch"], state["history"]
+    write_state(directory, framework="torch", versions={"torch": torch.__version__}, model_files=[MODEL_FILE],
+                spec=spec, epoch=epoch, history=history, workers=workers)
 
 
 def load_weights(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:

@@ -11,16 +11,11 @@ does the same for one process or for each process under ``torchrun``::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import socket
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,50 +24,9 @@ import torch.distributed as dist
 from cluster import torch_backend as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
+from cluster.worker import LocalContext, ModelSpec, WorkerContext
 
-class WorkerContext(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        """Called by every rank once per epoch; only rank 0 passes a checkpoint."""
-
-    def restore(self, into: Path) -> bool:
-        """Copy the latest checkpoint into ``into``; False when there is none."""
-
-    def placement(self) -> dict:
-        """Where this rank runs: rank, node_id, node_ip, hostname, device."""
-
-
-@dataclass
-class LocalContext:
-    """Rank and world from torchrun's environment (or 0/1), checkpoints in a folder."""
-
-    checkpoint_root: Path
-    rank: int = field(default_factory=lambda: int(os.environ.get("RANK", 0)))
-    world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", 1)))
-    device: torch.device = torch.device("cpu")
-    reports: list[dict] = field(default_factory=list)
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        self.reports.append(metrics)
-        if checkpoint_dir is not None:
-            target = self.checkpoint_root / f"epoch_{metrics['epoch']:04d}"
-            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
-        if self.rank == 0:
-            print(json.dumps(metrics), flush=True)
-
-    def placement(self) -> dict:
-        return {"rank": self.rank, "node_id": None, "node_ip": None, "hostname": socket.gethostname(),
-                "device": str(self.device)}
-
-    def restore(self, into: Path) -> bool:
-        done = sorted(self.checkpoint_root.glob("epoch_*")) if self.checkpoint_root.is_dir() else []
-        if not done:
-            return False
-        shutil.copytree(done[-1], into, dirs_exist_ok=True)
-        return True
+__all__ = ["LocalContext", "WorkerContext", "main", "ray_backend_config", "run_epoch", "train_loop", "train_on_ray"]
 
 
 def _all_sum(values: list[float], ctx: WorkerContext) -> list[float]:
@@ -101,10 +55,9 @@ def _epoch_indices(n: int, seed: int, epoch: int, ctx: WorkerContext) -> torch.T
 def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     """Train for ``cfg.epochs``, resuming from the context's checkpoint; returns the metric history."""
     torch.manual_seed(cfg.seed + ctx.rank)
+    ctx.device = torch.device(ctx.device)
     data_dir = Path(cfg.data_dir)
-    meta = read_meta(data_dir)
-    spec = tb.ModelSpec(name=cfg.model, in_channels=meta.channels, num_classes=len(meta.classes),
-                        image_size=meta.image_size, mean=meta.mean, std=meta.std, classes=meta.classes)
+    spec = ModelSpec.from_meta(cfg.model, read_meta(data_dir))
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
     x_train, y_train = map(to_device, load_split(data_dir, "train", mmap=True))
     x_val, y_val = map(to_device, load_split(data_dir, "val", mmap=True))
@@ -175,6 +128,23 @@ def run_epoch(net, optimizer, train, val, normalize, autocast, local_batch: int,
         "epoch_seconds": seconds,
         "train_images_per_s": total_seen / seconds,
     }
+
+
+def train_on_ray(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
+    """The loop on a Ray Train worker: the device is the one Ray assigned to this worker."""
+    import ray.train.torch
+
+    ctx.device = ray.train.torch.get_device()
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    return train_loop(cfg, ctx)
+
+
+def ray_backend_config(use_gpu: bool):
+    """Ray Train's process-group setup for DDP: NCCL between GPUs, gloo between CPUs."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if use_gpu else "gloo")
 
 
 def main(argv: list[str] | None = None) -> None:

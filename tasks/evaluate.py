@@ -1,7 +1,10 @@
 """Stage 4, evaluate: test-set metrics of a trained model.
 
-Accuracy, macro and per-class precision/recall/F1 and the confusion matrix
-(scikit-learn), plus a confusion-matrix PNG stored next to the checkpoint.
+The predictions come from a Ray task in a process of the model's framework
+(this process imports no framework), which fetches the checkpoint and the test
+split from the store on whichever node it runs. Accuracy, macro and per-class
+precision/recall/F1 and the confusion matrix (scikit-learn) are computed here,
+and a confusion-matrix PNG is stored beside the run's other outputs.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from cluster.data import load_split
-from tasks.common import cache_root, in_prefect_run
+from cluster.launch import StoredCheckpoint, predict
+from cluster.runtime import ray_session
+from tasks.common import in_prefect_run
 from tasks.refs import ClassMetrics, Evaluation, PreparedData, TrainedModel
 from tasks.store import open_store
+from tasks.train import stored_data
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
@@ -59,25 +64,28 @@ def confusion_png(confusion: tuple[tuple[int, ...], ...], classes: tuple[str, ..
     return buf.getvalue()
 
 
-def evaluate(model: TrainedModel, prepared: PreparedData, store_uri: str, cache_dir: str | None = None) -> Evaluation:
-    """Predict the test split with the model's final checkpoint and score it."""
-    from cluster.torch_backend import predict  # lazy: keeps torch out of flow imports
+def evaluate(model: TrainedModel, prepared: PreparedData, store_uri: str, ray_address: str | None = None,
+             cpus: int = 1) -> Evaluation:
+    """Predict the test split with the model's final checkpoint (a Ray task on ``cpus`` CPUs) and score it.
 
+    Uses the Ray this process is connected to, else the one at ``ray_address``, else a local one.
+    """
     store = open_store(store_uri)
-    cache = cache_root(cache_dir)
-    data_dir = store.local_dir(store.key_of(prepared.uri), cache / "prepared")
-    checkpoint_dir = store.local_dir(store.key_of(model.checkpoint_uri), cache / "checkpoints")
-    x_test, y_test = load_split(data_dir, "test")
-    metrics = compute_metrics(y_test, predict(checkpoint_dir, x_test), prepared.classes)
+    checkpoint = StoredCheckpoint(filesystem=store.ray_filesystem(),
+                                  path=store.ray_storage_path(store.key_of(model.checkpoint_uri)))
+    with ray_session(ray_address):
+        y_test, y_pred = predict(model.framework, checkpoint, stored_data(store, prepared), cpus=cpus)
+    metrics = compute_metrics(y_test, y_pred, prepared.classes)
     png_key = f"evaluations/{model.run_id}/confusion.png"
     store.put_bytes(png_key, confusion_png(metrics["confusion"], prepared.classes))
     return Evaluation(confusion_png_uri=store.child_uri(png_key), test_size=len(y_test), **metrics)
 
 
 @task(name="evaluate", task_run_name="evaluate {model.model} on {prepared.counts[test]} test images")
-def evaluate_task(model: TrainedModel, prepared: PreparedData, store: str, cache_dir: str | None = None) -> Evaluation:
+def evaluate_task(model: TrainedModel, prepared: PreparedData, store: str, ray_address: str | None = None,
+                  cpus: int = 1) -> Evaluation:
     """Prefect task: score the trained model on the test split; show the confusion matrix as an artifact."""
-    evaluation = evaluate(model, prepared, store, cache_dir)
+    evaluation = evaluate(model, prepared, store, ray_address, cpus)
     if not in_prefect_run():
         return evaluation
     opened = open_store(store)

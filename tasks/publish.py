@@ -16,12 +16,13 @@ from importlib import metadata
 from prefect import task
 
 from cluster.errors import UserError
+from cluster.frameworks import get_framework
 from tasks.common import retry_unless_user_error
 from tasks.refs import Evaluation, PreparedData, Release, TrainedModel
 from tasks.registry import MANIFEST, claim_version, move_champion, read_champion, versions_prefix
 from tasks.store import Store, open_store
 
-_PACKAGES = ("trainflow", "torch", "ray", "prefect", "numpy", "scikit-learn", "pillow", "pydantic")
+_PACKAGES = ("trainflow", "ray", "prefect", "numpy", "scikit-learn", "pillow", "pydantic")
 
 
 def gate(accuracy: float, champion: dict | None, min_improvement: float) -> tuple[bool, str]:
@@ -34,9 +35,10 @@ def gate(accuracy: float, champion: dict | None, min_improvement: float) -> tupl
     return verdict, f"{comparison} (delta {delta:+.4f}, needed > 0 and >= {min_improvement:g})"
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(framework: str) -> dict[str, str | None]:
+    """Installed versions (here, where publish runs) of the project's packages and the framework's."""
     found = {}
-    for package in _PACKAGES:
+    for package in (*_PACKAGES, *get_framework(framework).packages):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -84,16 +86,22 @@ def version_files(model: TrainedModel, evaluation: Evaluation, prepared: Prepare
                   store: Store, name: str, version: int) -> dict[str, bytes]:
     """Every file of a version, by file name."""
     checkpoint = store.key_of(model.checkpoint_uri)
+    state_json = store.get_bytes(f"{checkpoint}/state.json")
+    state = json.loads(state_json)
     lineage = {
         "name": name, "version": version, "created_at": datetime.now(timezone.utc).isoformat(),
+        "framework": model.framework, "framework_versions": state.get("versions", {}),
         "data_fingerprint": prepared.fingerprint, "prepared_uri": prepared.uri, "run_id": model.run_id,
         "checkpoint_uri": model.checkpoint_uri, "workers": [w.model_dump() for w in model.workers],
-        "parameters": params, "packages": package_versions(),
+        "parameters": params, "packages": package_versions(model.framework),
         "python": platform.python_version(), "git_commit": git_commit(),
     }
+    # the files the framework's checkpoint lists as its model (weights, or a whole saved model); its
+    # optimizer state stays with the checkpoint
+    model_files = {name: store.get_bytes(f"{checkpoint}/{name}") for name in state.get("model_files", ["model.pt"])}
     return {
-        "model.pt": store.get_bytes(f"{checkpoint}/model.pt"),
-        "state.json": store.get_bytes(f"{checkpoint}/state.json"),
+        **model_files,
+        "state.json": state_json,
         "metrics.json": evaluation.model_dump_json(indent=2).encode(),
         "lineage.json": json.dumps(lineage, indent=2, default=str).encode(),
         "card.md": model_card(name, version, model, evaluation, prepared, data_source(params)).encode(),

@@ -2,7 +2,7 @@
 
 Layout::
 
-    models/<name>/versions/<n>/{model.pt, state.json, metrics.json, lineage.json, card.md, confusion.png}
+    models/<name>/versions/<n>/{model files, state.json, metrics.json, lineage.json, card.md, confusion.png}
     models/<name>/versions/<n>/manifest.json   # written last: every file, size, sha256
     models/<name>/versions/<n>/promotions/<time>.json   # one immutable record per promotion
     models/<name>/champion.json                # replaced only by compare-and-swap

@@ -22,7 +22,7 @@ from prefect.context import TaskRunContext
 
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
-from cluster.launch import Resources, check_placement, fit_torch
+from cluster.launch import Resources, check_framework, check_placement, fit
 from cluster.nodecache import StoredData
 from cluster.runtime import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
@@ -39,7 +39,7 @@ NOT_IDENTITY = frozenset({"data_dir", "use_gpu"})
 def run_identity(prepared: PreparedData, cfg: TrainLoopConfig) -> str:
     """A name for this training run that is the same whenever its result would be."""
     identity = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IDENTITY}
-    blob = json.dumps({"data": prepared.fingerprint, "framework": "torch", **identity}, sort_keys=True)
+    blob = json.dumps({"data": prepared.fingerprint, **identity}, sort_keys=True)
     return f"{cfg.model}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
@@ -49,13 +49,16 @@ def check_trainable(train_images: int, cfg: TrainLoopConfig, resources: Resource
     (Whether the batch splits over the workers needs neither, so the flow's preflight checks it.)
 
     Raises:
-        UserError: a batch larger than the training set, or a worker group the Ray cluster cannot host.
+        UserError: a batch larger than the training set, a worker group the Ray cluster cannot host, or
+            a framework its nodes lack.
     """
     if cfg.batch_size > train_images:
         raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({train_images} images); "
                         "lower --batch-size or add images.")
     with ray_session(resources.ray_address):
         check_placement(resources)
+        if resources.ray_address:  # a local Ray runs this machine's packages, which preflight checked
+            check_framework(cfg.framework)
 
 
 def latest_checkpoint(store: Store, run_prefix: str) -> tuple[str, dict] | None:
@@ -72,7 +75,8 @@ def latest_checkpoint(store: Store, run_prefix: str) -> tuple[str, dict] | None:
 def to_trained_model(store: Store, checkpoint_key: str, state: dict, run_id: str, workers: int,
                      resumed_from: int, reused: bool) -> TrainedModel:
     return TrainedModel(
-        checkpoint_uri=store.child_uri(checkpoint_key), framework="torch", model=state["spec"]["name"],
+        checkpoint_uri=store.child_uri(checkpoint_key), framework=state.get("framework", "torch"),
+        model=state["spec"]["name"],
         run_id=run_id, history=tuple(EpochMetrics(**m) for m in state["history"]), num_workers=workers,
         resumed_from_epoch=resumed_from, reused=reused,
         workers=tuple(WorkerPlacement(**w) for w in state.get("workers", ())))
@@ -112,9 +116,9 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
         on_report(metrics)
 
     with ray_session(resources.ray_address):
-        final = fit_torch(cfg, resources, data=stored_data(store, prepared), run_name=run_id,
-                          storage_path=store.ray_storage_path("checkpoints"), storage_filesystem=store.ray_filesystem(),
-                          on_report=report, on_failure=on_failure, on_wait=on_wait)
+        final = fit(cfg, resources, data=stored_data(store, prepared), run_name=run_id,
+                    storage_path=store.ray_storage_path("checkpoints"), storage_filesystem=store.ray_filesystem(),
+                    on_report=report, on_failure=on_failure, on_wait=on_wait)
     key = f"{run_prefix}/{Path(final).name}"
     state = json.loads(store.get_bytes(f"{key}/state.json"))
     # where Ray actually resumed: the epoch before the first one this call heard of
@@ -128,7 +132,8 @@ def format_epoch(m: dict, epochs: int) -> str:
             f"({m['epoch_seconds']:.1f}s, {m['train_images_per_s']:.0f} img/s)")
 
 
-@task(name="train", task_run_name="train {cfg.model} x{resources.num_workers} workers, {cfg.epochs} epochs",
+@task(name="train", task_run_name="train {cfg.model} ({cfg.framework}) x{resources.num_workers} workers, "
+                                  "{cfg.epochs} epochs",
       retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store: str,
                force: bool = False) -> TrainedModel:

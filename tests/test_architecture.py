@@ -15,7 +15,11 @@ FORBIDDEN = {
     "tasks": {"flows"},
     "flows": set(),
 }
-FRAMEWORKS = {"torch", "torchvision", "tensorflow"}
+TORCH = {"torch", "torchvision"}
+TENSORFLOW = {"tensorflow", "keras", "tensorflow_datasets"}
+FRAMEWORKS = TORCH | TENSORFLOW
+BACKENDS = {"cluster/torch_backend.py": TORCH, "cluster/torch_loop.py": TORCH,
+            "cluster/tf_backend.py": TENSORFLOW, "cluster/tf_loop.py": TENSORFLOW}
 
 
 def imported_roots(path: Path, top_level_only: bool) -> set[str]:
@@ -40,14 +44,20 @@ def test_imports_point_one_way(package):
 
 
 def test_frameworks_are_imported_only_by_backends_or_lazily():
-    backends = {"cluster/torch_backend.py", "cluster/torch_loop.py"}
     offenders = [
         str(path.relative_to(ROOT))
         for package in FORBIDDEN
         for path in (ROOT / package).rglob("*.py")
-        if str(path.relative_to(ROOT)) not in backends and imported_roots(path, top_level_only=True) & FRAMEWORKS
+        if str(path.relative_to(ROOT)) not in BACKENDS and imported_roots(path, top_level_only=True) & FRAMEWORKS
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_a_backend_never_imports_the_other_framework(backend):
+    """TensorFlow after torch works in one process, the other order has segfaulted: a backend loads only its own."""
+    other = FRAMEWORKS - BACKENDS[backend]
+    assert imported_roots(ROOT / backend, top_level_only=False) & other == set()
 
 
 def test_importing_the_flow_and_cli_loads_no_framework():

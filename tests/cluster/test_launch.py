@@ -10,7 +10,7 @@ import pytest
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split
 from cluster.errors import UserError
-from cluster.launch import Resources, fit_torch
+from cluster.launch import Resources, fit
 from cluster.nodecache import StoredData
 from cluster.torch_backend import predict, read_state
 from tasks.store import open_store
@@ -31,7 +31,7 @@ def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, 
     data = store.local_dir(store.key_of(ref.uri), tmp_path)
     reports: list[dict] = []
     cfg = TrainLoopConfig(data_dir="", epochs=6, lr=0.01, batch_size=16)
-    final = fit_torch(cfg, Resources(num_workers=workers, max_failures=0), data=in_place(store_uri, ref),
+    final = fit(cfg, Resources(num_workers=workers, max_failures=0), data=in_place(store_uri, ref),
                       run_name=f"w{workers}", storage_path=str(tmp_path / "ray"), on_report=reports.append)
 
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5, 6]  # once per epoch, not once per worker
@@ -49,9 +49,9 @@ def test_rerun_with_same_name_resumes_from_its_last_checkpoint(ray_local, prepar
     store = open_store(store_uri)
     data = in_place(store_uri, ref)
     cfg = TrainLoopConfig(data_dir="", epochs=2, lr=0.01, batch_size=16)
-    fit_torch(cfg, Resources(num_workers=1), data=data, run_name="resume", storage_path=str(tmp_path / "ray"))
+    fit(cfg, Resources(num_workers=1), data=data, run_name="resume", storage_path=str(tmp_path / "ray"))
     reports: list[dict] = []
-    final = fit_torch(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 3}), Resources(num_workers=1), data=data,
+    final = fit(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 3}), Resources(num_workers=1), data=data,
                       run_name="resume", storage_path=str(tmp_path / "ray"), on_report=reports.append)
     assert [r["epoch"] for r in reports] == [3]
     assert read_state(Path(final))[1] == 3
@@ -61,7 +61,7 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_local, prepared, tmp_p
     cfg = TrainLoopConfig(data_dir="unused", epochs=1)
     data = in_place(*prepared)
     with pytest.raises(UserError, match="lower num_workers"):
-        fit_torch(cfg, Resources(num_workers=64), data=data, run_name="too-big", storage_path=str(tmp_path))
+        fit(cfg, Resources(num_workers=64), data=data, run_name="too-big", storage_path=str(tmp_path))
     with pytest.raises(UserError, match="1 GPU"):
-        fit_torch(cfg, Resources(num_workers=1, use_gpu=True), data=data, run_name="no-gpu",
+        fit(cfg, Resources(num_workers=1, use_gpu=True), data=data, run_name="no-gpu",
                   storage_path=str(tmp_path))

@@ -69,8 +69,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     return train_small_model(tmp_path_factory.mktemp("evaluate"))
 
 
-def test_evaluate_scores_the_trained_checkpoint(trained: Trained):
-    result = evaluate(trained.model, trained.prepared, trained.store.uri, str(trained.cache_dir))
+def test_evaluate_scores_the_trained_checkpoint(ray_local, trained: Trained):
+    result = evaluate(trained.model, trained.prepared, trained.store.uri)
     n_test = trained.prepared.counts["test"]
     assert n_test == 12
     assert result.test_size == n_test
@@ -90,7 +90,7 @@ def test_evaluate_scores_the_trained_checkpoint(trained: Trained):
     assert trained.store.get_bytes(png_key).startswith(PNG_SIGNATURE)
 
 
-def test_evaluate_task_fn(trained: Trained):
-    result = evaluate_task.fn(trained.model, trained.prepared, trained.store.uri, str(trained.cache_dir))
+def test_evaluate_task_fn(ray_local, trained: Trained):
+    result = evaluate_task.fn(trained.model, trained.prepared, trained.store.uri)
     assert result.test_size == trained.prepared.counts["test"]
     assert result.accuracy >= 0.9

@@ -56,8 +56,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 
 
 @pytest.fixture(scope="module")
-def evaluation(trained: Trained) -> Evaluation:
-    return evaluate(trained.model, trained.prepared, trained.store.uri, str(trained.cache_dir))
+def evaluation(ray_local, trained: Trained) -> Evaluation:
+    return evaluate(trained.model, trained.prepared, trained.store.uri)
 
 
 def with_accuracy(evaluation: Evaluation, accuracy: float) -> Evaluation:
@@ -108,6 +108,7 @@ def test_first_publish_writes_a_complete_version(trained: Trained, evaluation: E
     assert lineage["checkpoint_uri"] == trained.model.checkpoint_uri
     assert lineage["version"] == 1
     assert "torch" in lineage["packages"] and lineage["packages"]["torch"]
+    assert lineage["framework"] == "torch"
     assert lineage["packages"]["numpy"]
 
     assert champion_of(store, name)["version"] == 1

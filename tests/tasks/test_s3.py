@@ -84,7 +84,7 @@ def test_credentials_come_only_from_the_environment(s3_server):
     assert "secret" not in fields and "access_key" not in fields
 
 
-def test_concurrent_publishers_on_s3_never_both_become_champion(s3_server, tmp_path):
+def test_concurrent_publishers_on_s3_never_both_become_champion(s3_server, ray_local, tmp_path):
     """Two publishers race on one S3 registry: distinct versions, manifests complete, the better one wins."""
     import threading
 
@@ -94,7 +94,7 @@ def test_concurrent_publishers_on_s3_never_both_become_champion(s3_server, tmp_p
     from tests.tasks._helpers import train_small_model
 
     trained = train_small_model(tmp_path / "train")
-    evaluation = evaluate(trained.model, trained.prepared, trained.store.uri, str(trained.cache_dir))
+    evaluation = evaluate(trained.model, trained.prepared, trained.store.uri)
     s3 = open_store(f"s3://{s3_server.bucket}/race-{tmp_path.name[-12:]}")
     for key in trained.store.list("checkpoints") + trained.store.list("evaluations"):
         s3.put_bytes(key, trained.store.get_bytes(key))

@@ -1,0 +1,80 @@
+"""TensorFlow pieces: the model, checkpoint files, predict.
+
+Imported only by TensorFlow's training workers and evaluation's Ray task
+(``cluster.frameworks`` names it), never by the flow: the Prefect process
+imports no framework.
+
+The model takes raw pixel values (float32 0..255, NHWC) and normalises them
+itself (``Rescaling`` then ``Normalization`` with the training set's mean and
+std), so a published ``.keras`` file predicts from images as they are, and
+loads in a fresh process with ``safe_mode=True``: it holds standard layers only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cluster.worker import STATE_FILE, ModelSpec, read_state, write_state
+
+__all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "build_model", "load_checkpoint", "predict", "read_state",
+           "save_checkpoint"]
+
+MODEL_FILE = "model.keras"
+OPTIM_FILE = "optimizer.npz"
+
+
+def build_model(spec: ModelSpec) -> keras.Model:
+    """The source article's network, as ``cluster.torch_backend.SeedCNN``: conv64-conv128-conv256 (each + 2x2
+    max-pool), then fc1024-fc512-fc(classes), returning logits. Any image size >= 8, channel and class count."""
+    if spec.name != "seed_cnn":
+        raise ValueError(f"unknown model {spec.name!r}")
+    layers = keras.layers
+    inputs = keras.Input(shape=(spec.image_size, spec.image_size, spec.in_channels), name="pixels")
+    x = layers.Rescaling(1.0 / 255.0)(inputs)
+    x = layers.Normalization(axis=-1, mean=list(spec.mean), variance=[s * s for s in spec.std])(x)
+    for filters in (64, 128, 256):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(1024, activation="relu")(x)
+    x = layers.Dense(512, activation="relu")(x)
+    return keras.Model(inputs, layers.Dense(spec.num_classes, name="logits")(x), name=spec.name)
+
+
+def save_checkpoint(directory: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, spec: ModelSpec,
+                    epoch: int, history: list[dict], workers: list[dict] | None = None) -> None:
+    """The whole model as ``model.keras``, the optimizer's variables (momentum, step) as arrays, and the state."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / MODEL_FILE)
+    np.savez(directory / OPTIM_FILE, *[np.asarray(v.numpy()) for v in optimizer.variables])
+    write_state(directory, framework="tensorflow",
+                versions={"tensorflow": tf.__version__, "keras": keras.__version__}, model_files=[MODEL_FILE],
+                spec=spec, epoch=epoch, history=history, workers=workers)
+
+
+def load_checkpoint(directory: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    """Restore weights and optimizer state into a model and optimizer built (in the strategy's scope) from the spec."""
+    saved = keras.models.load_model(directory / MODEL_FILE, safe_mode=True, compile=False)
+    model.set_weights(saved.get_weights())
+    optimizer.build(model.trainable_variables)
+    with np.load(directory / OPTIM_FILE) as arrays:
+        values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    if len(values) != len(optimizer.variables):
+        raise ValueError(f"checkpoint {directory} holds {len(values)} optimizer variables, "
+                         f"the optimizer has {len(optimizer.variables)}")
+    for variable, value in zip(optimizer.variables, values):
+        variable.assign(value)
+
+
+def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class indices predicted for uint8 NHWC ``images`` by the checkpoint's model."""
+    model = keras.models.load_model(checkpoint_dir / MODEL_FILE, safe_mode=True, compile=False)
+    if len(images) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([
+        np.argmax(model(images[i:i + batch_size].astype(np.float32), training=False), axis=1)
+        for i in range(0, len(images), batch_size)]).astype(np.int64)

@@ -1,0 +1,199 @@
+"""The per-worker TensorFlow training loop, independent of Ray.
+
+A hand-written loop under ``tf.distribute.MultiWorkerMirroredStrategy``:
+Keras 3's ``model.fit`` fails under that strategy with more than one worker
+(keras-team/keras#20585, ray-project/ray#47464). The strategy is created
+before any other TensorFlow work; each worker reads its own shard through
+``distribute_datasets_from_function``; model and optimizer are built in the
+strategy's scope; one ``tf.function`` step calls ``strategy.run`` and scales
+the loss by the global batch. Ray (``cluster.launch``) supplies rank, world
+size, reporting, checkpoints and ``TF_CONFIG``; without Ray::
+
+    python -m cluster.tf_loop --data DIR --epochs 2    # one process, one worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cluster import tf_backend as tfb
+from cluster.config import TrainLoopConfig
+from cluster.data import load_split, read_meta
+from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_shard
+
+__all__ = ["main", "train_loop", "train_on_ray"]
+
+
+def _start(ctx: WorkerContext) -> tf.distribute.Strategy:
+    """Thread pools sized to this worker's CPUs, then the strategy: both must precede any other TensorFlow work."""
+    # Ray sets OMP_NUM_THREADS to the worker's CPUs, which TensorFlow ignores: left alone, every worker
+    # on a node would start one thread per core of the node.
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()  # without TF_CONFIG: this process alone
+    gpus = tf.config.list_logical_devices("GPU")
+    ctx.device = gpus[0].name if gpus else "cpu"
+    if strategy.num_replicas_in_sync != ctx.world_size * max(1, len(gpus)):
+        raise RuntimeError(f"TF_CONFIG names {strategy.num_replicas_in_sync} replicas, "
+                           f"but the worker group has {ctx.world_size} workers")
+    return strategy
+
+
+def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
+    """Train for ``cfg.epochs``, resuming from the context's checkpoint; returns the metric history."""
+    strategy = _start(ctx)
+    data_dir = Path(cfg.data_dir)
+    spec = ModelSpec.from_meta(cfg.model, read_meta(data_dir))
+    x_train, y_train = load_split(data_dir, "train", mmap=True)
+    x_val, y_val = (a[ctx.rank::ctx.world_size] for a in load_split(data_dir, "val", mmap=True))
+    keras.utils.set_random_seed(cfg.seed)  # identical initial weights on every rank
+    with strategy.scope():
+        model = tfb.build_model(spec)
+        optimizer = keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum)
+        optimizer.build(model.trainable_variables)
+    start_epoch, history = 0, []
+    with tempfile.TemporaryDirectory() as tmp:
+        if ctx.restore(Path(tmp)):
+            with strategy.scope():
+                tfb.load_checkpoint(Path(tmp), model, optimizer)
+            _, start_epoch, history = tfb.read_state(Path(tmp))
+            print(f"rank {ctx.rank}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
+    local_batch = cfg.local_batch_size(ctx.world_size)
+    steps = _Steps(strategy, model, optimizer, ctx.world_size)
+    workers = steps.placements(ctx)
+    if ctx.rank == 0:
+        print(f"global batch {cfg.batch_size} = {ctx.world_size} workers x {local_batch} per worker; "
+              f"{len(y_train)} training images", flush=True)
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        keras.utils.set_random_seed((cfg.seed * 100_003 + epoch) * 4_099 + ctx.rank)
+        shard = epoch_shard(len(y_train), cfg.seed, epoch, ctx.rank, ctx.world_size)
+        metrics = run_epoch(steps, (x_train[shard], y_train[shard]), (x_val, y_val), local_batch, epoch, ctx)
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if ctx.rank == 0:
+                tfb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers)
+                ckpt = Path(tmp)
+            ctx.report(metrics, ckpt)
+    return history
+
+
+class _Steps:
+    """The compiled train step, eval step and cross-worker sum for one model, optimizer and strategy."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, model, optimizer, world_size: int) -> None:
+        self.strategy, self.model, self.optimizer, self.world_size = strategy, model, optimizer, world_size
+        self.train = tf.function(self._train)
+        self.evaluate = tf.function(self._evaluate)
+        self.all_sum = tf.function(self._all_sum)
+
+    def _train(self, batch) -> tf.Tensor:
+        """One SGD step on every worker; returns this worker's summed loss (no cross-worker sync for it)."""
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                logits = self.model(tf.cast(x, tf.float32), training=True)
+                per_example = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+                # the mean over the global batch: the gradient all-reduce then sums the workers' shares
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=tf.shape(y)[0] * self.world_size)
+            grads = tape.gradient(loss, self.model.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+            return tf.reduce_sum(per_example)
+
+        return tf.add_n(self.strategy.experimental_local_results(self.strategy.run(step, args=batch)))
+
+    def _evaluate(self, x, y) -> tuple[tf.Tensor, tf.Tensor]:
+        """Summed loss and number correct of one local batch (no replicas involved)."""
+        logits = self.model(tf.cast(x, tf.float32), training=False)
+        loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1), y), tf.float64))
+        return tf.reduce_sum(tf.cast(loss, tf.float64)), correct
+
+    def _all_sum(self, values: tf.Tensor) -> tf.Tensor:
+        # tf.identity places the value on the replica's device: the all-reduce fails on one that has none
+        summed = self.strategy.run(lambda v: tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.identity(v)), args=(values,))
+        return self.strategy.experimental_local_results(summed)[0]
+
+    def sum_over_workers(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        return self.all_sum(tf.constant(values, dtype=tf.float64)).numpy().tolist()
+
+    def placements(self, ctx: WorkerContext) -> list[dict]:
+        """Every rank's placement, in rank order; only rank 0 needs them (it writes the checkpoints)."""
+        # TensorFlow's collectives carry numbers, not objects: rank 0 learns the others' placements
+        # through one all-reduce of encoded bytes, padded to a common length.
+        import json
+
+        mine = json.dumps(ctx.placement()).encode()
+        width = 512
+        if len(mine) > width:
+            raise ValueError(f"placement record longer than {width} bytes: {mine[:80]!r}")
+        table = np.zeros((ctx.world_size, width), dtype=np.float64)
+        table[ctx.rank, :len(mine)] = np.frombuffer(mine, dtype=np.uint8)
+        summed = np.asarray(self.sum_over_workers(table.ravel().tolist())).reshape(table.shape).astype(np.uint8)
+        return [json.loads(bytes(row).rstrip(b"\0")) for row in summed]
+
+
+def run_epoch(steps: _Steps, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+              local_batch: int, epoch: int, ctx: WorkerContext) -> dict:
+    """One pass over this rank's shard, then validation; metrics are summed over all ranks."""
+    x_shard, y_shard = train
+    t0 = time.perf_counter()
+
+    def shard_batches(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        # the shard is this worker's already (rank = TF task index): no further sharding by TensorFlow
+        return tf.data.Dataset.from_tensor_slices((x_shard, y_shard)).batch(local_batch).prefetch(2)
+
+    loss_sum = tf.zeros((), tf.float32)
+    for batch in steps.strategy.distribute_datasets_from_function(shard_batches):
+        loss_sum += steps.train(batch)
+    train_loss_sum = float(loss_sum.numpy())  # one host sync per epoch, not per step
+    seconds = time.perf_counter() - t0
+    val_loss, correct = 0.0, 0.0
+    x_val, y_val = val
+    for i in range(0, len(y_val), 512):
+        batch_loss, batch_correct = steps.evaluate(x_val[i:i + 512], y_val[i:i + 512])
+        val_loss, correct = val_loss + float(batch_loss), correct + float(batch_correct)
+    total_loss, total_seen, v_loss, v_correct, v_seen = steps.sum_over_workers(
+        [train_loss_sum, float(len(y_shard)), val_loss, correct, float(len(y_val))])
+    return {
+        "epoch": epoch,
+        "train_loss": total_loss / total_seen,
+        "val_loss": v_loss / v_seen if v_seen else None,
+        "val_accuracy": v_correct / v_seen if v_seen else None,
+        "epoch_seconds": seconds,
+        "train_images_per_s": total_seen / seconds,
+    }
+
+
+def train_on_ray(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
+    """The loop on a Ray Train worker: ``TF_CONFIG`` was set by ``cluster.tf_ray``'s backend."""
+    return train_loop(cfg, ctx)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the loop without Ray, in this process."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="a prepared-data directory (see cluster.data)")
+    ap.add_argument("--checkpoints", default=None, help="checkpoint folder (default: a temporary one)")
+    for name, kind, default in (("epochs", int, 1), ("batch-size", int, 64), ("lr", float, 0.001), ("seed", int, 0)):
+        ap.add_argument(f"--{name}", type=kind, default=default)
+    args = ap.parse_args(argv)
+    cfg = TrainLoopConfig(data_dir=args.data, framework="tensorflow", epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed)
+    train_loop(cfg, LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-"))))
+
+
+if __name__ == "__main__":
+    main()

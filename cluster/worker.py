@@ -1,0 +1,117 @@
+"""What every framework's worker loop shares, none of it framework code.
+
+The context a loop gets (rank, world size, reporting, checkpoint restore),
+a Ray-free context for one process or ``torchrun``, the model's spec, the
+epoch's shard of the training set, and the checkpoint's ``state.json``: the
+file that says which framework wrote a checkpoint, which of its files are the
+model, and how far training got.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from cluster.data import Meta
+
+STATE_FILE = "state.json"
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: object  # the framework's own device object (or its name); the framework's loop sets it
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        """Called by every rank once per epoch; only rank 0 passes a checkpoint."""
+
+    def restore(self, into: Path) -> bool:
+        """Copy the latest checkpoint into ``into``; False when there is none."""
+
+    def placement(self) -> dict:
+        """Where this rank runs: rank, node_id, node_ip, hostname, device."""
+
+
+@dataclass
+class LocalContext:
+    """Rank and world from torchrun's environment (or 0/1), checkpoints in a folder."""
+
+    checkpoint_root: Path
+    rank: int = field(default_factory=lambda: int(os.environ.get("RANK", 0)))
+    world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", 1)))
+    device: object = "cpu"
+    reports: list[dict] = field(default_factory=list)
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            target = self.checkpoint_root / f"epoch_{metrics['epoch']:04d}"
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+        if self.rank == 0:
+            print(json.dumps(metrics), flush=True)
+
+    def placement(self) -> dict:
+        return {"rank": self.rank, "node_id": None, "node_ip": None, "hostname": socket.gethostname(),
+                "device": str(self.device)}
+
+    def restore(self, into: Path) -> bool:
+        done = sorted(self.checkpoint_root.glob("epoch_*")) if self.checkpoint_root.is_dir() else []
+        if not done:
+            return False
+        shutil.copytree(done[-1], into, dirs_exist_ok=True)
+        return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """What it takes to rebuild a model and feed it: shape, classes, normalisation."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    @classmethod
+    def from_meta(cls, name: str, meta: Meta) -> ModelSpec:
+        return cls(name=name, in_channels=meta.channels, num_classes=len(meta.classes), image_size=meta.image_size,
+                   mean=meta.mean, std=meta.std, classes=meta.classes)
+
+
+def epoch_shard(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's equal-length shard of a permutation of ``range(n)`` that every rank draws identically.
+
+    A function of (seed, epoch): a resumed epoch draws what the interrupted one would have.
+    """
+    perm = np.random.default_rng(seed * 100_003 + epoch).permutation(n)
+    return perm[rank::world_size][: n // world_size]
+
+
+def write_state(directory: Path, *, framework: str, versions: dict[str, str], model_files: list[str],
+                spec: ModelSpec, epoch: int, history: list[dict], workers: list[dict] | None = None) -> None:
+    """The checkpoint's ``state.json``; ``workers`` records where each rank of the group that trained this epoch ran.
+
+    ``loaded_frameworks`` says which frameworks the writing process had loaded: one, or something leaked.
+    """
+    loaded = sorted(name for name in ("tensorflow", "torch") if name in sys.modules)
+    state = {"framework": framework, "versions": versions, "model_files": model_files, "epoch": epoch,
+             "history": history, "spec": asdict(spec), "workers": workers or [], "loaded_frameworks": loaded}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def read_state(directory: Path) -> tuple[ModelSpec, int, list[dict]]:
+    """The spec, last finished epoch and metric history stored in a checkpoint."""
+    state = json.loads((directory / STATE_FILE).read_text())
+    raw = state["spec"]
+    spec = ModelSpec(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]), "classes": tuple(raw["classes"])})
+    return spec, state["epoch"], state["history"]

@@ -1,0 +1,81 @@
+"""TensorFlow on Ray Train: MultiWorkerMirroredStrategy with one and two workers, reports, checkpoints, resume.
+
+TensorFlow never loads in this (torch-importing) process: training runs in Ray
+workers and predictions in a Ray task, each a process of TensorFlow alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.config import TrainLoopConfig
+from cluster.errors import UserError
+from cluster.launch import Resources, StoredCheckpoint, fit, predict
+from tests.cluster.test_launch import in_place
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                reason="tensorflow is not installed: pip install 'trainflow[tensorflow]'")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def state(checkpoint: str) -> dict:
+    return json.loads((Path(checkpoint) / "state.json").read_text())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tensorflow_trains_on_ray_reports_every_epoch_and_resumes(ray_local, prepared, tmp_path, workers):
+    data = in_place(*prepared)
+    reports: list[dict] = []
+    cfg = TrainLoopConfig(data_dir="", framework="tensorflow", epochs=5, lr=0.01, batch_size=16)
+    final = fit(cfg, Resources(num_workers=workers, max_failures=0), data=data, run_name=f"tf{workers}",
+                storage_path=str(tmp_path), on_report=reports.append)
+
+    assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5]  # once per epoch, not once per worker
+    assert reports[-1]["train_loss"] < 0.5 * reports[0]["train_loss"], reports
+    saved = state(final)
+    assert saved["framework"] == "tensorflow" and saved["epoch"] == 5
+    assert saved["model_files"] == ["model.keras"] and (Path(final) / "model.keras").is_file()
+    assert saved["loaded_frameworks"] == ["tensorflow"]  # the worker that wrote it never loaded torch
+    assert set(saved["versions"]) == {"tensorflow", "keras"}
+    assert [w["rank"] for w in saved["workers"]] == list(range(workers))
+    y_true, y_pred = predict("tensorflow", StoredCheckpoint(filesystem=None, path=final), data)
+    assert "tensorflow" not in sys.modules  # predictions came from a Ray task, not from this process
+    assert len(y_true) == prepared[1].counts["test"]
+    assert float(np.mean(y_true == y_pred)) > 0.8
+
+    if workers == 1:  # the published file: a fresh process loads it with safe_mode and predicts from raw pixels
+        _load_keras_in_fresh_process(Path(final) / "model.keras")
+        return
+    # the same run name, one more epoch: weights and optimizer state come back from the last checkpoint
+    more: list[dict] = []
+    resumed = fit(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 6}), Resources(num_workers=workers), data=data,
+                  run_name=f"tf{workers}", storage_path=str(tmp_path), on_report=more.append)
+    assert [r["epoch"] for r in more] == [6]
+    assert state(resumed)["history"][:5] == saved["history"]  # the first five epochs were not trained again
+    assert more[0]["train_loss"] < 1.5 * reports[-1]["train_loss"]  # restored weights: no jump back to epoch 1
+
+
+def _load_keras_in_fresh_process(path: Path) -> None:
+    code = ("import sys, keras, numpy as np; "
+            "m = keras.models.load_model(sys.argv[1], safe_mode=True); "
+            "x = np.zeros((2, 16, 16, 3), np.float32); print(m(x).shape, 'torch' in sys.modules)")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["(2,", "3)", "False"]
+
+
+def test_tensorflow_only_options_are_refused():
+    with pytest.raises(UserError, match="precision=bf16 is not implemented for framework='tensorflow'"):
+        TrainLoopConfig(data_dir="", framework="tensorflow", precision="bf16")
+    with pytest.raises(UserError, match="framework='jax' is unknown; choose one of torch, tensorflow"):
+        TrainLoopConfig(data_dir="", framework="jax")
