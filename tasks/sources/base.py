@@ -133,7 +133,8 @@ def run_helper(module: str, args: list[str], env: dict[str, str] | None = None) 
     """
     paths = [str(_PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     child_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(paths)}
-    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=child_env)
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=child_env,
+                         check=False)
     for line in reversed(out.stdout.splitlines()):
         if line.startswith("{"):
             result = json.loads(line)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.sources.base import SPLITS, Materialised, Source, SourceSpec, run_helper
+from tasks.sources.base import SPLITS, Materialised, Source, run_helper
 
 
 def download_cifar10(cache: Path) -> dict[str, Path]:

@@ -6,7 +6,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from tasks.sources.base import Materialised, Source, SourceSpec, publish_dir
+from tasks.sources.base import Materialised, Source, publish_dir
 
 
 def write_digits(cache: Path) -> Path:

@@ -15,7 +15,7 @@ import shutil
 import tarfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePosixPath, Path
+from pathlib import Path, PurePosixPath
 
 from cluster.errors import UserError
 from tasks.common import file_sha256

@@ -97,6 +97,9 @@ def _user_error(spec: SourceSpec, result: dict) -> UserError:
     if kind == "not_classification":
         return UserError(f"--dataset {spec.text!r}: {result['detail']}; only image classification datasets "
                          "(an Image and a ClassLabel feature) can be ingested.")
+    if kind == "unsupported_image":
+        return UserError(f"--dataset {spec.text!r}: {result['detail']}; only 8-bit PNG or JPEG images can be "
+                         "ingested.")
     if kind == "no_train":
         return UserError(f"--dataset {spec.text!r} has no 'train' split (only {', '.join(result['splits'])}); "
                          "choose a dataset with one.")

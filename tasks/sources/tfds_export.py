@@ -35,9 +35,9 @@ def pick_features(info: Any, tfds: Any) -> tuple[str, str]:
     features = info.features
     kinds = {"image": tfds.features.Image, "label": tfds.features.ClassLabel}
     keys = info.supervised_keys
-    if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) and k in features for k in keys):
-        if isinstance(features[keys[0]], kinds["image"]) and isinstance(features[keys[1]], kinds["label"]):
-            return keys
+    if (isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) and k in features for k in keys)
+            and isinstance(features[keys[0]], kinds["image"]) and isinstance(features[keys[1]], kinds["label"])):
+        return keys
     found = {role: next((k for k, f in features.items() if isinstance(f, kind)), None) for role, kind in kinds.items()}
     missing = [f"no {kinds[role].__name__} feature" for role, key in found.items() if key is None]
     if missing:
@@ -90,8 +90,8 @@ def export(name: str, data_dir: str, out: Path, download: bool) -> dict[str, Any
             data = example[image_key]
             suffix = next((s for magic, s in _MAGIC.items() if data.startswith(magic)), None)
             if suffix is None:
-                raise Refusal("unsupported_image", detail=f"feature {image_key!r} is stored neither as PNG nor as "
-                                                          "JPEG (a float or 16-bit image?), which this source cannot read")
+                raise Refusal("unsupported_image", detail=f"its feature {image_key!r} is stored neither as PNG "
+                                                          "nor as JPEG (float or 16-bit pixels?)")
             (out / ours / classes[int(example[label_key])] / f"{n - 1:06d}{suffix}").write_bytes(data)
         counts[ours] = n
     return {"classes": classes, "counts": counts, "splits": splits}

@@ -78,6 +78,18 @@ def test_unknown_source_lists_every_form():
     assert "'tfds:<name>[/<config>][:<version>]'" in str(info.value)
 
 
+def test_tfds_split_mapping_and_class_folder_names():
+    from tasks.sources.tfds_export import Refusal, folder_names, split_map  # plain functions: no TensorFlow
+
+    assert split_map(["test", "train", "extra"]) == {"train": "train", "test": "test"}
+    assert split_map(["train", "validation"]) == {"train": "train", "test": "validation"}
+    assert split_map(["train"]) == {"train": "train"}
+    with pytest.raises(Refusal) as info:
+        split_map(["test", "validation"])
+    assert info.value.fields == {"error": "no_train", "splits": ["test", "validation"]}
+    assert folder_names(["cat", "a/b", "", ".hidden", "cat"]) == ["cat", "a_b", "class_2", "hidden_3", "cat_4"]
+
+
 # --- tfds: checks before anything starts ----------------------------------------------------------------------
 
 
