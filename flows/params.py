@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.frameworks import FRAMEWORKS, get_framework
 from cluster.runtime import resolve_address
 from tasks import sources
 from tasks.preprocess import PreprocessConfig
@@ -98,7 +99,8 @@ class DataParams(_Section):
 
 
 class TrainParams(_Section):
-    framework: Literal["torch"] = Field("torch", title="Framework")
+    framework: Literal[tuple(FRAMEWORKS)] = Field(  # type: ignore[valid-type]  # choices from the registry
+        "torch", title="Framework", description="; ".join(f"{f.name}: {f.summary}" for f in FRAMEWORKS.values()))
     model: Literal["seed_cnn"] = Field("seed_cnn", title="Model",
                                        description="seed_cnn: the article's conv64-128-256 + fc1024-512 network")
     epochs: int = Field(10, ge=1, le=1000, title="Epochs")
@@ -114,8 +116,8 @@ class TrainParams(_Section):
                                     "one resumes. On: train again from epoch 0 under a new run")
 
     def to_config(self) -> TrainLoopConfig:
-        return TrainLoopConfig(data_dir="", model=self.model, epochs=self.epochs, batch_size=self.batch_size,
-                               lr=self.lr, momentum=self.momentum, seed=self.seed, precision=self.precision,
+        return TrainLoopConfig(data_dir="", framework=self.framework, model=self.model, epochs=self.epochs,
+                               batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed, precision=self.precision,
                                channels_last=self.channels_last)
 
 
@@ -194,8 +196,8 @@ def preflight(params: PipelineParams) -> None:
     """Checks that need no server or cluster, run before either starts.
 
     Raises:
-        UserError: for an unknown or missing dataset, an unusable store, or a folder store that the nodes
-            of an existing cluster cannot see.
+        UserError: for an unknown or missing dataset, an unusable store, a folder store that the nodes
+            of an existing cluster cannot see, or a framework that is not installed.
     """
     from cluster.errors import UserError
     from tasks.ingest import check_source
@@ -210,3 +212,5 @@ def preflight(params: PipelineParams) -> None:
                         "every node mounts this folder at the same path.")
     store.check()
     params.train.to_config().local_batch_size(params.cluster.num_workers)
+    if address is None:  # a local Ray runs this machine's packages; a cluster's nodes are asked once Ray is up
+        get_framework(params.train.framework).check_installed()
