@@ -117,8 +117,8 @@ class TrainParams(_Section):
 
     def to_config(self) -> TrainLoopConfig:
         return TrainLoopConfig(data_dir="", framework=self.framework, model=self.model, epochs=self.epochs,
-                               batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed, precision=self.precision,
-                               channels_last=self.channels_last)
+                               batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed,
+                               precision=self.precision, channels_last=self.channels_last)
 
 
 class ClusterParams(_Section):

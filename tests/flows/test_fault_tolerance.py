@@ -2,8 +2,9 @@
 
 Real processes, real signals: the worker is found among the run's own
 descendants by its Ray process title, and the driver is the `trainflow run`
-subprocess itself. Both runs are compared with one uninterrupted run of the
-same seed.
+subprocess itself. Each run is compared with one uninterrupted run of the same
+seed and framework; the uninterrupted torch and TensorFlow runs, on the same
+data with the same recipe, are also compared with each other.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ EPOCHS = 6
 ARGS = ["--preset", "digits-quickstart", "--epochs", str(EPOCHS), "--workers", "2", "--json"]
 
 
-def start_run(store: Path, log: Path, *extra: str) -> subprocess.Popen:
+def start_run(store: Path, log: Path, framework: str = "torch") -> subprocess.Popen:
     """`trainflow run` in its own session; stdout (JSON summary, Ray workers' prints) and stderr go to ``log``."""
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *ARGS, "--store", str(store), *extra],
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *ARGS, "--framework", framework,
+                             "--store", str(store)],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -47,12 +49,13 @@ def checkpoint_epochs(store: Path) -> list[int]:
     return [state["epoch"] for state in checkpoint_states(store)]
 
 
-def start_until_epoch(tmp_path: Path, epoch: int, log_name: str) -> tuple[Path, Path, subprocess.Popen, float]:
+def start_until_epoch(tmp_path: Path, epoch: int, log_name: str,
+                      framework: str = "torch") -> tuple[Path, Path, subprocess.Popen, float]:
     """Start a run into ``tmp_path/store`` and return once the driver has logged ``epoch``:
     (store, log, process, monotonic start time). The caller reaps the process."""
     store, log = tmp_path / "store", tmp_path / log_name
     started = time.monotonic()
-    process = start_run(store, log)
+    process = start_run(store, log, framework)
     try:
         wait_for_epoch(epoch, process, log)
     except BaseException:
@@ -112,21 +115,62 @@ def reap(process: subprocess.Popen) -> None:
         pass
 
 
+class Uninterrupted:
+    """The references: one run per framework, same seed, never interrupted; each made when first asked for."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.runs = root, {}
+
+    def __getitem__(self, framework: str) -> dict:
+        if framework not in self.runs:
+            tmp = self.root / framework
+            started = time.monotonic()
+            process = start_run(tmp / "store", tmp / "run.log", framework)
+            try:
+                self.runs[framework] = {**finish(process, tmp / "run.log"), "wall_s": time.monotonic() - started,
+                                        "store": tmp / "store"}
+            finally:
+                reap(process)
+        return self.runs[framework]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    """The reference: the same run, same seed, never interrupted."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    started = time.monotonic()
-    process = start_run(tmp / "store", tmp / "run.log")
-    try:
-        return {**finish(process, tmp / "run.log"), "wall_s": time.monotonic() - started}
-    finally:
-        reap(process)
+def uninterrupted(tmp_path_factory) -> Uninterrupted:
+    return Uninterrupted(tmp_path_factory.mktemp("uninterrupted"))
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path):
-    store, log, process, started = start_until_epoch(tmp_path, 2, "run.log")
+def test_frameworks_agree_and_the_tensorflow_release_loads_in_a_fresh_process(uninterrupted):
+    """Parity: the same prepared digits, epochs and recipe give torch and TensorFlow accuracies within 3 points."""
+    torch_run, tf_run = uninterrupted["torch"], uninterrupted["tensorflow"]
+    assert abs(torch_run["accuracy"] - tf_run["accuracy"]) <= 0.03, (torch_run["accuracy"], tf_run["accuracy"])
+    assert tf_run["accuracy"] >= 0.9
+    version = tf_run["store"] / "models" / "seed-cnn" / "versions" / "1"
+    lineage = json.loads((version / "lineage.json").read_text())
+    assert lineage["framework"] == "tensorflow" and lineage["parameters"]["train"]["framework"] == "tensorflow"
+    assert set(lineage["framework_versions"]) == {"tensorflow", "keras"} and lineage["packages"]["tensorflow"]
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert {f["name"] for f in manifest["files"]} >= {"model.keras", "state.json", "metrics.json"}
+    assert "model.pt" not in {f["name"] for f in manifest["files"]}
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "models", "show", "seed-cnn", "--store",
+                            str(tf_run["store"])], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["metrics"]["accuracy"] == tf_run["accuracy"]
+    # a fresh process, which knows nothing of trainflow, loads it safely and predicts from raw pixels
+    code = ("import sys, json, keras; "
+            "m = keras.models.load_model(sys.argv[1], safe_mode=True); "
+            "print(json.dumps([m.input_shape, 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code, str(version / "model.keras")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[None, 32, 32, 1], False]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path, framework):
+    reference = uninterrupted[framework]
+    store, log, process, started = start_until_epoch(tmp_path, 2, "run.log", framework)
     try:
         checkpointed_at = time.monotonic()
         time.sleep(1.0)  # into the next epoch
@@ -146,17 +190,18 @@ def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path)
     # the final checkpoint's history holds every epoch once: only the interrupted epoch was run twice
     assert checkpoint_epochs(store)[-1] == EPOCHS
     assert [m["epoch"] for m in checkpoint_states(store)[-1]["history"]] == list(range(1, EPOCHS + 1))
-    assert abs(summary["accuracy"] - uninterrupted["accuracy"]) <= 0.02, (summary["accuracy"],
-                                                                         uninterrupted["accuracy"])
+    assert abs(summary["accuracy"] - reference["accuracy"]) <= 0.02, (summary["accuracy"], reference["accuracy"])
     print(json.dumps({"worker_kill": {  # the cost, for the record (-s shows it)
-        "killed_after_epoch": done_at_kill, "seconds_after_that_checkpoint": round(killed_at - checkpointed_at, 1),
-        "wall_s": round(wall, 1), "uninterrupted_wall_s": round(uninterrupted["wall_s"], 1),
-        "seconds_lost": round(wall - uninterrupted["wall_s"], 1), "accuracy": summary["accuracy"],
-        "uninterrupted_accuracy": uninterrupted["accuracy"]}}))
+        "framework": framework, "killed_after_epoch": done_at_kill,
+        "seconds_after_that_checkpoint": round(killed_at - checkpointed_at, 1),
+        "wall_s": round(wall, 1), "uninterrupted_wall_s": round(reference["wall_s"], 1),
+        "seconds_lost": round(wall - reference["wall_s"], 1), "accuracy": summary["accuracy"],
+        "uninterrupted_accuracy": reference["accuracy"]}}))
 
 
 @pytest.mark.slow
 def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted, tmp_path):
+    reference = uninterrupted["torch"]
     store, log, process, started = start_until_epoch(tmp_path, 2, "first.log")
     try:
         first_wall = time.monotonic() - started
@@ -181,10 +226,10 @@ def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted,
     assert summary["resumed_from_epoch"] == done_at_kill
     assert summary["epochs_trained"] == EPOCHS - done_at_kill
     assert f"resuming from the checkpoint of epoch {done_at_kill}" in log.read_text()
-    assert abs(summary["accuracy"] - uninterrupted["accuracy"]) <= 0.02
+    assert abs(summary["accuracy"] - reference["accuracy"]) <= 0.02
     print(json.dumps({"driver_kill": {  # the cost, for the record (-s shows it)
         "killed_after_epoch": done_at_kill, "killed_run_wall_s": round(first_wall, 1),
-        "rerun_wall_s": round(second_wall, 1), "uninterrupted_wall_s": round(uninterrupted["wall_s"], 1),
-        "seconds_lost": round(first_wall + second_wall - uninterrupted["wall_s"], 1),
+        "rerun_wall_s": round(second_wall, 1), "uninterrupted_wall_s": round(reference["wall_s"], 1),
+        "seconds_lost": round(first_wall + second_wall - reference["wall_s"], 1),
         "rerun_stage_seconds": {s["name"]: round(s["seconds"], 1) for s in summary["stages"]},
         "accuracy": summary["accuracy"]}}))
