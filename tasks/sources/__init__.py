@@ -17,7 +17,7 @@ from cluster.errors import UserError
 from tasks.sources import cifar10, digits, folder, tfds
 from tasks.sources.base import Materialised, Source, SourceSpec
 
-__all__ = ["SOURCES", "Materialised", "Source", "SourceSpec", "check", "forms", "get", "label", "materialise", "parse",
+__all__ = ["SOURCES", "Materialised", "Source", "SourceSpec", "check", "forms", "label", "materialise", "parse",
            "source_string", "stamp"]
 
 SOURCES: dict[str, Source] = {s.name: s for s in (digits.SOURCE, cifar10.SOURCE, folder.SOURCE, tfds.SOURCE)}
@@ -29,17 +29,6 @@ def forms() -> str:
     """Every source's one-string form, for help texts and messages."""
     quoted = [f"'{s.form}'" for s in SOURCES.values()]
     return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
-
-
-def get(kind: str) -> Source:
-    """The record registered as ``kind``.
-
-    Raises:
-        UserError: when no source has that name.
-    """
-    if kind not in SOURCES:
-        raise UserError(f"data.kind {kind!r} is not a known source; use one of {', '.join(SOURCES)}.")
-    return SOURCES[kind]
 
 
 def _options(source: str, record: Source, query: str) -> dict[str, str | bool]:
