@@ -95,7 +95,7 @@ def test_caches_follow_content_not_history(harness, ray_local, tmp_path):
 
 @needs_tfds
 @pytest.mark.slow
-@pytest.mark.parametrize("framework", ["torch"])  # "tensorflow" joins once framework=tensorflow lands (issue 9)
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
 def test_tfds_dataset_through_the_whole_flow(harness, ray_local, tfds_data, tmp_path, framework):
     before = set(sys.modules)
     store = tmp_path / "artifacts"

@@ -26,6 +26,9 @@ def everything_the_server_recorded(api: str) -> str:
         offset += len(batch)
     artifacts = call("POST", f"{api}/artifacts/filter", json={}).json()
     assert runs and len(artifacts) >= 4 and any("epoch 8/8" in e["message"] for e in logs)  # real records
+    kinds = [a["type"] for a in artifacts]
+    assert "progress" in kinds and "table" in kinds and any("data:image/png;base64," in str(a["data"])
+                                                             for a in artifacts)  # the confusion matrix
     return json.dumps([[r["parameters"] for r in runs], [entry["message"] for entry in logs],
                        [a["data"] for a in artifacts], [a.get("description") for a in artifacts]])
 
@@ -34,8 +37,10 @@ def everything_the_server_recorded(api: str) -> str:
 def test_flow_on_s3_then_registry_commands(s3_server, tmp_path):
     prefix = f"runs-{uuid.uuid4().hex[:8]}"
     store = f"s3://{s3_server.bucket}/{prefix}"
+    # TensorFlow here (torch runs on S3 in tests/e2e/test_ray_cluster.py): its checkpoints, release and the
+    # artifacts and logs of its run on a real Prefect server
     args = ["run", "--preset", "digits-quickstart", "--epochs", "8", "--image-size", "16", "--workers", "1",
-            "--store", store, "--json"]
+            "--framework", "tensorflow", "--store", store, "--json"]
     (tmp_path / "prefect").mkdir()
     api, server = start_prefect_server(tmp_path / "prefect")  # a real server, so its records can be scanned
     try:
@@ -49,7 +54,8 @@ def test_flow_on_s3_then_registry_commands(s3_server, tmp_path):
     stored = keys(s3_server, prefix)
     assert "models/seed-cnn/champion.json" in stored and "models/seed-cnn/versions/1/manifest.json" in stored
     assert any(k.startswith("prepared/") and k.endswith("meta.json") for k in stored)
-    assert any(k.startswith("checkpoints/") and k.endswith("/model.pt") for k in stored)  # Ray wrote to S3
+    assert any(k.startswith("checkpoints/") and k.endswith("/model.keras") for k in stored)  # Ray wrote to S3
+    assert "models/seed-cnn/versions/1/model.keras" in stored
 
     second = trainflow(*args)
     assert second.returncode == 0, second.stderr[-4000:]

@@ -51,23 +51,28 @@ def test_nightly_schedule_is_declared_and_active(prefect_server, served):
 
 
 @pytest.mark.slow
-def test_on_demand_run_through_the_api_completes_with_artifacts(prefect_server, served):
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])  # in this order, by one served process
+def test_on_demand_run_through_the_api_completes_with_artifacts(prefect_server, served, framework):
     deployment = deployments(prefect_server)["on-demand"]
     params = deployment["parameters"]["params"]
     params = {**params, "data": {**params["data"], "image_size": 8},
-              "train": {**params["train"], "epochs": 2}, "cluster": {**params["cluster"], "num_workers": 1}}
+              "train": {**params["train"], "epochs": 2, "framework": framework},
+              "cluster": {**params["cluster"], "num_workers": 1}}
     response = api("POST", f"{prefect_server}/deployments/{deployment['id']}/create_flow_run",
                    json={"parameters": {"params": params}})
     assert response.status_code == 201, response.text
     run = wait_for_run(prefect_server, response.json()["id"])
     assert run["state_type"] == "COMPLETED", run["state"]
-    assert run["name"] == "digits · torch · 2 epochs"
+    assert run["name"] == f"digits · {framework} · 2 epochs"
     artifacts = api("POST", f"{prefect_server}/artifacts/filter",
                     json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
     kinds = sorted(a["type"] for a in artifacts)
     assert kinds.count("progress") == 1 and "table" in kinds and kinds.count("markdown") >= 3
     assert next(a for a in artifacts if a["type"] == "progress")["data"] == 100.0
+    assert any("data:image/png;base64," in str(a["data"]) for a in artifacts)  # the confusion matrix
     assert (served / "models" / "seed-cnn" / "champion.json").exists()
+    checkpoints = {p.name for p in (served / "checkpoints").glob("*/checkpoint_*/*")}
+    assert {"torch": "model.pt", "tensorflow": "model.keras"}[framework] in checkpoints
 
 
 @pytest.mark.slow
