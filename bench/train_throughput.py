@@ -10,7 +10,9 @@ draws it), seed CNN, global batch 64, one epoch, one process, this runs:
 * the baseline with ``--loader folder``: the article's ImageFolder/DataLoader;
 * trainflow's loop (``python -m cluster.torch_loop``) on the prepared arrays,
   in its default fp32 mode and in its fastest mode (bf16 autocast +
-  channels_last).
+  channels_last);
+* trainflow's TensorFlow loop (``python -m cluster.tf_loop``) on the same
+  arrays, same model and batch, fp32 (skipped when TensorFlow is not installed).
 
 Each is a separate process, measured ``--repeats`` times in alternation; the
 best run of each counts. Prints one JSON object; ratios are throughput ratios
@@ -18,11 +20,13 @@ best run of each counts. Prints one JSON object; ratios are throughput ratios
 
     ratio_vs_floor        trainflow fp32 default / baseline memory loader
     ratio_vs_seed_loader  trainflow fastest mode / baseline folder loader
+    ratio_tensorflow_vs_torch  trainflow TensorFlow fp32 / trainflow torch fp32
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -38,6 +42,7 @@ from tasks.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from tasks.store import open_store  # noqa: E402
 
 SUBSET = 5000
+TENSORFLOW = "trainflow_tensorflow_fp32"
 MODES = {
     "trainflow_fp32": [],
     "trainflow_bf16_channels_last": ["--precision", "bf16", "--channels-last"],
@@ -46,7 +51,8 @@ MODES = {
 
 def run(cmd: list[str]) -> dict:
     """Run one measurement; its last JSON line on stdout is the result."""
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
@@ -88,10 +94,12 @@ def main() -> None:
             **{name: [sys.executable, "-m", "cluster.torch_loop", "--data", str(data), "--epochs", "1", *extra]
                for name, extra in MODES.items()},
         }
+        if importlib.util.find_spec("tensorflow") is not None:
+            commands[TENSORFLOW] = [sys.executable, "-m", "cluster.tf_loop", "--data", str(data), "--epochs", "1"]
         runs: dict[str, list[float]] = {name: [] for name in commands}
         for repeat in range(args.repeats):
             for name, cmd in commands.items():
-                if name in MODES:  # a fresh checkpoint folder, or the loop would resume past its one epoch
+                if name in (*MODES, TENSORFLOW):  # a fresh checkpoint folder, or the loop would resume past its epoch
                     cmd = [*cmd, "--checkpoints", str(work / f"ckpt-{name}-{repeat}")]
                 runs[name].append(run(cmd)["train_images_per_s"])
 
@@ -104,6 +112,8 @@ def main() -> None:
         "fastest_mode": fastest,
         "ratio_vs_floor": round(best["trainflow_fp32"] / best["baseline_memory"], 3),
         "ratio_vs_seed_loader": round(best[fastest] / best["baseline_folder"], 3),
+        "ratio_tensorflow_vs_torch": (round(best[TENSORFLOW] / best["trainflow_fp32"], 3)
+                                      if TENSORFLOW in best else None),
         "torch_threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
     }, indent=2))
 

@@ -1,4 +1,4 @@
-"""Run Ray Train for any registered framework, and framework code as Ray tasks; the only module that imports ``ray.train``.
+"""Run any registered framework on Ray Train, and its predictions as a Ray task; the one user of ``ray.train``'s API.
 
 Framework code never runs in the calling (Prefect) process: the trainer is
 built and driven by a launcher task on the driver's node, its workers run the

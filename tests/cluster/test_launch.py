@@ -1,4 +1,4 @@
-"""Ray Train on a local Ray: TorchTrainer with one and two workers, reporting and checkpoints."""
+"""Ray Train on a local Ray: torch DDP with one and two workers, reporting and checkpoints."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, 
     reports: list[dict] = []
     cfg = TrainLoopConfig(data_dir="", epochs=6, lr=0.01, batch_size=16)
     final = fit(cfg, Resources(num_workers=workers, max_failures=0), data=in_place(store_uri, ref),
-                      run_name=f"w{workers}", storage_path=str(tmp_path / "ray"), on_report=reports.append)
+                run_name=f"w{workers}", storage_path=str(tmp_path / "ray"), on_report=reports.append)
 
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5, 6]  # once per epoch, not once per worker
     assert reports[-1]["train_loss"] < 0.5 * reports[0]["train_loss"]
@@ -45,14 +45,12 @@ def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, 
 
 
 def test_rerun_with_same_name_resumes_from_its_last_checkpoint(ray_local, prepared, tmp_path):
-    store_uri, ref = prepared
-    store = open_store(store_uri)
-    data = in_place(store_uri, ref)
+    data = in_place(*prepared)
     cfg = TrainLoopConfig(data_dir="", epochs=2, lr=0.01, batch_size=16)
     fit(cfg, Resources(num_workers=1), data=data, run_name="resume", storage_path=str(tmp_path / "ray"))
     reports: list[dict] = []
     final = fit(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 3}), Resources(num_workers=1), data=data,
-                      run_name="resume", storage_path=str(tmp_path / "ray"), on_report=reports.append)
+                run_name="resume", storage_path=str(tmp_path / "ray"), on_report=reports.append)
     assert [r["epoch"] for r in reports] == [3]
     assert read_state(Path(final))[1] == 3
 
@@ -64,4 +62,4 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_local, prepared, tmp_p
         fit(cfg, Resources(num_workers=64), data=data, run_name="too-big", storage_path=str(tmp_path))
     with pytest.raises(UserError, match="1 GPU"):
         fit(cfg, Resources(num_workers=1, use_gpu=True), data=data, run_name="no-gpu",
-                  storage_path=str(tmp_path))
+            storage_path=str(tmp_path))

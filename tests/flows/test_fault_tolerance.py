@@ -124,6 +124,7 @@ class Uninterrupted:
     def __getitem__(self, framework: str) -> dict:
         if framework not in self.runs:
             tmp = self.root / framework
+            tmp.mkdir()
             started = time.monotonic()
             process = start_run(tmp / "store", tmp / "run.log", framework)
             try:
