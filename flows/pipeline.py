@@ -94,9 +94,9 @@ def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
         check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
         prepared = _run(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri, resources.ray_address)
         model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, params.train.force)
-        # the training group's CPUs are free again: prediction may use them all
+        # one worker's CPUs: a share that some node is known to hold
         evaluation = _run(stages, "evaluate", evaluate_task, model, prepared, store.uri, resources.ray_address,
-                          resources.num_workers * resources.cpus_per_worker)
+                          resources.cpus_per_worker)
     finally:
         if owns_ray:
             runtime.shutdown()
