@@ -28,7 +28,7 @@ import tensorflow as tf
 from cluster import tf_backend as tfb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
-from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_shard
+from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, epoch_shard
 
 __all__ = ["main", "train_loop", "train_on_ray"]
 
@@ -170,16 +170,8 @@ def run_epoch(steps: _Steps, train: tuple[np.ndarray, np.ndarray], val: tuple[np
     for i in range(0, len(y_val), 512):
         batch_loss, batch_correct = steps.evaluate(x_val[i:i + 512], y_val[i:i + 512])
         val_loss, correct = val_loss + float(batch_loss), correct + float(batch_correct)
-    total_loss, total_seen, v_loss, v_correct, v_seen = steps.sum_over_workers(
-        [train_loss_sum, float(len(y_shard)), val_loss, correct, float(len(y_val))])
-    return {
-        "epoch": epoch,
-        "train_loss": total_loss / total_seen,
-        "val_loss": v_loss / v_seen if v_seen else None,
-        "val_accuracy": v_correct / v_seen if v_seen else None,
-        "epoch_seconds": seconds,
-        "train_images_per_s": total_seen / seconds,
-    }
+    return epoch_metrics(epoch, seconds, steps.sum_over_workers(
+        [train_loss_sum, float(len(y_shard)), val_loss, correct, float(len(y_val))]))
 
 
 def train_on_ray(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:

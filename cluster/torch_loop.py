@@ -24,7 +24,7 @@ import torch.distributed as dist
 from cluster import torch_backend as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
-from cluster.worker import LocalContext, ModelSpec, WorkerContext
+from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics
 
 __all__ = ["LocalContext", "WorkerContext", "main", "ray_backend_config", "run_epoch", "train_loop", "train_on_ray"]
 
@@ -118,16 +118,8 @@ def run_epoch(net, optimizer, train, val, normalize, autocast, local_batch: int,
     seconds = time.perf_counter() - t0
     model = net.module if hasattr(net, "module") else net
     val_loss, correct, seen = tb.eval_pass(model, *val, normalize, autocast)
-    total_loss, total_seen, v_loss, v_correct, v_seen = _all_sum(
-        [train_loss_sum, float(len(idx)), val_loss, float(correct), float(seen)], ctx)
-    return {
-        "epoch": epoch,
-        "train_loss": total_loss / total_seen,
-        "val_loss": v_loss / v_seen if v_seen else None,
-        "val_accuracy": v_correct / v_seen if v_seen else None,
-        "epoch_seconds": seconds,
-        "train_images_per_s": total_seen / seconds,
-    }
+    return epoch_metrics(epoch, seconds, _all_sum(
+        [train_loss_sum, float(len(idx)), val_loss, float(correct), float(seen)], ctx))
 
 
 def train_on_ray(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:

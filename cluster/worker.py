@@ -97,6 +97,19 @@ def epoch_shard(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np
     return perm[rank::world_size][: n // world_size]
 
 
+def epoch_metrics(epoch: int, seconds: float, sums: list[float]) -> dict:
+    """An epoch's report from sums over all ranks: train loss, train images, val loss, val correct, val images."""
+    total_loss, total_seen, v_loss, v_correct, v_seen = sums
+    return {
+        "epoch": epoch,
+        "train_loss": total_loss / total_seen,
+        "val_loss": v_loss / v_seen if v_seen else None,
+        "val_accuracy": v_correct / v_seen if v_seen else None,
+        "epoch_seconds": seconds,
+        "train_images_per_s": total_seen / seconds,
+    }
+
+
 def write_state(directory: Path, *, framework: str, versions: dict[str, str], model_files: list[str],
                 spec: ModelSpec, epoch: int, history: list[dict], workers: list[dict] | None = None) -> None:
     """The checkpoint's ``state.json``; ``workers`` records where each rank of the group that trained this epoch ran.
