@@ -4,8 +4,9 @@ A record names its parts by import path (``"module:attribute"``) and never
 imports them, so the flow, the Prefect form and the CLI can list and check
 frameworks without loading any. The parts are loaded only where they run:
 the worker loop in Ray Train's workers, the Ray backend config in the
-launcher task, ``predict`` in evaluation's Ray task. Adding a framework means
-one backend module (model, loop, checkpoint, predict) and one entry here.
+launcher task, ``predict`` in evaluation's Ray task, ``probabilities`` in
+``trainflow predict``. Adding a framework means one backend module (model,
+loop, checkpoint, predict) and one entry here.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Framework:
     train: str  # "module:function" (cfg: TrainLoopConfig, ctx: RayWorkerContext) -> history, on each Ray worker
     backend_config: str  # "module:function" (use_gpu: bool) -> ray.train BackendConfig, called in the launcher task
     predict: str  # "module:function" (checkpoint_dir, uint8 NHWC images) -> class indices
+    # "module:function" (checkpoint_dir or a published version's folder, uint8 NHWC images) -> (N, classes) softmax
+    probabilities: str
     packages: tuple[str, ...]  # distributions whose versions a release's lineage records
     options: frozenset[str] = frozenset()  # which of TrainLoopConfig's optional speed-ups it implements
     # Environment of this framework's Ray processes. Also keeps them apart: Ray reuses a worker process only
@@ -64,7 +67,8 @@ FRAMEWORKS: dict[str, Framework] = {
             name="torch", summary="PyTorch DDP through Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU)",
             modules=("torch",), install="pip install trainflow",
             train="cluster.torch_loop:train_on_ray", backend_config="cluster.torch_loop:ray_backend_config",
-            predict="cluster.torch_backend:predict", packages=("torch",),
+            predict="cluster.torch_backend:predict", probabilities="cluster.torch_backend:probabilities",
+            packages=("torch",),
             options=frozenset({"precision=bf16", "channels_last"}),
             env={"TRAINFLOW_FRAMEWORK": "torch"}),
         Framework(
@@ -72,7 +76,8 @@ FRAMEWORKS: dict[str, Framework] = {
             summary="TensorFlow with tf.distribute.MultiWorkerMirroredStrategy, one Ray Train worker per TF worker",
             modules=("tensorflow", "keras"), install="pip install 'trainflow[tensorflow]'",
             train="cluster.tf_loop:train_on_ray", backend_config="cluster.tf_ray:backend_config",
-            predict="cluster.tf_backend:predict", packages=("tensorflow", "keras"),
+            predict="cluster.tf_backend:predict", probabilities="cluster.tf_backend:probabilities",
+            packages=("tensorflow", "keras"),
             # a user's global KERAS_BACKEND=torch would make `import keras` load torch into a TensorFlow worker
             env={"TRAINFLOW_FRAMEWORK": "tensorflow", "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}),
     )

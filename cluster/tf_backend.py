@@ -70,11 +70,20 @@ def load_checkpoint(directory: Path, model: keras.Model, optimizer: keras.optimi
         variable.assign(value)
 
 
-def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Class indices predicted for uint8 NHWC ``images`` by the checkpoint's model."""
+def _logits(checkpoint_dir: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The checkpoint's model's outputs (N x classes) for uint8 NHWC ``images``."""
     model = keras.models.load_model(checkpoint_dir / MODEL_FILE, safe_mode=True, compile=False)
     if len(images) == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([
-        np.argmax(model(images[i:i + batch_size].astype(np.float32), training=False), axis=1)
-        for i in range(0, len(images), batch_size)]).astype(np.int64)
+        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    return np.concatenate([np.asarray(model(images[i:i + batch_size].astype(np.float32), training=False))
+                           for i in range(0, len(images), batch_size)])
+
+
+def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class indices predicted for uint8 NHWC ``images`` by the checkpoint's model."""
+    return np.argmax(_logits(checkpoint_dir, images, batch_size), axis=1).astype(np.int64)
+
+
+def probabilities(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class probabilities (softmax, N x classes) of uint8 NHWC ``images`` by the checkpoint's model."""
+    return tf.nn.softmax(_logits(checkpoint_dir, images, batch_size), axis=1).numpy()

@@ -120,16 +120,24 @@ def load_weights(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
         optimizer.load_state_dict(torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=True))
 
 
-def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Class indices predicted for uint8 NHWC ``images`` by the checkpoint's model, on the CPU."""
+def _logits(checkpoint_dir: Path, images: np.ndarray, batch_size: int) -> torch.Tensor:
+    """The checkpoint's model's outputs (N x classes) for uint8 NHWC ``images``, on the CPU."""
     spec, _, _ = read_state(checkpoint_dir)
     model = build_model(spec)
     load_weights(checkpoint_dir, model)
     model.eval()
     normalize = Normalizer(spec, torch.device("cpu"), channels_last=False)
     x = torch.from_numpy(np.ascontiguousarray(images))
-    if len(x) == 0:
-        return np.zeros(0, dtype=np.int64)
     with torch.no_grad():
-        return torch.cat([model(normalize(x[i:i + batch_size])).argmax(1)
-                          for i in range(0, len(x), batch_size)]).numpy()
+        return torch.cat([model(normalize(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+                         or [torch.zeros(0, spec.num_classes)])
+
+
+def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class indices predicted for uint8 NHWC ``images`` by the checkpoint's model, on the CPU."""
+    return _logits(checkpoint_dir, images, batch_size).argmax(1).numpy()
+
+
+def probabilities(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class probabilities (softmax, N x classes) of uint8 NHWC ``images`` by the checkpoint's model, on the CPU."""
+    return torch.softmax(_logits(checkpoint_dir, images, batch_size), dim=1).numpy()

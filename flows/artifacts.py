@@ -41,7 +41,8 @@ Confusion matrix: [{evaluation.confusion_png_uri}]({evaluation.confusion_png_uri
 
 
 def release_artifact(release: Release) -> None:
-    verdict = "promoted to champion" if release.promoted else f"not promoted (champion stays v{release.champion_version})"
+    verdict = ("already published: nothing written" if release.reused else "promoted to champion" if release.promoted
+               else f"not promoted (champion stays v{release.champion_version})")
     create_markdown_artifact(
         key=_key(release.name, "release"),
         markdown=f"# {release.name} v{release.version}: {verdict}\n\n{release.reason}\n\nStored at `{release.uri}`\n",

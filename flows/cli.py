@@ -5,6 +5,7 @@
     trainflow presets
     trainflow serve [--every SECONDS]
     trainflow models list|show NAME [VERSION]|promote NAME VERSION [--store ...]
+    trainflow predict IMAGE|FOLDER... [--model NAME] [--version N] [--store ...] [--json]
 
 Mistakes a user can fix are printed as one line (exit code 2), never a traceback.
 """
@@ -78,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("version", type=int, nargs="?" if action == "show" else None)
         if action == "promote":
             cmd.add_argument("--reason", default="promoted by hand")
+    predict = sub.add_parser("predict", help="classify images with a published model (default: the champion)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders searched recursively")
+    predict.add_argument("--model", help="registry name (default: the store's only model, else publish's default)")
+    predict.add_argument("--version", type=int, help="a published version (default: the champion)")
+    predict.add_argument("--store", default="./artifacts", help="directory, file:// URI or s3://bucket/prefix")
+    predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
     return ap
 
 
@@ -120,7 +127,8 @@ def format_summary(summary, wall_seconds: float) -> str:
         f"  data            {summary.ignored_files} non-image file(s) ignored, "
         f"{summary.skipped_images} undecodable image(s) skipped",
         f"  published       {summary.model_name} v{summary.version}: "
-        + ("promoted to champion" if summary.promoted else "not promoted"),
+        + ("already published, nothing written" if summary.already_published
+           else "promoted to champion" if summary.promoted else "not promoted"),
         f"  gate            {summary.reason}",
         f"  stored at       {summary.release_uri}",
     ]
@@ -202,6 +210,32 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Classify images with a published version; every mistake is found before the model's framework loads."""
+    from flows.params import PublishParams
+    from tasks import predict
+    from tasks.store import open_store
+
+    files, ignored = predict.image_files(args.images)
+    store = open_store(args.store)
+    store.check()
+    name = predict.choose_model(store, args.model, PublishParams.model_fields["model_name"].default)
+    chosen = predict.choose_version(store, name, args.version)
+    results = predict.predict(store, chosen, files, predict.load_images(files, chosen))
+    if args.json:
+        rows = [{"path": r.path, "class": r.label, "index": r.index, "probability": r.probability} for r in results]
+        print(json.dumps({"model": chosen.name, "version": chosen.version, "champion": chosen.champion,
+                          "framework": chosen.framework, "uri": chosen.uri, "ignored_files": ignored,
+                          "predictions": rows}, indent=2))
+        return 0
+    print(f"{chosen.name} v{chosen.version} ({'the champion' if chosen.champion else 'not the champion'}, "
+          f"{chosen.framework}) from {chosen.uri}: {len(results)} image(s)"
+          + (f", {ignored} non-image file(s) ignored" if ignored else ""), file=sys.stderr)
+    for r in results:
+        print(f"{r.path}\t{r.label}\t{r.probability:.4f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     if extra and args.command != "submit":
@@ -220,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "submit":
             return _submit(args, extra)
+        if args.command == "predict":
+            return _predict(args)
         return _models(args) if args.command == "models" else _run(args)
     except UserError as exc:
         print(f"trainflow: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always

@@ -51,6 +51,7 @@ class RunSummary(BaseModel):
     promoted: bool
     reason: str
     release_uri: str
+    already_published: bool = False  # the model already was that version: publish wrote nothing
 
     @classmethod
     def build(cls, stages: list[StageTime], raw: RawData, prepared: PreparedData, model: TrainedModel,
@@ -63,7 +64,7 @@ class RunSummary(BaseModel):
                    training_seconds=sum(m.epoch_seconds for m in trained), nodes=model.node_count,
                    run_id=model.run_id,
                    model_name=release.name, version=release.version, promoted=release.promoted,
-                   reason=release.reason, release_uri=release.uri)
+                   reason=release.reason, release_uri=release.uri, already_published=release.reused)
 
 
 def _run(stages: list[StageTime], name: str, call, *args, **kwargs):

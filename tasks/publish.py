@@ -2,6 +2,11 @@
 
 The version's files go up first and its manifest last; the champion pointer
 moves only after that, by compare-and-swap, and only if the gate says so.
+
+Publishing is idempotent: a model that already is a version (the same
+training run and the same checkpoint, as a re-run over unchanged data
+reuses it) is not published again; publish returns that version, says so,
+and writes nothing. A forced retrain is another run, published anew.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from cluster.errors import UserError
 from cluster.frameworks import get_framework
-from tasks.common import retry_unless_user_error
+from tasks.common import in_prefect_run, retry_unless_user_error
 from tasks.refs import Evaluation, PreparedData, Release, TrainedModel
-from tasks.registry import MANIFEST, claim_version, move_champion, read_champion, versions_prefix
+from tasks.registry import (MANIFEST, claim_version, move_champion, published_versions, read_champion,
+                            versions_prefix)
 from tasks.store import Store, open_store
 
 _PACKAGES = ("trainflow", "ray", "prefect", "numpy", "scikit-learn", "pillow", "pydantic")
@@ -109,12 +115,42 @@ def version_files(model: TrainedModel, evaluation: Evaluation, prepared: Prepare
     }
 
 
+def already_published(store: Store, name: str, model: TrainedModel) -> int | None:
+    """The version of ``name`` that already holds ``model``'s checkpoint, or None.
+
+    The same training run (``run_id`` in the version's lineage) and the same checkpoint: the version's
+    ``state.json``, copied from the checkpoint, has the checkpoint's bytes (its epoch and its per-epoch
+    history, timings included, so another training of the same run differs). Newest version first.
+    """
+    checkpoint_state = store.get_bytes(f"{store.key_of(model.checkpoint_uri)}/state.json")
+    wanted = hashlib.sha256(checkpoint_state).hexdigest()
+    for version in reversed(published_versions(store, name)):
+        prefix = f"{versions_prefix(name)}/{version}"
+        listed = {f["name"]: f["sha256"] for f in json.loads(store.get_bytes(f"{prefix}/{MANIFEST}"))["files"]}
+        if listed.get("state.json") != wanted:
+            continue
+        if json.loads(store.get_bytes(f"{prefix}/lineage.json")).get("run_id") == model.run_id:
+            return version
+    return None
+
+
 def publish(model: TrainedModel, evaluation: Evaluation, prepared: PreparedData, params: dict, store_uri: str,
             name: str, min_improvement: float = 0.0) -> Release:
-    """Write a new version (manifest last), then run the promotion gate with compare-and-swap."""
+    """Write a new version (manifest last), then run the promotion gate with compare-and-swap.
+
+    When ``model`` already is a version of ``name``, write nothing and return that version (``reused``).
+    """
     if not name or "/" in name:
         raise UserError(f"model_name={name!r} is not usable; choose a non-empty name without '/'.")
     store = open_store(store_uri)
+    existing = already_published(store, name, model)
+    if existing is not None:
+        champion_version = (read_champion(store, name)[1] or {}).get("version")
+        stays = f"v{champion_version}" if champion_version else "unset"
+        return Release(name=name, version=existing, uri=store.child_uri(f"{versions_prefix(name)}/{existing}"),
+                       promoted=False, champion_version=champion_version, reused=True,
+                       reason=f"already published as v{existing} (training run {model.run_id}, same checkpoint); "
+                              f"nothing written, the champion stays {stays}")
     version = claim_version(store, name)
     prefix = f"{versions_prefix(name)}/{version}"
     files = version_files(model, evaluation, prepared, params, store, name, version)
@@ -137,5 +173,8 @@ def publish(model: TrainedModel, evaluation: Evaluation, prepared: PreparedData,
       retry_condition_fn=retry_unless_user_error)
 def publish_task(model: TrainedModel, evaluation: Evaluation, prepared: PreparedData, params: dict, store: str,
                  name: str, min_improvement: float = 0.0) -> Release:
-    """Prefect task: publish a version and apply the promotion gate."""
-    return publish(model, evaluation, prepared, params, store, name, min_improvement)
+    """Prefect task: publish a version and apply the promotion gate (or find the model already published)."""
+    release = publish(model, evaluation, prepared, params, store, name, min_improvement)
+    if release.reused and in_prefect_run():
+        get_run_logger().info(release.reason)
+    return release

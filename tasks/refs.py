@@ -120,7 +120,10 @@ class Evaluation(_Ref):
 
 
 class Release(_Ref):
-    """A published model version and the promotion decision made for it."""
+    """A published model version and the promotion decision made for it.
+
+    ``reused``: the model was already this version, so publishing wrote nothing and judged nothing.
+    """
 
     name: str
     version: int
@@ -128,3 +131,4 @@ class Release(_Ref):
     promoted: bool
     champion_version: int | None
     reason: str
+    reused: bool = False

@@ -22,7 +22,7 @@ def test_the_form_offers_the_registered_frameworks():
 
 def test_every_part_a_record_names_exists():
     for spec in FRAMEWORKS.values():
-        for target in (spec.train, spec.backend_config, spec.predict):
+        for target in (spec.train, spec.backend_config, spec.predict, spec.probabilities):
             module, _, attribute = target.partition(":")
             source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
             assert f"def {attribute}(" in source, target  # checked without importing the framework

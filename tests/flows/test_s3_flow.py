@@ -60,17 +60,19 @@ def test_flow_on_s3_then_registry_commands(s3_server, tmp_path):
     second = trainflow(*args)
     assert second.returncode == 0, second.stderr[-4000:]
     again = json.loads(second.stdout[second.stdout.index("{"):])
-    assert [s["skipped"] for s in again["stages"]] == [True, True, True, False, False]
-    assert (again["version"], again["promoted"]) == (2, False)
+    assert [s["skipped"] for s in again["stages"]] == [True, True, True, False, True]
+    assert (again["version"], again["promoted"], again["already_published"]) == (1, False, True)
+    assert {k for k in keys(s3_server, prefix) if k.startswith("models/")} == {k for k in stored
+                                                                               if k.startswith("models/")}
 
     listed = json.loads(trainflow("models", "list", "--store", store).stdout)
-    assert listed == [{"name": "seed-cnn", "versions": [1, 2], "champion": 1}]
+    assert listed == [{"name": "seed-cnn", "versions": [1], "champion": 1}]
     shown = json.loads(trainflow("models", "show", "seed-cnn", "--store", store).stdout)
     assert shown["version"] == 1 and shown["metrics"]["accuracy"] == summary["accuracy"]
-    promoted = trainflow("models", "promote", "seed-cnn", "2", "--store", store, "--reason", "canary passed")
+    promoted = trainflow("models", "promote", "seed-cnn", "1", "--store", store, "--reason", "canary passed")
     assert promoted.returncode == 0, promoted.stderr
-    assert json.loads(promoted.stdout)["version"] == 2
-    shown = json.loads(trainflow("models", "show", "seed-cnn", "2", "--store", store).stdout)
+    assert json.loads(promoted.stdout)["version"] == 1
+    shown = json.loads(trainflow("models", "show", "seed-cnn", "1", "--store", store).stdout)
     assert shown["promotions"][-1]["promoted_by"] == "manual" and shown["promotions"][-1]["reason"] == "canary passed"
 
     # the credentials never reach run parameters, logs, artifacts, output or anything in the store

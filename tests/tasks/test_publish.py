@@ -1,4 +1,5 @@
-"""Publish: the promotion gate, version layout and manifest, lineage, the champion pointer, and concurrency."""
+"""Publish: the promotion gate, version layout and manifest, lineage, the champion pointer, concurrency, and
+publishing an already published model (nothing written)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import threading
 
 import pytest
 
-from tests.tasks._helpers import Trained, train_small_model
+from tests.tasks._helpers import EPOCHS, Trained, train_small_model
 from cluster.errors import UserError
 from tasks.evaluate import evaluate
 from tasks.publish import gate, publish, publish_task
 from tasks.registry import claim_version, published_versions, read_champion
-from tasks.refs import Evaluation, Release
+from tasks.refs import Evaluation, Release, TrainedModel
 from tasks.store import FileStore
 from tests.conftest import run_threads
 
@@ -62,6 +63,30 @@ def evaluation(ray_local, trained: Trained) -> Evaluation:
 
 def with_accuracy(evaluation: Evaluation, accuracy: float) -> Evaluation:
     return evaluation.model_copy(update={"accuracy": accuracy})
+
+
+def another_run(trained: Trained, tag: str, *, same_run: bool = False) -> TrainedModel:
+    """The trained weights stored again as another final checkpoint.
+
+    By default as the checkpoint of another run (``--force`` trains a new run beside the finished one);
+    ``same_run``: as another checkpoint of the same run, whose ``state.json`` records another history
+    (the run trained again after its checkpoints were lost).
+    """
+    store = trained.store
+    run_id = trained.model.run_id if same_run else f"{trained.model.run_id}-retrain-{tag}"
+    key = f"checkpoints/{run_id}/checkpoint_{EPOCHS:06d}" + (f"-{tag}" if same_run else "")
+    state = json.loads(store.get_bytes(f"{trained.checkpoint_key}/state.json"))
+    if same_run:
+        state["history"][-1]["epoch_seconds"] += 0.125
+    store.put_bytes(f"{key}/state.json", json.dumps(state, indent=2).encode())
+    store.put_bytes(f"{key}/model.pt", store.get_bytes(f"{trained.checkpoint_key}/model.pt"))
+    return trained.model.model_copy(update={"run_id": run_id, "checkpoint_uri": store.child_uri(key)})
+
+
+def snapshot(store: FileStore, name: str) -> dict[str, bytes]:
+    """Every file under a model's registry folder, claims and promotion records included."""
+    return {str(p.relative_to(store.root)): p.read_bytes()
+            for p in sorted((store.root / "models" / name).rglob("*")) if p.is_file()}
 
 
 def version_dir(store: FileStore, name: str, version: int):
@@ -119,7 +144,8 @@ def test_first_publish_writes_a_complete_version(trained: Trained, evaluation: E
 def test_worse_second_version_is_published_but_not_promoted(trained: Trained, evaluation: Evaluation):
     store, name = trained.store, "second"
     first = publish(trained.model, with_accuracy(evaluation, 0.9), trained.prepared, PARAMS, store.uri, name)
-    second = publish(trained.model, with_accuracy(evaluation, 0.7), trained.prepared, PARAMS, store.uri, name)
+    second = publish(another_run(trained, "second-2"), with_accuracy(evaluation, 0.7), trained.prepared, PARAMS,
+                     store.uri, name)
     assert first.version == 1 and first.promoted
     assert second.version == 2 and not second.promoted
     assert second.champion_version == 1
@@ -128,9 +154,11 @@ def test_worse_second_version_is_published_but_not_promoted(trained: Trained, ev
     assert published_versions(store, name) == [1, 2]
     assert champion_of(store, name)["version"] == 1
     # an equal one is not promoted either; a better one is
-    third = publish(trained.model, with_accuracy(evaluation, 0.9), trained.prepared, PARAMS, store.uri, name)
+    third = publish(another_run(trained, "second-3"), with_accuracy(evaluation, 0.9), trained.prepared, PARAMS,
+                    store.uri, name)
     assert (third.version, third.promoted, champion_of(store, name)["version"]) == (3, False, 1)
-    fourth = publish(trained.model, with_accuracy(evaluation, 0.95), trained.prepared, PARAMS, store.uri, name)
+    fourth = publish(another_run(trained, "second-4"), with_accuracy(evaluation, 0.95), trained.prepared, PARAMS,
+                     store.uri, name)
     assert (fourth.version, fourth.promoted, fourth.champion_version) == (4, True, 4)
     assert champion_of(store, name) == {**champion_of(store, name), "version": 4, "test_accuracy": 0.95}
 
@@ -138,11 +166,11 @@ def test_worse_second_version_is_published_but_not_promoted(trained: Trained, ev
 def test_min_improvement_margin(trained: Trained, evaluation: Evaluation):
     store, name = trained.store, "margin"
     publish(trained.model, with_accuracy(evaluation, 0.80), trained.prepared, PARAMS, store.uri, name)
-    below = publish(trained.model, with_accuracy(evaluation, 0.82), trained.prepared, PARAMS, store.uri, name,
-                    min_improvement=0.05)
+    below = publish(another_run(trained, "margin-2"), with_accuracy(evaluation, 0.82), trained.prepared, PARAMS,
+                    store.uri, name, min_improvement=0.05)
     assert not below.promoted and champion_of(store, name)["version"] == 1
-    above = publish(trained.model, with_accuracy(evaluation, 0.90), trained.prepared, PARAMS, store.uri, name,
-                    min_improvement=0.05)
+    above = publish(another_run(trained, "margin-3"), with_accuracy(evaluation, 0.90), trained.prepared, PARAMS,
+                    store.uri, name, min_improvement=0.05)
     assert above.promoted and champion_of(store, name)["version"] == 3
 
 
@@ -180,6 +208,7 @@ def test_concurrent_publishers_both_land_and_the_better_one_wins(trained: Traine
     for round_ in range(3):
         name = f"race{round_}"
         accuracies = [0.6, 0.9] if round_ % 2 == 0 else [0.9, 0.6]
+        models = {acc: another_run(trained, f"{name}-{acc}") for acc in accuracies}  # two runs, two checkpoints
         releases: dict[float, Release] = {}
         errors: list[BaseException] = []
         barrier = threading.Barrier(2)
@@ -187,7 +216,7 @@ def test_concurrent_publishers_both_land_and_the_better_one_wins(trained: Traine
         def run(acc: float) -> None:
             try:
                 barrier.wait()
-                releases[acc] = publish(trained.model, with_accuracy(evaluation, acc), trained.prepared, PARAMS,
+                releases[acc] = publish(models[acc], with_accuracy(evaluation, acc), trained.prepared, PARAMS,
                                         store.uri, name)
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
@@ -200,6 +229,52 @@ def test_concurrent_publishers_both_land_and_the_better_one_wins(trained: Traine
         assert best.promoted
         pointer = champion_of(store, name)
         assert pointer["version"] == best.version and pointer["test_accuracy"] == 0.9
+
+
+# --- publishing a model that already is a version -------------------------------------------------------------
+
+
+def test_the_same_model_again_is_already_published_and_nothing_is_written(trained: Trained, evaluation: Evaluation):
+    store, name = trained.store, "again"
+    first = publish(trained.model, evaluation, trained.prepared, PARAMS, store.uri, name)
+    before = snapshot(store, name)
+    # a re-run over unchanged data: the reused run, the same checkpoint (a better score changes nothing)
+    again = publish(trained.model, with_accuracy(evaluation, 1.0), trained.prepared, PARAMS, store.uri, name)
+    assert (first.version, first.promoted, first.reused) == (1, True, False)
+    assert (again.version, again.promoted, again.champion_version, again.reused) == (1, False, 1, True)
+    assert again.uri == first.uri
+    assert again.reason.startswith("already published as v1 ") and trained.model.run_id in again.reason
+    assert snapshot(store, name) == before  # no version, no claim, no promotion record, champion unmoved
+    assert published_versions(store, name) == [1]
+    via_task = publish_task.fn(trained.model, evaluation, trained.prepared, PARAMS, store.uri, name)
+    assert (via_task.version, via_task.reused) == (1, True) and snapshot(store, name) == before
+
+
+def test_another_run_or_checkpoint_is_a_new_version_and_old_ones_are_still_found(trained: Trained,
+                                                                                 evaluation: Evaluation):
+    store, name = trained.store, "lineage"
+    assert publish(trained.model, with_accuracy(evaluation, 0.5), trained.prepared, PARAMS, store.uri, name).version == 1
+    forced = publish(another_run(trained, "forced"), with_accuracy(evaluation, 0.9), trained.prepared, PARAMS,
+                     store.uri, name)
+    assert (forced.version, forced.promoted, forced.reused) == (2, True, False)
+    retrained = publish(another_run(trained, "lost", same_run=True), with_accuracy(evaluation, 0.5), trained.prepared,
+                        PARAMS, store.uri, name)
+    assert (retrained.version, retrained.reused) == (3, False)
+    # the first model again, now that v2 is the champion: v1 is found, and the champion stays v2
+    before = snapshot(store, name)
+    old = publish(trained.model, with_accuracy(evaluation, 1.0), trained.prepared, PARAMS, store.uri, name)
+    assert (old.version, old.reused, old.promoted, old.champion_version) == (1, True, False, 2)
+    assert old.reason.endswith("the champion stays v2")
+    assert snapshot(store, name) == before
+
+
+def test_a_version_without_its_manifest_does_not_count_as_published(trained: Trained, evaluation: Evaluation):
+    store, name = trained.store, "unfinished"
+    publish(trained.model, evaluation, trained.prepared, PARAMS, store.uri, name)
+    (version_dir(store, name, 1) / "manifest.json").unlink()  # as if the publisher died before its last write
+    again = publish(trained.model, evaluation, trained.prepared, PARAMS, store.uri, name)
+    assert (again.version, again.reused) == (2, False)
+    assert published_versions(store, name) == [2]
 
 
 @pytest.mark.parametrize("name", ["", "a/b"])

@@ -96,9 +96,15 @@ def test_concurrent_publishers_on_s3_never_both_become_champion(s3_server, ray_l
     trained = train_small_model(tmp_path / "train")
     evaluation = evaluate(trained.model, trained.prepared, trained.store.uri)
     s3 = open_store(f"s3://{s3_server.bucket}/race-{tmp_path.name[-12:]}")
-    for key in trained.store.list("checkpoints") + trained.store.list("evaluations"):
+    for key in trained.store.list("evaluations"):
         s3.put_bytes(key, trained.store.get_bytes(key))
-    model = trained.model.model_copy(update={"checkpoint_uri": s3.child_uri(trained.checkpoint_key)})
+    models = {}
+    for accuracy in (0.6, 0.9):  # two training runs: one model published twice would be one version
+        run_id = f"{trained.model.run_id}-retrain-{accuracy:.1f}"
+        key = trained.checkpoint_key.replace(trained.model.run_id, run_id)
+        for file_name in ("state.json", "model.pt"):
+            s3.put_bytes(f"{key}/{file_name}", trained.store.get_bytes(f"{trained.checkpoint_key}/{file_name}"))
+        models[accuracy] = trained.model.model_copy(update={"run_id": run_id, "checkpoint_uri": s3.child_uri(key)})
     png = s3.child_uri(trained.store.key_of(evaluation.confusion_png_uri))
     for round_, accuracies in enumerate(([0.6, 0.9], [0.9, 0.6])):
         name = f"race{round_}"
@@ -109,7 +115,7 @@ def test_concurrent_publishers_on_s3_never_both_become_champion(s3_server, ray_l
             try:
                 barrier.wait()
                 result = evaluation.model_copy(update={"accuracy": accuracy, "confusion_png_uri": png})
-                releases[accuracy] = publish(model, result, trained.prepared, {}, s3.uri, name)
+                releases[accuracy] = publish(models[accuracy], result, trained.prepared, {}, s3.uri, name)
             except BaseException as exc:  # reported below
                 errors.append(exc)
 
