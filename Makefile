@@ -32,8 +32,8 @@ $(BIN)/.installed-test: $(BIN)/.installed
 test: $(BIN)/.installed-test test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
 	$(BIN)/python -m pytest -v --durations=15
 
-test-fast: $(BIN)/.installed-test
-	$(BIN)/python -m pytest -m "not slow"
+test-fast: $(BIN)/.installed-test  ## the quick check (under 3 minutes): every test not marked slow
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 bench: $(BIN)/.installed  ## training throughput vs ../shared/bench/baseline_torch.py, as JSON
 	$(BIN)/python bench/train_throughput.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import os
 import subprocess
@@ -17,6 +18,47 @@ import pytest
 # Set before anything imports ray or prefect: keeps Ray on loopback and Prefect offline.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# pytest-timeout (pyproject.toml: `timeout`, method signal) fails a test that overruns, and the session goes on.
+# Its SIGALRM reaches Python code only: a hang inside C code that never returns to the interpreter (a stuck
+# collective, a lock taken without the GIL released) would outlive it. This backstop dumps every thread's stack
+# and ends the whole run HARD_TIMEOUT_GRACE seconds after a test's timeout, from faulthandler's own C thread.
+HARD_TIMEOUT_GRACE = 120
+_stderr_fd: int | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _stderr_fd
+    _stderr_fd = os.dup(2)  # the terminal: capturing is suspended here, and it redirects fd 2 during tests
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _stderr_fd is not None:
+        os.close(_stderr_fd)
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    """The test's pytest-timeout timeout: its marker, else --timeout, else the ini value (0: none)."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None:
+        value = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+    else:
+        value = item.config.getoption("timeout", None)
+        value = item.config.getini("timeout") if value is None else value
+    return float(value or 0)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Arm the backstop over the test's setup, call and teardown (pytest-timeout's span); pdb cancels it."""
+    seconds = _timeout_of(item)
+    if seconds <= 0 or _stderr_fd is None:
+        return (yield)
+    faulthandler.dump_traceback_later(seconds + HARD_TIMEOUT_GRACE, exit=True, file=_stderr_fd)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session", autouse=True)

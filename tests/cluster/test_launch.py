@@ -24,6 +24,9 @@ def in_place(store_uri: str, ref) -> StoredData:
     return data
 
 
+# Each fit starts a Ray Train worker group (~20 s on two cores): slow. `make test-fast` still trains through Ray
+# once, in the real `trainflow run --preset smoke` of tests/flows/test_bad_input.py.
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, tmp_path, workers):
     store_uri, ref = prepared
@@ -44,6 +47,7 @@ def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, 
     assert accuracy > 0.8, accuracy
 
 
+@pytest.mark.slow
 def test_rerun_with_same_name_resumes_from_its_last_checkpoint(ray_local, prepared, tmp_path):
     data = in_place(*prepared)
     cfg = TrainLoopConfig(data_dir="", epochs=2, lr=0.01, batch_size=16)

@@ -16,6 +16,8 @@ import pytest
 from tests import raycluster
 from tests.raycluster import CHECKOUT, RayTestCluster, start_cluster
 
+# Every test here starts `ray start` processes; only the slow e2e tests use this cluster.
+pytestmark = pytest.mark.slow
 HIDING = raycluster.hiding_unsupported()
 needs_hiding = pytest.mark.skipif(HIDING is not None, reason=f"no hidden node here: {HIDING}")
 
@@ -115,7 +117,6 @@ def test_py_modules_in_the_runtime_env_ship_the_package_to_the_hidden_node(two_n
     assert out["cluster.runtime"].endswith("/cluster/runtime.py")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_stop_leaves_no_process_and_no_folder_of_ours(tmp_path):
     cluster = start_cluster(tmp_path / "work")

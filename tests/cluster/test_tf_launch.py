@@ -30,6 +30,7 @@ def state(checkpoint: str) -> dict:
     return json.loads((Path(checkpoint) / "state.json").read_text())
 
 
+@pytest.mark.slow  # ~50 s each on two cores, like the torch ones in test_launch.py
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tensorflow_trains_on_ray_reports_every_epoch_and_resumes(ray_local, prepared, tmp_path, workers):
     data = in_place(*prepared)

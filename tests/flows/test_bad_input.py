@@ -5,7 +5,8 @@ and the fix, no traceback anywhere, and a store exactly as it was before (a
 store that already holds a champion, so "nothing published, pointer unchanged"
 is checked, not assumed). Cases caught by the preflight take a few seconds;
 those caught inside the flow (by ingest, or before preprocess writes) start
-Prefect's temporary server and so take about fifteen.
+Prefect's temporary server and so take about fifteen: they are marked slow, and
+`make test-fast` keeps the preflight cases and the champion store's real run.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def archive_with_member(name: str) -> Callable[[Path], list[str]]:
 ESCAPE = f"escaped-{uuid.uuid4().hex[:8]}.png"
 
 # id → (builder of extra args, words the error line must contain)
-CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
-    # caught by the preflight, before any server or cluster starts
+Cases = dict[str, tuple[Callable[[Path], list[str]], list[str]]]
+# caught by the preflight, before any server or cluster starts
+PREFLIGHT: Cases = {
     "missing-path": (lambda tmp: ["--dataset", f"folder:{tmp / 'nowhere'}"], ["nowhere", "does not exist"]),
     "unknown-source": (lambda tmp: ["--dataset", "imagenet"], ["--dataset", "'imagenet'", "digits", "folder:",
                                                                 "tfds:<name>"]),
@@ -131,7 +133,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "workers-0": (lambda tmp: ["--workers", "0"], ["cluster.num_workers"]),
     "batch-not-divisible": (lambda tmp: ["--workers", "3"], ["batch_size=64", "3 workers", "multiple of 3"]),
     "store-scheme": (lambda tmp: ["--store", "ftp://host/x"], ["--store", "unsupported scheme"]),
-    # caught inside the flow: by ingest, or before preprocess writes to the store
+}
+# caught inside the flow: by ingest, or before preprocess writes to the store
+IN_FLOW: Cases = {
     "empty-folder": (empty_folder, ["empty", "no class folders with images", "<class>/<image>"]),
     "folders-without-images": (folders_without_images, ["noimg", "no class folders with images"]),
     "single-class": (single_class, ["only the class 'class_0'", "at least two"]),
@@ -147,6 +151,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
     "more-workers-than-cpus": (lambda tmp: ["--workers", "64"], ["cannot place 64 workers x (1 CPU)", "at most 2 such", "lower num_workers"]),
     "gpus-on-a-cpu-cluster": (lambda tmp: ["--gpu", "--workers", "1"], ["cannot place 1 worker x (1 CPU + 1 GPU)", "2 CPU + 0 GPU", "use_gpu"]),
 }
+CASES: Cases = {**PREFLIGHT, **IN_FLOW}
 
 
 def assert_one_clear_line(out, words: list[str]) -> None:
@@ -158,7 +163,7 @@ def assert_one_clear_line(out, words: list[str]) -> None:
     assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*PREFLIGHT, *(pytest.param(case, marks=pytest.mark.slow) for case in IN_FLOW)])
 def test_bad_input_is_one_clear_line_and_changes_nothing(case, champion_store, tmp_path):
     if case == "gpus-on-a-cpu-cluster" and shutil.which("nvidia-smi"):
         pytest.skip("this machine has a GPU, so a one-GPU worker fits")

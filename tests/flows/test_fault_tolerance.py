@@ -166,6 +166,7 @@ def check_tensorflow_release(store: Path, summary: dict, torch_run: dict) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about 3 minutes with the uninterrupted runs of the module's fixture
 @pytest.mark.parametrize("framework", ["torch", "tensorflow"])
 def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path, framework):
     # TensorFlow's reference is torch's run: parity is asserted below, and a run of ~100 s is saved
@@ -203,6 +204,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted, tmp_path):
     reference = uninterrupted["torch"]
     store, log, process, started = start_until_epoch(tmp_path, 2, "first.log")

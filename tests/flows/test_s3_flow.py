@@ -34,6 +34,7 @@ def everything_the_server_recorded(api: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about 90 s
 def test_flow_on_s3_then_registry_commands(s3_server, tmp_path):
     prefix = f"runs-{uuid.uuid4().hex[:8]}"
     store = f"s3://{s3_server.bucket}/{prefix}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -76,12 +75,24 @@ def test_ingest_from_an_empty_prefix_says_so(s3_server, tmp_path):
         ingest(f"folder:s3://{s3_server.bucket}/nothing-here", tmp_path / "cache")
 
 
-def test_credentials_come_only_from_the_environment(s3_server):
-    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.endpoint
+def test_credentials_come_only_from_the_environment(s3_server, monkeypatch, tmp_path):
+    """The store finds the server and its keys through the standard AWS chain alone; parameters have no place for them."""
+    uri = f"s3://{s3_server.bucket}/from-env"
+    open_store(uri).put_bytes("probe", b"found")  # nothing but AWS_ENDPOINT_URL names this server
+    assert s3_server.client().get_object(Bucket=s3_server.bucket, Key="from-env/probe")["Body"].read() == b"found"
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to wait for either
+    with pytest.raises(UserError, match="no AWS credentials found"):
+        open_store(uri).check()
+
     from flows.params import PipelineParams
 
     fields = str(PipelineParams.model_json_schema()).lower()
-    assert "secret" not in fields and "access_key" not in fields
+    assert "secret" not in fields and "access_key" not in fields and "endpoint" not in fields
 
 
 def test_concurrent_publishers_on_s3_never_both_become_champion(s3_server, ray_local, tmp_path):

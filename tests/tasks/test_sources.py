@@ -107,7 +107,10 @@ def test_tfds_without_the_extra_is_one_sentence(monkeypatch, tmp_path: Path, hid
     assert not (tmp_path / "cache").exists()
 
 
+# The tests below read real TFDS datasets that the session builds with TensorFlow in child processes
+# (tfds_data, then an export per dataset: seconds each): slow, as are the tfds flows in tests/flows.
 @needs_tfds
+@pytest.mark.slow
 def test_tfds_check(tfds_data: Path, tmp_path: Path, monkeypatch):
     base = tfds_data / "base"
     for name in ("toy_shapes", "toy_shapes/rgb16", "toy_shapes/rgb16:1.0.0", "toy_train_only"):
@@ -150,6 +153,7 @@ def _stripe_profile(path: Path) -> tuple[float, float]:
 
 
 @needs_tfds
+@pytest.mark.slow
 def test_tfds_ingest_writes_the_class_folders(toy_raw):
     raw, gained = toy_raw
     assert not {m.split(".")[0] for m in gained} & set(FRAMEWORK_MODULES), "ingest loaded a framework here"
@@ -171,6 +175,7 @@ def test_tfds_ingest_writes_the_class_folders(toy_raw):
 
 
 @needs_tfds
+@pytest.mark.slow
 def test_tfds_ingest_again_reuses_the_export(toy_raw, tfds_data: Path, monkeypatch):
     raw, _ = toy_raw
     cache = Path(raw.splits["train"]).parents[2]
@@ -179,6 +184,7 @@ def test_tfds_ingest_again_reuses_the_export(toy_raw, tfds_data: Path, monkeypat
 
 
 @needs_tfds
+@pytest.mark.slow
 def test_tfds_stamp_and_fingerprint_follow_the_files(toy_raw, tfds_data: Path, tmp_path: Path):
     raw, _ = toy_raw
     data_dir = tmp_path / "tfds"
@@ -206,12 +212,14 @@ def test_tfds_stamp_and_fingerprint_follow_the_files(toy_raw, tfds_data: Path, t
 
 
 @needs_tfds
+@pytest.mark.slow
 def test_tfds_without_a_test_split_gives_train_only(tfds_data: Path, tmp_path: Path):
     raw = ingest(f"tfds:toy_train_only?data_dir={tfds_data / 'base'}", tmp_path / "cache")
     assert raw.counts == {"train": 30} and raw.classes == TOY  # preprocess cuts test from train, as for folders
 
 
 @needs_tfds
+@pytest.mark.slow
 @pytest.mark.parametrize("name, words", [
     ("toy_shapes:9.9.9", ["TensorFlow Datasets has no dataset 'toy_shapes:9.9.9'", "check the name"]),
     ("toy_unlabelled", ["no ClassLabel feature (features: image)", "only image classification datasets"]),
@@ -227,6 +235,7 @@ def test_tfds_datasets_it_cannot_use_are_one_sentence(tfds_data: Path, tmp_path:
 
 
 @needs_tfds
+@pytest.mark.slow
 def test_tfds_through_preprocess(toy_raw, tmp_path: Path):
     raw, _ = toy_raw
     store = FileStore(tmp_path / "store")
