@@ -24,6 +24,7 @@ def cifar_dir() -> Path:
 
 @pytest.mark.slow
 @pytest.mark.cifar
+@pytest.mark.timeout(1200)  # two runs of about 2 minutes each on 2 cores
 def test_cifar10_subset_two_epochs_well_above_chance_in_both_frameworks(cifar_dir, tmp_path):
     store = tmp_path / "store"
     # lr 0.01: the article's 0.001 needs more than two epochs to leave chance level on 5 000 images
