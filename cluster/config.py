@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, fields
 
 from cluster.errors import UserError
 from cluster.frameworks import get_framework
+from cluster.precision import PRECISIONS
 
 MODELS = ("seed_cnn",)
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,8 +28,8 @@ class TrainLoopConfig:
     lr: float = 0.001
     momentum: float = 0.9
     seed: int = 0
-    precision: str = "fp32"
-    channels_last: bool = False
+    precision: str = "auto"  # resolved on each worker, where the hardware is known (cluster.precision)
+    channels_last: bool = False  # auto turns it on with bf16
     use_gpu: bool = False
 
     def __post_init__(self) -> None:

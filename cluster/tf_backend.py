@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cluster.precision import Precision
 from cluster.worker import STATE_FILE, ModelSpec, read_state, write_state
 
 __all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "build_model", "load_checkpoint", "predict", "read_state",
@@ -46,14 +47,15 @@ def build_model(spec: ModelSpec) -> keras.Model:
 
 
 def save_checkpoint(directory: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, spec: ModelSpec,
-                    epoch: int, history: list[dict], workers: list[dict] | None = None) -> None:
+                    epoch: int, history: list[dict], workers: list[dict] | None = None,
+                    precision: Precision | None = None) -> None:
     """The whole model as ``model.keras``, the optimizer's variables (momentum, step) as arrays, and the state."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / MODEL_FILE)
     np.savez(directory / OPTIM_FILE, *[np.asarray(v.numpy()) for v in optimizer.variables])
     write_state(directory, framework="tensorflow",
                 versions={"tensorflow": tf.__version__, "keras": keras.__version__}, model_files=[MODEL_FILE],
-                spec=spec, epoch=epoch, history=history, workers=workers)
+                spec=spec, epoch=epoch, history=history, workers=workers, precision=precision)
 
 
 def load_checkpoint(directory: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:

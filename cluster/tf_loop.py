@@ -28,6 +28,7 @@ import tensorflow as tf
 from cluster import tf_backend as tfb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
+from cluster.precision import describe, resolve
 from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, epoch_shard
 
 __all__ = ["main", "train_loop", "train_on_ray"]
@@ -75,9 +76,12 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     local_batch = cfg.local_batch_size(ctx.world_size)
     steps = _Steps(strategy, model, optimizer, ctx.world_size)
     workers = steps.placements(ctx)
+    # this framework implements fp32 only: auto always resolves to it, whatever the hardware
+    precision = resolve(cfg.precision, cfg.channels_last, framework=cfg.framework,
+                        device_type="cpu" if ctx.device == "cpu" else "cuda")
     if ctx.rank == 0:
         print(f"global batch {cfg.batch_size} = {ctx.world_size} workers x {local_batch} per worker; "
-              f"{len(y_train)} training images", flush=True)
+              f"{len(y_train)} training images; {describe(precision)}", flush=True)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         keras.utils.set_random_seed((cfg.seed * 100_003 + epoch) * 4_099 + ctx.rank)
@@ -87,7 +91,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if ctx.rank == 0:
-                tfb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers)
+                tfb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision)
                 ckpt = Path(tmp)
             ctx.report(metrics, ckpt)
     return history

@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cluster import precision as prec
 from cluster.worker import STATE_FILE, ModelSpec, read_state, write_state
 
 __all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "ModelSpec", "Normalizer", "SeedCNN", "build_model", "eval_pass",
-           "load_weights", "predict", "read_state", "save_checkpoint", "train_step"]
+           "load_weights", "predict", "read_state", "resolve_precision", "save_checkpoint", "train_step"]
 
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optimizer.pt"
@@ -100,17 +101,27 @@ def eval_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, normalize: Nor
     return loss_sum, correct, len(y)
 
 
+def resolve_precision(requested: str, channels_last: bool, device: torch.device) -> prec.Precision:
+    """``precision`` (auto, fp32 or bf16) as this process trains it on ``device``: reads the hardware, then
+    leaves the choice to :func:`cluster.precision.resolve`."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return prec.resolve(requested, channels_last, framework="torch", device_type=device.type,
+                        cpu_flags=prec.cpu_flags() if device.type == "cpu" else frozenset(),
+                        cuda_capability=capability)
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, spec: ModelSpec,
-                    epoch: int, history: list[dict], workers: list[dict] | None = None) -> None:
+                    epoch: int, history: list[dict], workers: list[dict] | None = None,
+                    precision: prec.Precision | None = None) -> None:
     """Write model weights, optimizer state and progress; ``model`` must already be unwrapped from DDP.
 
-    ``workers`` records where each rank of the group that trained this epoch ran.
+    ``workers`` records where each rank of the group that trained this epoch ran, ``precision`` what it trained in.
     """
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / MODEL_FILE)
     torch.save(optimizer.state_dict(), directory / OPTIM_FILE)
     write_state(directory, framework="torch", versions={"torch": torch.__version__}, model_files=[MODEL_FILE],
-                spec=spec, epoch=epoch, history=history, workers=workers)
+                spec=spec, epoch=epoch, history=history, workers=workers, precision=precision)
 
 
 def load_weights(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:

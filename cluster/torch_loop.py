@@ -24,6 +24,7 @@ import torch.distributed as dist
 from cluster import torch_backend as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
+from cluster.precision import PRECISIONS, Precision, agree, describe
 from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics
 
 __all__ = ["LocalContext", "WorkerContext", "main", "ray_backend_config", "run_epoch", "train_loop", "train_on_ray"]
@@ -37,13 +38,18 @@ def _all_sum(values: list[float], ctx: WorkerContext) -> list[float]:
     return t.tolist()
 
 
-def _placements(ctx: WorkerContext) -> list[dict]:
-    """Every rank's placement, in rank order (one collective at start-up; rank 0 stores them with each checkpoint)."""
-    if ctx.world_size == 1:
-        return [ctx.placement()]
-    gathered: list = [None] * ctx.world_size
-    dist.all_gather_object(gathered, ctx.placement())
-    return gathered
+def _group(cfg: TrainLoopConfig, ctx: WorkerContext) -> tuple[list[dict], Precision]:
+    """Every rank's placement, in rank order, and the precision the whole group trains in.
+
+    One collective at start-up: each rank resolves ``cfg.precision`` on its own device, and the group
+    agrees on one (rank 0 stores both with each checkpoint).
+    """
+    mine = (ctx.placement(), tb.resolve_precision(cfg.precision, cfg.channels_last, ctx.device))
+    gathered: list = [mine]
+    if ctx.world_size > 1:
+        gathered = [None] * ctx.world_size
+        dist.all_gather_object(gathered, mine)
+    return [placement for placement, _ in gathered], agree([precision for _, precision in gathered])
 
 
 def _epoch_indices(n: int, seed: int, epoch: int, ctx: WorkerContext) -> torch.Tensor:
@@ -73,20 +79,20 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             tb.load_weights(Path(tmp), model, optimizer)
             _, start_epoch, history = tb.read_state(Path(tmp))
             print(f"rank {ctx.rank}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    workers, precision = _group(cfg, ctx)
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
     net = model
     if ctx.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    normalize = tb.Normalizer(spec, ctx.device, cfg.channels_last)
-    autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+    normalize = tb.Normalizer(spec, ctx.device, precision.channels_last)
+    autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if precision.dtype == "bf16"
                 else nullcontext())
     local_batch = cfg.local_batch_size(ctx.world_size)
-    workers = _placements(ctx)
     if ctx.rank == 0:
         print(f"global batch {cfg.batch_size} = {ctx.world_size} workers x {local_batch} per worker; "
-              f"{len(y_train)} training images", flush=True)
+              f"{len(y_train)} training images; {describe(precision)}", flush=True)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         # Randomness is a function of (seed, epoch, rank): a resumed epoch draws exactly what the
@@ -98,7 +104,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if ctx.rank == 0:
-                tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers)
+                tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision)
                 ckpt = Path(tmp)
             ctx.report(metrics, ckpt)
     return history
@@ -145,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", required=True, help="a prepared-data directory (see cluster.data)")
     ap.add_argument("--checkpoints", default=None, help="checkpoint folder (default: a temporary one)")
     for name, kind, default in (("epochs", int, 1), ("batch-size", int, 64), ("lr", float, 0.001),
-                                ("seed", int, 0), ("precision", str, "fp32")):
+                                ("seed", int, 0)):
         ap.add_argument(f"--{name}", type=kind, default=default)
+    # fp32 unless asked: the benchmarks compare this default against their fp32 baselines
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--channels-last", action="store_true")
     args = ap.parse_args(argv)
     cfg = TrainLoopConfig(data_dir=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

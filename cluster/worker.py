@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from cluster.data import Meta
+from cluster.precision import Precision
 
 STATE_FILE = "state.json"
 
@@ -111,14 +112,17 @@ def epoch_metrics(epoch: int, seconds: float, sums: list[float]) -> dict:
 
 
 def write_state(directory: Path, *, framework: str, versions: dict[str, str], model_files: list[str],
-                spec: ModelSpec, epoch: int, history: list[dict], workers: list[dict] | None = None) -> None:
-    """The checkpoint's ``state.json``; ``workers`` records where each rank of the group that trained this epoch ran.
+                spec: ModelSpec, epoch: int, history: list[dict], workers: list[dict] | None = None,
+                precision: Precision | None = None) -> None:
+    """The checkpoint's ``state.json``; ``workers`` records where each rank of the group that trained this epoch ran,
+    ``precision`` what that group trained in (``auto`` as resolved on the workers).
 
     ``loaded_frameworks`` says which frameworks the writing process had loaded: one, or something leaked.
     """
     loaded = sorted(name for name in ("tensorflow", "torch") if name in sys.modules)
     state = {"framework": framework, "versions": versions, "model_files": model_files, "epoch": epoch,
-             "history": history, "spec": asdict(spec), "workers": workers or [], "loaded_frameworks": loaded}
+             "history": history, "spec": asdict(spec), "workers": workers or [], "loaded_frameworks": loaded,
+             "precision": precision.to_dict() if precision else None}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 

@@ -121,7 +121,7 @@ def format_summary(summary, wall_seconds: float) -> str:
     lines += [
         "-" * 52,
         f"  wall time       {wall_seconds:8.1f} s   (training epochs {summary.training_seconds:.1f} s, "
-        f"{summary.epochs_trained} epoch(s) run on {summary.nodes} node(s)"
+        f"{summary.epochs_trained} epoch(s) run on {summary.nodes} node(s) in {summary.precision}"
         + (f", resumed after epoch {summary.resumed_from_epoch})" if summary.resumed_from_epoch else ")"),
         f"  test accuracy   {summary.accuracy:8.4f}   macro F1 {summary.f1_macro:.4f} on {summary.test_size} images",
         f"  data            {summary.ignored_files} non-image file(s) ignored, "

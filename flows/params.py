@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.frameworks import FRAMEWORKS, get_framework
+from cluster.precision import PRECISIONS
 from cluster.runtime import resolve_address
 from tasks import sources
 from tasks.preprocess import PreprocessConfig
@@ -108,9 +109,12 @@ class TrainParams(_Section):
     lr: float = Field(0.001, gt=0.0, le=10.0, title="Learning rate", description="SGD")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, title="Momentum")
     seed: int = Field(0, ge=0, title="Training seed")
-    precision: Literal["fp32", "bf16"] = Field("fp32", title="Precision", description="bf16 autocast is faster on "
-                                               "CPUs with AVX-512 BF16 and on GPUs")
-    channels_last: bool = Field(False, title="Channels-last memory format")
+    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
+        "auto", title="Precision",
+        description="auto: bf16 autocast + channels_last where each worker computes bf16 natively (CPUs with "
+                    "AVX-512 BF16 or AMX, GPUs of compute capability 8.0+), else fp32; TensorFlow: always fp32. "
+                    "The release's lineage and the run summary say which was used")
+    channels_last: bool = Field(False, title="Channels-last memory format", description="auto turns it on with bf16")
     force: bool = Field(False, title="Retrain even if finished",
                         description="Off: a finished run with the same data and parameters is reused, an unfinished "
                                     "one resumes. On: train again from epoch 0 under a new run")

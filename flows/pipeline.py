@@ -46,6 +46,7 @@ class RunSummary(BaseModel):
     training_seconds: float
     nodes: int  # Ray nodes the final worker group spanned (0 for a reused run that predates the record)
     run_id: str
+    precision: str  # what the final epoch trained in, e.g. 'bf16 + channels_last' ('unrecorded' for old runs)
     model_name: str
     version: int
     promoted: bool
@@ -62,7 +63,7 @@ class RunSummary(BaseModel):
                    skipped_images=prepared.skipped_images,
                    resumed_from_epoch=0 if model.reused else model.resumed_from_epoch, epochs_trained=len(trained),
                    training_seconds=sum(m.epoch_seconds for m in trained), nodes=model.node_count,
-                   run_id=model.run_id,
+                   run_id=model.run_id, precision=model.precision.label if model.precision else "unrecorded",
                    model_name=release.name, version=release.version, promoted=release.promoted,
                    reason=release.reason, release_uri=release.uri, already_published=release.reused)
 

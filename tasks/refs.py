@@ -68,6 +68,20 @@ class WorkerPlacement(_Ref):
     device: str
 
 
+class TrainingPrecision(_Ref):
+    """What the worker group that trained the final epoch computed in: ``auto`` as its workers resolved it."""
+
+    requested: str  # the parameter: auto, fp32 or bf16
+    dtype: str  # fp32 or bf16
+    channels_last: bool
+    reason: str
+
+    @property
+    def label(self) -> str:
+        """e.g. 'bf16 + channels_last' or 'fp32'."""
+        return self.dtype + (" + channels_last" if self.channels_last else "")
+
+
 class TrainedModel(_Ref):
     """A finished training run: its final checkpoint and how it got there."""
 
@@ -80,6 +94,7 @@ class TrainedModel(_Ref):
     resumed_from_epoch: int = 0
     reused: bool = False
     workers: tuple[WorkerPlacement, ...] = ()
+    precision: TrainingPrecision | None = None  # None: a checkpoint written before precision was recorded
 
     @property
     def node_count(self) -> int:

@@ -26,13 +26,17 @@ from cluster.launch import Resources, check_framework, check_placement, fit
 from cluster.nodecache import StoredData
 from cluster.runtime import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
-from tasks.refs import EpochMetrics, PreparedData, TrainedModel, WorkerPlacement
+from tasks.refs import EpochMetrics, PreparedData, TrainedModel, TrainingPrecision, WorkerPlacement
 from tasks.store import Store, open_store
 
 __all__ = ["Resources", "TrainLoopConfig", "run_identity", "train", "train_task"]
 
 # Fields of TrainLoopConfig that change where or how fast a run trains, never what it learns. Every other
 # field is part of the run's identity, so a new field changes the identity unless it is listed here.
+# ``precision`` is in it as the parameter's value ("auto"), not as resolved: the workers resolve auto on their
+# hardware after the identity is fixed, so a finished auto run trained in bf16 on one machine is reused (or
+# resumed) on another that would have chosen fp32. That is accepted: bf16 is tested to stay within a point of
+# fp32's test accuracy, and the checkpoint's state.json says what each run actually used.
 NOT_IDENTITY = frozenset({"data_dir", "use_gpu"})
 
 
@@ -79,7 +83,8 @@ def to_trained_model(store: Store, checkpoint_key: str, state: dict, run_id: str
         model=state["spec"]["name"],
         run_id=run_id, history=tuple(EpochMetrics(**m) for m in state["history"]), num_workers=workers,
         resumed_from_epoch=resumed_from, reused=reused,
-        workers=tuple(WorkerPlacement(**w) for w in state.get("workers", ())))
+        workers=tuple(WorkerPlacement(**w) for w in state.get("workers", ())),
+        precision=TrainingPrecision(**state["precision"]) if state.get("precision") else None)
 
 
 def stored_data(store: Store, prepared: PreparedData) -> StoredData:

@@ -47,6 +47,9 @@ def test_tensorflow_trains_on_ray_reports_every_epoch_and_resumes(ray_local, pre
     assert saved["loaded_frameworks"] == ["tensorflow"]  # the worker that wrote it never loaded torch
     assert set(saved["versions"]) == {"tensorflow", "keras"}
     assert [w["rank"] for w in saved["workers"]] == list(range(workers))
+    # precision auto (the default) never fails for TensorFlow: fp32, and the checkpoint says so
+    assert saved["precision"] == {"requested": "auto", "dtype": "fp32", "channels_last": False,
+                                  "reason": "framework tensorflow trains in fp32 only"}
     y_true, y_pred = predict("tensorflow", StoredCheckpoint(filesystem=None, path=final), data)
     assert "tensorflow" not in sys.modules  # predictions came from a Ray task, not from this process
     assert len(y_true) == prepared[1].counts["test"]

@@ -12,6 +12,7 @@ import pytest
 
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
+from cluster.precision import BF16_CPU_FLAGS, cpu_flags
 from cluster.torch_loop import LocalContext, train_loop
 from tasks.store import open_store
 
@@ -30,6 +31,12 @@ def test_loss_falls_and_each_epoch_reports_once(prepared, tmp_path):
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
     assert history[-1]["val_accuracy"] > 0.9
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"epoch_000{i}" for i in range(1, 7)]
+    # the default, auto, resolved on this machine's CPU and recorded with the checkpoint
+    state = json.loads((tmp_path / "ckpt" / "epoch_0006" / "state.json").read_text())
+    native = bool(BF16_CPU_FLAGS & cpu_flags())
+    assert state["precision"]["requested"] == "auto"
+    assert (state["precision"]["dtype"], state["precision"]["channels_last"]) == (("bf16", True) if native
+                                                                                  else ("fp32", False))
 
 
 def test_resumes_from_last_checkpoint_and_only_trains_what_is_left(prepared, tmp_path):
@@ -50,6 +57,8 @@ def test_bf16_channels_last_mode_learns(prepared, tmp_path):
     history = train_loop(cfg, ctx)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_accuracy"] > 0.8
+    state = json.loads((tmp_path / "ckpt" / "epoch_0006" / "state.json").read_text())
+    assert state["precision"] == {"requested": "bf16", "dtype": "bf16", "channels_last": True, "reason": "as requested"}
 
 
 def test_config_rejects_bad_values_and_uneven_batches():

@@ -13,7 +13,7 @@ from tests.flows.test_cli import trainflow
 CIFAR_ENV = "TRAINFLOW_CIFAR10_DIR"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cifar_dir() -> Path:
     location = os.environ.get(CIFAR_ENV)
     if not location:
@@ -22,11 +22,10 @@ def cifar_dir() -> Path:
     return Path(location)
 
 
-@pytest.mark.slow
-@pytest.mark.cifar
-@pytest.mark.timeout(1200)  # two runs of about 2 minutes each on 2 cores
-def test_cifar10_subset_two_epochs_well_above_chance_in_both_frameworks(cifar_dir, tmp_path):
-    store = tmp_path / "store"
+@pytest.fixture(scope="module")
+def subset_runs(cifar_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """Both frameworks through the CLI on the subset, in the default precision (auto): (store, summaries)."""
+    store = tmp_path_factory.mktemp("cifar") / "store"
     # lr 0.01: the article's 0.001 needs more than two epochs to leave chance level on 5 000 images
     args = ["run", "--dataset", f"folder:{cifar_dir}", "--limit-train", "5000", "--limit-test", "1000", "--epochs",
             "2", "--lr", "0.01", "--workers", "2", "--store", str(store), "--json"]
@@ -34,10 +33,24 @@ def test_cifar10_subset_two_epochs_well_above_chance_in_both_frameworks(cifar_di
     for framework in ("torch", "tensorflow"):  # the second run finds the prepared data in the store
         out = trainflow(*args, "--framework", framework, timeout=1200)
         assert out.returncode == 0, out.stderr[-4000:]
-        summaries[framework] = summary = json.loads(out.stdout[out.stdout.index("{"):])
+        summaries[framework] = json.loads(out.stdout[out.stdout.index("{"):])
+    return store, summaries
+
+
+@pytest.mark.slow
+@pytest.mark.cifar
+@pytest.mark.timeout(1200)  # two runs of about 2 minutes each on 2 cores
+def test_cifar10_subset_two_epochs_well_above_chance_in_both_frameworks(subset_runs):
+    from cluster.precision import BF16_CPU_FLAGS, cpu_flags
+
+    store, summaries = subset_runs
+    for summary in summaries.values():
         assert summary["test_size"] == 1000
         assert summary["accuracy"] >= 0.2, summary  # chance is 0.1
     assert [s["skipped"] for s in summaries["tensorflow"]["stages"]][:2] == [True, True]
+    # auto: bf16 + channels_last for torch where this CPU computes bf16 natively; TensorFlow trains in fp32
+    assert summaries["torch"]["precision"] == ("bf16 + channels_last" if BF16_CPU_FLAGS & cpu_flags() else "fp32")
+    assert summaries["tensorflow"]["precision"] == "fp32"
     meta = json.loads(next((store / "prepared").glob("*/meta.json")).read_text())
     assert meta["counts"]["train"] + meta["counts"]["val"] == 5000
     assert meta["channels"] == 3 and meta["image_size"] == 32
@@ -45,5 +58,41 @@ def test_cifar10_subset_two_epochs_well_above_chance_in_both_frameworks(cifar_di
     for version in (1, 2):
         metrics = json.loads((store / "models" / "seed-cnn" / "versions" / str(version) / "metrics.json").read_text())
         assert len(metrics["per_class"]) == 10 and sum(c["support"] for c in metrics["per_class"]) == 1000
-    print(json.dumps({framework: {"accuracy": s["accuracy"], "training_seconds": round(s["training_seconds"], 1)}
-                      for framework, s in summaries.items()}))
+    print(json.dumps({framework: {"accuracy": s["accuracy"], "training_seconds": round(s["training_seconds"], 1),
+                                  "precision": s["precision"]} for framework, s in summaries.items()}))
+
+
+@pytest.mark.slow
+@pytest.mark.cifar
+@pytest.mark.timeout(1500)  # also the two CLI runs when this test runs alone
+def test_bf16_channels_last_within_a_point_of_fp32_on_the_subset(subset_runs, tmp_path):
+    """fp32 and bf16 + channels_last in this process on the runs' prepared data, same seed, epochs and batches.
+
+    Both in one process, not one of them against the CLI's two DDP workers: that difference alone (gradient
+    sums in another order, the odd image two equal shards leave out) moved test accuracy by 0.007 here.
+    """
+    import torch
+
+    from cluster import torch_backend as tb
+    from cluster.config import TrainLoopConfig
+    from cluster.data import load_split
+    from cluster.torch_loop import LocalContext, train_loop
+
+    store, _ = subset_runs
+    data = next((store / "prepared").glob("*/meta.json")).parent
+    x_test, y_test = load_split(data, "test")
+    accuracy, speed = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the numbers below were measured on one thread; steady on a busy machine
+    try:
+        for name, options in (("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16", "channels_last": True})):
+            cfg = TrainLoopConfig(data_dir=str(data), epochs=2, lr=0.01, batch_size=64, seed=0, **options)
+            history = train_loop(cfg, LocalContext(tmp_path / name))
+            accuracy[name] = float((tb.predict(tmp_path / name / "epoch_0002", x_test) == y_test).mean())
+            speed[name] = round(history[-1]["train_images_per_s"])
+    finally:
+        torch.set_num_threads(threads)
+    print(json.dumps({"test_accuracy": accuracy, "images_per_s": speed}))
+    assert accuracy["fp32"] >= 0.2, accuracy  # chance is 0.1
+    # measured over seeds 0-2 (issue 10's note): bf16 - fp32 = 0.000, +0.005, +0.004 after two epochs
+    assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.01, accuracy
