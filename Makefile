@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test test-system-deps test-fast bench bench-store clean
+.PHONY: run test test-system-deps test-fast bench bench-startup bench-store clean
 
 # The venv is (re)built when it is missing or pyproject.toml changed.
 $(BIN)/.installed: pyproject.toml
@@ -37,6 +37,9 @@ test-fast: $(BIN)/.installed-test  ## the quick check (under 3 minutes): every t
 
 bench: $(BIN)/.installed  ## training throughput vs ../shared/bench/baseline_torch.py, as JSON
 	$(BIN)/python bench/train_throughput.py
+
+bench-startup: $(BIN)/.installed  ## where a local run's time goes besides training (cold; run `trainflow up` first for warm)
+	$(BIN)/python bench/startup.py --repeats 3
 
 bench-store: $(BIN)/.installed  ## 50 MB round trip through S3 (local SeaweedFS) vs a folder, and the digits flow on each
 	$(BIN)/python bench/store_roundtrip.py --flow

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster import runtime
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split
 from cluster.errors import UserError
@@ -32,6 +33,8 @@ from cluster.nodecache import StoredData, materialize
 from cluster.placement import (LOG_EVERY_S, Resources, ResourcesUnavailable, check_placement, free_resources,
                                pending_placement, wait_for_placement)
 
+PROGRESS_EVERY_S = 0.5
+
 __all__ = ["Resources", "RayWorkerContext", "StoredCheckpoint", "check_framework", "check_placement", "fit",
            "predict"]
 
@@ -39,16 +42,33 @@ __all__ = ["Resources", "RayWorkerContext", "StoredCheckpoint", "check_framework
 class RayWorkerContext:
     """Ray Train's worker API as the framework loops' ``WorkerContext`` (rank, world, report, restore).
 
-    ``device`` is the framework's business: its Ray entry point sets it before training.
+    ``device`` is the framework's business: its Ray entry point sets it before training. Rank 0's
+    progress and messages go to the caller through ``events`` (the run's report queue), sent without
+    waiting for an answer, progress at most every :data:`PROGRESS_EVERY_S`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, events=None) -> None:
         import ray.train
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device: object = "cpu"
+        self._events = events if self.rank == 0 else None
+        self._progress_at = 0.0
+
+    def _send(self, kind: str, payload) -> None:
+        if self._events is not None:
+            self._events.actor.put_nowait.remote((kind, payload))  # fire and forget: never stalls a step
+
+    def progress(self, epoch: int, done: int, total: int, seconds: float) -> None:
+        now = time.monotonic()
+        if now - self._progress_at >= PROGRESS_EVERY_S or done >= total:
+            self._progress_at = now
+            self._send("progress", {"epoch": epoch, "done": done, "total": total, "seconds": seconds})
+
+    def say(self, text: str) -> None:
+        self._send("message", text)
 
     def placement(self) -> dict:
         import ray
@@ -78,7 +98,7 @@ def _worker(config: dict) -> None:
     """A Ray Train worker's first lines: rebuild the typed config, fetch the data onto this node, train."""
     cfg = TrainLoopConfig.from_dict(config["loop"])
     cfg = replace(cfg, data_dir=str(materialize(config["data"])))
-    load(get_framework(cfg.framework).train)(cfg, RayWorkerContext())
+    load(get_framework(cfg.framework).train)(cfg, RayWorkerContext(config["events"]))
 
 
 def _report_callback(report_queue):
@@ -99,7 +119,8 @@ def _report_callback(report_queue):
 def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_name: str, storage_path: str,
         storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None,
         on_failure: Callable[[dict[int, str]], None] = lambda e: None,
-        on_wait: Callable[[str], None] = lambda m: None) -> str:
+        on_wait: Callable[[str], None] = lambda m: None, on_progress: Callable[[dict], None] = lambda p: None,
+        on_message: Callable[[str], None] = lambda m: None) -> str:
     """Train ``cfg.framework``'s loop on a Ray Train worker group and wait for it.
 
     Each worker fetches ``data`` onto its own node. Re-running with the same
@@ -107,8 +128,11 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
     reported; ``on_report`` is called on the calling thread with each epoch's
     metrics as they arrive, ``on_failure`` with {rank: error} when workers fail
     (Ray then restarts the group from the last checkpoint, up to
-    ``resources.max_failures`` times), and ``on_wait`` every 30 s while the
-    group waits for resources. Returns the path of the final checkpoint in storage.
+    ``resources.max_failures`` times), ``on_wait`` every 30 s while the
+    group waits for resources, ``on_progress`` with {epoch, done, total, seconds}
+    (images of the epoch done so far, over all ranks) a few times a second, and
+    ``on_message`` with what the workers say (a resume). Returns the path of the
+    final checkpoint in storage.
 
     Raises:
         UserError: the batch does not split, or no set of live nodes can hold the group.
@@ -128,7 +152,8 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
         scheduling_strategy=_here(), runtime_env={"env_vars": _launcher_env(framework, resources)})
     done = launcher.remote(cfg.to_dict(), resources, data, run_name, storage_path, storage_filesystem, reports)
     try:
-        _pump(done, reports, on_report, on_failure, on_wait)
+        _pump(done, reports, {"report": on_report, "failure": on_failure, "progress": on_progress,
+                              "message": on_message}, on_wait)
         return ray.get(done)
     except ray.exceptions.RayTaskError as error:
         raise _explain(error.cause if isinstance(error.cause, BaseException) else error, resources) from error
@@ -171,6 +196,10 @@ def _launcher_env(framework: Framework, resources: Resources) -> dict[str, str]:
     # a start that fails for a moment (a lost node not yet known dead) is tried again.
     timeout = resources.wait_for_resources / (resources.max_failures + 1)
     train_settings = {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}  # see runtime.connect
+    if runtime.one_machine():
+        # Train's preemption watcher (an actor polling for nodes being drained) has nothing to watch on a
+        # one-machine Ray of our own: one process fewer to start, and no warning line at its start
+        train_settings.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return {**train_settings, **framework.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{timeout:g}"}
 
 
@@ -183,7 +212,7 @@ def _launch(loop: dict, resources: Resources, data: StoredData, run_name: str, s
     framework = get_framework(loop["framework"])
     trainer = DataParallelTrainer(
         _worker,
-        train_loop_config={"loop": loop, "data": data},
+        train_loop_config={"loop": loop, "data": data, "events": reports},
         backend_config=load(framework.backend_config)(resources.use_gpu),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},
@@ -234,7 +263,7 @@ def _predict(framework: str, checkpoint: StoredCheckpoint, data: StoredData, spl
     return np.asarray(y), np.asarray(predicted)
 
 
-def _pump(done, reports, on_report, on_failure, on_wait) -> None:
+def _pump(done, reports, handlers: dict[str, Callable], on_wait) -> None:
     """Deliver reports on this thread until the launcher ends; after 30 s of silence, say what the group waits for."""
     import ray
 
@@ -250,7 +279,7 @@ def _pump(done, reports, on_report, on_failure, on_wait) -> None:
                     on_wait(waiting)
             continue
         quiet_since = time.monotonic()
-        (on_report if kind == "report" else on_failure)(payload)
+        handlers[kind](payload)
 
 
 def _explain(error: BaseException, resources: Resources) -> BaseException:

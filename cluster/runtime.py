@@ -42,12 +42,46 @@ class _Starter:
             self.ready.set()
         self.release.wait()
         if self.started_here:
-            import ray
-
-            ray.shutdown()
+            _stop_ray()
 
 
 _pending: _Starter | None = None
+_one_machine = False  # the Ray this process uses is on this machine alone: started here, or `trainflow up`'s
+_worker_logs = True
+_local_head: str | None = None  # `trainflow up`'s Ray head, used instead of starting one
+
+
+# Ray starts one idle worker per CPU when the first driver connects. A run never used them (its launcher task
+# has a runtime_env; the report queue, Train's controller and its workers each started a process of their own,
+# as the session's logs showed): they only took the cores of a small machine while everything else started.
+LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+
+
+def use_local_head(address: str, token_file: str) -> None:
+    """Let "start Ray locally" connect to the long-running one-machine head at ``address`` instead.
+
+    That head runs this machine's packages (as a Ray started here would), so no code is shipped and
+    it is never shut down by this process. Its token is read from ``token_file``.
+    """
+    global _local_head
+    _local_head = address
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = token_file
+
+
+def show_worker_logs(shown: bool) -> None:
+    """Whether the output of Ray's workers and helper processes reaches this process's console.
+
+    For the next Ray this process starts or connects to. The CLI turns it off unless asked to be
+    verbose: what a person needs from the workers (progress, a resume) reaches it as events.
+    """
+    global _worker_logs
+    _worker_logs = shown
+
+
+def one_machine() -> bool:
+    """True when the Ray this process uses is a one-machine Ray of its own: started here, or `trainflow up`'s."""
+    return _one_machine
 
 
 # This project's packages, shipped to the nodes of a cluster in the run's runtime_env; nodes need only the
@@ -115,7 +149,7 @@ def _init_cluster(address: str) -> None:
     if ":" in address and not address.startswith("ray://"):  # host:port of a GCS ('auto' finds it itself)
         _check_token(address)
     try:
-        ray.init(address=address, runtime_env=project_runtime_env(), log_to_driver=True,
+        ray.init(address=address, runtime_env=project_runtime_env(), log_to_driver=_worker_logs,
                  logging_config=ray.LoggingConfig(log_level="ERROR"))
     except AuthenticationError:
         raise _no_token(address) from None
@@ -154,9 +188,23 @@ def connect(address: str | None) -> bool:
         return False
     # ERROR: without the dashboard, Ray Train's helper actors warn every few seconds that the
     # state API is unavailable; our workers print what matters (batch split, resume epoch).
-    ray.init(address="local", include_dashboard=False, log_to_driver=True,
-             logging_config=ray.LoggingConfig(log_level="ERROR"))
+    global _one_machine
+    _one_machine = True
+    if _local_head is not None:
+        ray.init(address=_local_head, log_to_driver=_worker_logs, logging_config=ray.LoggingConfig(log_level="ERROR"))
+        return False
+    ray.init(address="local", include_dashboard=False, log_to_driver=_worker_logs,
+             logging_config=ray.LoggingConfig(log_level="ERROR"), _system_config=LOCAL_SYSTEM_CONFIG)
     return True
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray this process started."""
+    global _one_machine
+    import ray
+
+    ray.shutdown()
+    _one_machine = False
 
 
 def prestart(address: str | None) -> bool:
@@ -201,6 +249,4 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            _stop_ray()

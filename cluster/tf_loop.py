@@ -29,7 +29,7 @@ from cluster import tf_backend as tfb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
 from cluster.precision import describe, resolve
-from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, epoch_shard
+from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, epoch_shard, write_predictions
 
 __all__ = ["main", "train_loop", "train_on_ray"]
 
@@ -72,7 +72,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             with strategy.scope():
                 tfb.load_checkpoint(Path(tmp), model, optimizer)
             _, start_epoch, history = tfb.read_state(Path(tmp))
-            print(f"rank {ctx.rank}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
+            ctx.say(f"resuming from the checkpoint of epoch {start_epoch}")
     local_batch = cfg.local_batch_size(ctx.world_size)
     steps = _Steps(strategy, model, optimizer, ctx.world_size)
     workers = steps.placements(ctx)
@@ -92,6 +92,8 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             ckpt = None
             if ctx.rank == 0:
                 tfb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision)
+                if epoch == cfg.epochs:
+                    write_predictions(Path(tmp), data_dir, tfb.predict)
                 ckpt = Path(tmp)
             ctx.report(metrics, ckpt)
     return history
@@ -165,8 +167,11 @@ def run_epoch(steps: _Steps, train: tuple[np.ndarray, np.ndarray], val: tuple[np
         return tf.data.Dataset.from_tensor_slices((x_shard, y_shard)).batch(local_batch).prefetch(2)
 
     loss_sum = tf.zeros((), tf.float32)
-    for batch in steps.strategy.distribute_datasets_from_function(shard_batches):
+    total = len(y_shard) * ctx.world_size
+    for i, batch in enumerate(steps.strategy.distribute_datasets_from_function(shard_batches)):
         loss_sum += steps.train(batch)
+        ctx.progress(epoch, min((i + 1) * local_batch, len(y_shard)) * ctx.world_size, total,
+                     time.perf_counter() - t0)
     train_loss_sum = float(loss_sum.numpy())  # one host sync per epoch, not per step
     seconds = time.perf_counter() - t0
     val_loss, correct = 0.0, 0.0

@@ -25,7 +25,7 @@ from cluster import torch_backend as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
 from cluster.precision import PRECISIONS, Precision, agree, describe
-from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics
+from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, write_predictions
 
 __all__ = ["LocalContext", "WorkerContext", "main", "ray_backend_config", "run_epoch", "train_loop", "train_on_ray"]
 
@@ -78,7 +78,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
         if ctx.restore(Path(tmp)):
             tb.load_weights(Path(tmp), model, optimizer)
             _, start_epoch, history = tb.read_state(Path(tmp))
-            print(f"rank {ctx.rank}: resuming from the checkpoint of epoch {start_epoch}", flush=True)
+            ctx.say(f"resuming from the checkpoint of epoch {start_epoch}")
     workers, precision = _group(cfg, ctx)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
@@ -105,6 +105,8 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             ckpt = None
             if ctx.rank == 0:
                 tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision)
+                if epoch == cfg.epochs:
+                    write_predictions(Path(tmp), data_dir, tb.predict)
                 ckpt = Path(tmp)
             ctx.report(metrics, ckpt)
     return history
@@ -120,6 +122,7 @@ def run_epoch(net, optimizer, train, val, normalize, autocast, local_batch: int,
     for i in range(0, len(idx), local_batch):
         j = idx[i:i + local_batch]
         loss_sum += tb.train_step(net, optimizer, normalize(x_train[j]), y_train[j], autocast)
+        ctx.progress(epoch, (i + len(j)) * ctx.world_size, len(idx) * ctx.world_size, time.perf_counter() - t0)
     train_loss_sum = loss_sum.item()  # one host sync per epoch, not per step
     seconds = time.perf_counter() - t0
     model = net.module if hasattr(net, "module") else net

@@ -14,16 +14,18 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from cluster.data import Meta
+from cluster.data import Meta, load_split
 from cluster.precision import Precision
 
 STATE_FILE = "state.json"
+PREDICTIONS_FILE = "predictions.npz"  # the final checkpoint's test-split predictions (y_true, y_pred)
 
 
 class WorkerContext(Protocol):
@@ -39,6 +41,12 @@ class WorkerContext(Protocol):
 
     def placement(self) -> dict:
         """Where this rank runs: rank, node_id, node_ip, hostname, device."""
+
+    def progress(self, epoch: int, done: int, total: int, seconds: float) -> None:
+        """Called after every step: ``done`` of ``total`` images of the epoch (all ranks), ``seconds`` into it."""
+
+    def say(self, text: str) -> None:
+        """Something the person running this should read (rank 0's is shown)."""
 
 
 @dataclass
@@ -58,6 +66,13 @@ class LocalContext:
             shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
         if self.rank == 0:
             print(json.dumps(metrics), flush=True)
+
+    def progress(self, epoch: int, done: int, total: int, seconds: float) -> None:
+        pass  # the per-epoch report line says it
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
 
     def placement(self) -> dict:
         return {"rank": self.rank, "node_id": None, "node_ip": None, "hostname": socket.gethostname(),
@@ -124,6 +139,16 @@ def write_state(directory: Path, *, framework: str, versions: dict[str, str], mo
              "history": history, "spec": asdict(spec), "workers": workers or [], "loaded_frameworks": loaded,
              "precision": precision.to_dict() if precision else None}
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def write_predictions(directory: Path, data_dir: Path, predict: Callable[[Path, np.ndarray], np.ndarray]) -> None:
+    """Store the test split's predictions in a checkpoint, made by ``predict`` from the checkpoint's own files.
+
+    The loops call it for the final epoch's checkpoint only: evaluation then reads them, with the
+    same numbers its own prediction task would have made, instead of starting a process to make them.
+    """
+    x, y = load_split(data_dir, "test", mmap=True)
+    np.savez(directory / PREDICTIONS_FILE, y_true=np.asarray(y), y_pred=np.asarray(predict(directory, x)))
 
 
 def read_state(directory: Path) -> tuple[ModelSpec, int, list[dict]]:

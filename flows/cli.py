@@ -3,6 +3,7 @@
     trainflow run [--preset NAME] [--dataset ...] [--epochs N] [--workers N] [--gpu] [--force] ...
     trainflow submit --address http://HEAD:8265 [run options]
     trainflow presets
+    trainflow up [--prefect-port 4200] [--cpus N] | trainflow down
     trainflow serve [--every SECONDS]
     trainflow models list|show NAME [VERSION]|promote NAME VERSION [--store ...]
     trainflow predict IMAGE|FOLDER... [--model NAME] [--version N] [--store ...] [--json]
@@ -13,10 +14,13 @@ Mistakes a user can fix are printed as one line (exit code 2), never a traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from cluster.errors import UserError
@@ -63,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", required=True, help="the Ray head's dashboard, http://HEAD:8265")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
     sub.add_parser("presets", help="list the named parameter presets")
+    up = sub.add_parser("up", help="start a Prefect server (UI on 127.0.0.1:4200) and a Ray head that runs use")
+    up.add_argument("--prefect-port", type=int, default=4200)
+    up.add_argument("--cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
+    sub.add_parser("down", help="stop what `trainflow up` started")
     serve = sub.add_parser("serve", help="register the deployments with PREFECT_API_URL and run them until stopped")
     serve.add_argument("--every", type=float, default=None, metavar="SECONDS",
                        help="also serve an interval-scheduled deployment (smoke preset)")
@@ -97,7 +105,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
         run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind, help=helps.get(option))
     for flag, (_, _, help_text) in _FLAGS.items():
         run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true", help=help_text)
-    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON (and progress as plain lines)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="show Prefect's and Ray's own log lines instead of progress bars")
     return run
 
 
@@ -149,16 +159,31 @@ class _NoUserErrorTraceback(logging.Filter):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from flows import services
+
+    if (found := services.running()) is not None:
+        services.use_prefect(found)
     from flows.params import build_params, preflight
 
     params = build_params(args.preset, overrides_from(args))
     preflight(params)
+    # SIGTERM stops a run as Ctrl-C does, through the cleanup below (inside a flow run Prefect's own handler
+    # raises TerminationSignal instead), so that neither Ray nor Prefect's temporary server outlives the run
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.perf_counter()
+    from prefect.exceptions import TerminationSignal
+
     from cluster import runtime
     from cluster.placement import check_placement
 
-    # Ray takes seconds to start, and so does Prefect's ephemeral server: overlap them.
     resources = params.cluster.to_resources()
+    runtime.show_worker_logs(args.verbose)
+    if found is not None:
+        if resources.ray_address is None:
+            runtime.use_local_head(found.ray_address, found.token_file)
+        print(f"trainflow: using `trainflow up`'s {found.describe()}", file=sys.stderr)
+    # Ray takes seconds to start, and so does Prefect's temporary server: overlap them (and this process's imports)
+    prefect_ready = _start_temporary_prefect_server()
     runtime.prestart(resources.ray_address)
     try:
         if resources.ray_address:  # an existing cluster answers at once: refuse a placement it can never hold now
@@ -168,12 +193,49 @@ def _run(args: argparse.Namespace) -> int:
 
         for name in ("prefect.flow_runs", "prefect.task_runs"):  # where Prefect's engines log run failures
             logging.getLogger(name).addFilter(_NoUserErrorTraceback())
-        summary = train_pipeline(params)
+        prefect_ready.join()
+        with _console(args):
+            summary = train_pipeline(params)
+    except (KeyboardInterrupt, TerminationSignal):
+        print("trainflow: stopped; a re-run with the same parameters resumes from the last checkpoint",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         runtime.shutdown()
     wall = time.perf_counter() - started
     print(summary.model_dump_json(indent=2) if args.json else format_summary(summary, wall))
     return 0
+
+
+def _start_temporary_prefect_server() -> threading.Thread:
+    """Start Prefect's temporary server on a thread, when the run will need one; join it before the flow starts.
+
+    (Prefect would start it at the flow's first call to its API, after this process's imports and Ray's start.)
+    """
+    def start() -> None:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _console(args: argparse.Namespace):
+    """Progress bars on a terminal, plain lines elsewhere (and with --json); today's log lines with -v."""
+    if args.verbose:
+        return contextlib.nullcontext()
+    from flows.console import run_console
+
+    return run_console(bars=sys.stderr.isatty() and not args.json)
 
 
 def _submit(args: argparse.Namespace, run_args: list[str]) -> int:
@@ -185,6 +247,20 @@ def _submit(args: argparse.Namespace, run_args: list[str]) -> int:
     build_params((options := run_parser.parse_args(run_args)).preset, overrides_from(options))
     env_vars = {name: os.environ[name] for name in ("PREFECT_API_URL",) if os.environ.get(name)}
     return submit_run(args.address, run_args, env_vars=env_vars, follow=not args.no_wait)
+
+
+def _services(args: argparse.Namespace) -> int:
+    from flows import services
+
+    if args.command == "down":
+        stopped = services.down()
+        print(f"trainflow: stopped {', '.join(stopped)}" if stopped else "trainflow: nothing to stop")
+        return 0
+    found = services.running()
+    started = found or services.up(prefect_port=args.prefect_port, ray_cpus=args.cpus)
+    print(f"trainflow: {'already up' if found else 'up'}: {started.describe()}; `trainflow run` uses them, "
+          "`trainflow down` stops them")
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -254,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "submit":
             return _submit(args, extra)
+        if args.command in ("up", "down"):
+            return _services(args)
         if args.command == "predict":
             return _predict(args)
         return _models(args) if args.command == "models" else _run(args)

@@ -9,6 +9,7 @@ seen before training is checked before preprocess writes to the store.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from prefect import flow
@@ -18,7 +19,8 @@ from cluster import runtime
 from flows.artifacts import evaluation_artifacts, release_artifact
 from flows.params import PipelineParams, preflight
 from tasks.common import result_storage
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, preload as preload_evaluation
+from tasks.events import emit
 from tasks.ingest import ingest_task
 from tasks.preprocess import count_train_images, preprocess_task
 from tasks.publish import publish_task
@@ -70,6 +72,7 @@ class RunSummary(BaseModel):
 
 def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
     """Call a task, recording its wall time and whether Prefect served it from cache."""
+    emit("stage_started", name=name)
     start = time.perf_counter()
     state = call(*args, return_state=True, **kwargs)
     result = state.result()
@@ -77,6 +80,7 @@ def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
     reused = getattr(result, "reused", False)  # the store already held this stage's output
     note = "cached: inputs unchanged" if cached else "reused: the store already holds it" if reused else ""
     stages.append(StageTime(name=name, seconds=time.perf_counter() - start, skipped=cached or reused, note=note))
+    emit("stage_finished", **stages[-1].model_dump())
     return result
 
 
@@ -95,6 +99,7 @@ def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
                    params.data.dataset, cache_dir)
         check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
         prepared = _run(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri, resources.ray_address)
+        threading.Thread(target=preload_evaluation, name="preload-evaluation", daemon=True).start()
         model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, params.train.force)
         # one worker's CPUs: a share that some node is known to hold
         evaluation = _run(stages, "evaluate", evaluate_task, model, prepared, store.uri, resources.ray_address,

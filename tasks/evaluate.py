@@ -1,8 +1,11 @@
 """Stage 4, evaluate: test-set metrics of a trained model.
 
-The predictions come from a Ray task in a process of the model's framework
-(this process imports no framework), which fetches the checkpoint and the test
-split from the store on whichever node it runs. Accuracy, macro and per-class
+The predictions are the ones the training run stored with its final
+checkpoint (``predictions.npz``, made from that checkpoint's own files on the
+worker that wrote it). A checkpoint without them is predicted by a Ray task in
+a process of the model's framework (this process imports no framework), which
+fetches the checkpoint and the test split from the store on whichever node it
+runs. Accuracy, macro and per-class
 precision/recall/F1 and the confusion matrix (scikit-learn) are computed here,
 and a confusion-matrix PNG is stored beside the run's other outputs.
 """
@@ -18,10 +21,20 @@ from prefect.artifacts import create_markdown_artifact
 
 from cluster.launch import StoredCheckpoint, predict
 from cluster.runtime import ray_session
+from cluster.worker import PREDICTIONS_FILE
 from tasks.common import in_prefect_run
 from tasks.refs import ClassMetrics, Evaluation, PreparedData, TrainedModel
-from tasks.store import open_store
+from tasks.store import Store, open_store
 from tasks.train import stored_data
+
+
+def preload() -> None:
+    """Import what scoring needs (scikit-learn's metrics, matplotlib): seconds a flow can spend while it trains."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    import sklearn.metrics
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:
@@ -66,19 +79,35 @@ def confusion_png(confusion: tuple[tuple[int, ...], ...], classes: tuple[str, ..
 
 def evaluate(model: TrainedModel, prepared: PreparedData, store_uri: str, ray_address: str | None = None,
              cpus: int = 1) -> Evaluation:
-    """Predict the test split with the model's final checkpoint (a Ray task on ``cpus`` CPUs) and score it.
+    """Score the final checkpoint's predictions of the test split, made now when it has none stored.
 
-    Uses the Ray this process is connected to, else the one at ``ray_address``, else a local one.
+    Those are made by a Ray task on ``cpus`` CPUs, in the Ray this process is connected to, else the one
+    at ``ray_address``, else a local one.
     """
     store = open_store(store_uri)
-    checkpoint = StoredCheckpoint(filesystem=store.ray_filesystem(),
-                                  path=store.ray_storage_path(store.key_of(model.checkpoint_uri)))
-    with ray_session(ray_address):
-        y_test, y_pred = predict(model.framework, checkpoint, stored_data(store, prepared), cpus=cpus)
+    stored = stored_predictions(store, model, prepared)
+    if stored is not None:
+        y_test, y_pred = stored
+    else:
+        checkpoint = StoredCheckpoint(filesystem=store.ray_filesystem(),
+                                      path=store.ray_storage_path(store.key_of(model.checkpoint_uri)))
+        with ray_session(ray_address):
+            y_test, y_pred = predict(model.framework, checkpoint, stored_data(store, prepared), cpus=cpus)
     metrics = compute_metrics(y_test, y_pred, prepared.classes)
     png_key = f"evaluations/{model.run_id}/confusion.png"
     store.put_bytes(png_key, confusion_png(metrics["confusion"], prepared.classes))
     return Evaluation(confusion_png_uri=store.child_uri(png_key), test_size=len(y_test), **metrics)
+
+
+def stored_predictions(store: Store, model: TrainedModel,
+                       prepared: PreparedData) -> tuple[np.ndarray, np.ndarray] | None:
+    """(true, predicted) labels stored with the model's checkpoint, or None when it has none for this test split."""
+    key = f"{store.key_of(model.checkpoint_uri)}/{PREDICTIONS_FILE}"
+    if not store.exists(key):
+        return None
+    with np.load(io.BytesIO(store.get_bytes(key))) as stored:
+        y_true, y_pred = stored["y_true"], stored["y_pred"]
+    return (y_true, y_pred) if len(y_true) == prepared.counts.get("test") else None
 
 
 @task(name="evaluate", task_run_name="evaluate {model.model} on {prepared.counts[test]} test images")

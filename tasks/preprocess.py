@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import random
+import signal
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -138,8 +139,17 @@ def _map_here(fn: Callable[[Chunk], Any], chunks: list[Chunk]) -> list[Any]:
     """Map over this machine's cores: a fork pool (children only run PIL, and start in milliseconds)."""
     if sum(len(files) for files, _, _ in chunks) < _PARALLEL_THRESHOLD or (os.cpu_count() or 1) == 1:
         return list(map(fn, chunks))
-    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+    with multiprocessing.get_context("fork").Pool(os.cpu_count(), initializer=_default_sigterm) as pool:
         return pool.map(fn, chunks)
+
+
+def _default_sigterm() -> None:
+    """A pool child dies quietly of the SIGTERM that ends the pool.
+
+    Forked inside a flow run, it inherits Prefect's handler, which turns SIGTERM into a
+    TerminationSignal traceback per child as the pool shuts down after a successful map.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def decode_images(paths: list[str], size: int, *, origin: str | None = None, map_chunks: MapChunks = _map_here,

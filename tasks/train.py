@@ -26,6 +26,7 @@ from cluster.launch import Resources, check_framework, check_placement, fit
 from cluster.nodecache import StoredData
 from cluster.runtime import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
+from tasks.events import emit
 from tasks.refs import EpochMetrics, PreparedData, TrainedModel, TrainingPrecision, WorkerPlacement
 from tasks.store import Store, open_store
 
@@ -101,7 +102,9 @@ def stored_data(store: Store, prepared: PreparedData) -> StoredData:
 def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store_uri: str,
           on_report: Callable[[dict], None] = lambda m: None, retrain: str | None = None,
           on_failure: Callable[[dict[int, str]], None] = lambda e: None,
-          on_wait: Callable[[str], None] = lambda m: None) -> TrainedModel:
+          on_wait: Callable[[str], None] = lambda m: None,
+          on_progress: Callable[[dict], None] = lambda p: None,
+          on_message: Callable[[str], None] = lambda m: None) -> TrainedModel:
     """Train (or resume, or reuse) the run that ``prepared`` and ``cfg`` identify.
 
     ``retrain`` names a fresh run beside the identified one (``<identity>-retrain-<retrain>``), which
@@ -123,7 +126,8 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
     with ray_session(resources.ray_address):
         final = fit(cfg, resources, data=stored_data(store, prepared), run_name=run_id,
                     storage_path=store.ray_storage_path("checkpoints"), storage_filesystem=store.ray_filesystem(),
-                    on_report=report, on_failure=on_failure, on_wait=on_wait)
+                    on_report=report, on_failure=on_failure, on_wait=on_wait, on_progress=on_progress,
+                    on_message=on_message)
     key = f"{run_prefix}/{Path(final).name}"
     state = json.loads(store.get_bytes(f"{key}/state.json"))
     # where Ray actually resumed: the epoch before the first one this call heard of
@@ -152,12 +156,14 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
     log = get_run_logger()
     log.info("training on %d Ray workers, global batch %d (%d per worker)", resources.num_workers,
              cfg.batch_size, cfg.local_batch_size(resources.num_workers))
+    emit("training_started", epochs=cfg.epochs, workers=resources.num_workers, batch_size=cfg.batch_size)
     progress = None
     if in_prefect_run():
         progress = create_progress_artifact(0.0, description=f"Training {cfg.model}: share of {cfg.epochs} epochs done")
 
     def on_report(metrics: dict) -> None:
         log.info(format_epoch(metrics, cfg.epochs))
+        emit("epoch_finished", epochs=cfg.epochs, metrics=metrics)
         if progress is not None:
             update_progress_artifact(progress, 100.0 * metrics["epoch"] / cfg.epochs)
 
@@ -169,13 +175,19 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
         log.warning("Ray training worker(s) failed: %s; Ray restarts the worker group from the last checkpoint "
                     "(at most %d restarts)", ranks, resources.max_failures)
 
-    model = train(prepared, cfg, resources, store, on_report, retrain, on_failure, on_wait=log.info)
+    def on_message(text: str) -> None:  # for the person running this: a worker's word (rank 0's), a wait
+        log.info(text)
+        emit("note", text=text)
+
+    model = train(prepared, cfg, resources, store, on_report, retrain, on_failure, on_wait=on_message,
+                  on_progress=lambda fields: emit("epoch_progress", epochs=cfg.epochs, **fields),
+                  on_message=on_message)
     if progress is not None:
         update_progress_artifact(progress, 100.0)  # a reused run reports no epochs
     if model.reused:
-        log.info("reused finished run %s: its inputs and parameters are unchanged", model.run_id)
+        on_message(f"reused finished run {model.run_id}: its inputs and parameters are unchanged")
     elif model.resumed_from_epoch:
-        log.info("resumed run %s after epoch %d", model.run_id, model.resumed_from_epoch)
+        on_message(f"resumed run {model.run_id} after epoch {model.resumed_from_epoch}")
     if model.workers:
         log.info("the last worker group ran on %d node(s): %s", model.node_count,
                  ", ".join(f"rank {w.rank} on {w.node_ip or w.hostname} ({w.device})" for w in model.workers))

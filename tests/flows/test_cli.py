@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import make_tar, pattern_image
+from tests.flows.test_console import ray_noise
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,4 +55,9 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     meta = json.loads(next((store / "prepared").glob("*/meta.json")).read_text())
     assert meta["channels"] == 3 and meta["image_size"] == 16  # mixed set: kept as RGB
     assert sum(meta["counts"].values()) == 120 and meta["counts"]["test"] == summary["test_size"]
-    assert "epoch 6/6" in out.stderr  # per-epoch progress in the run's log
+    # not a terminal: plain lines, one per stage and one per epoch, and none of Ray's own lines
+    epochs = [line.split(":")[0] for line in out.stderr.splitlines() if line.startswith("epoch ")]
+    assert epochs == [f"epoch {e}/6" for e in range(1, 7)], out.stderr[-4000:]
+    assert [line.split()[0] for line in out.stderr.splitlines() if re.match(r"\w+ +[\d.]+ s\b", line)] == \
+        ["ingest", "preprocess", "train", "evaluate", "publish"], out.stderr[-4000:]
+    assert not ray_noise(out.stdout + out.stderr), ray_noise(out.stdout + out.stderr)

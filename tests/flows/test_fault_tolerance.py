@@ -22,7 +22,8 @@ import pytest
 from tests.flows.test_cli import ROOT
 
 EPOCHS = 6
-ARGS = ["--preset", "digits-quickstart", "--epochs", str(EPOCHS), "--workers", "2", "--json"]
+# fp32 in both frameworks: the parity check compares frameworks, not precisions (TensorFlow trains in fp32 only)
+ARGS = ["--preset", "digits-quickstart", "--epochs", str(EPOCHS), "--workers", "2", "--precision", "fp32", "--json"]
 
 
 def start_run(store: Path, log: Path, framework: str = "torch") -> subprocess.Popen:

@@ -11,6 +11,7 @@ from PIL import Image
 from tests.tasks._helpers import Trained, train_small_model
 from cluster.data import load_split
 from cluster.torch_backend import predict
+from cluster.worker import PREDICTIONS_FILE
 from tasks.evaluate import compute_metrics, confusion_png, evaluate, evaluate_task
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -94,3 +95,17 @@ def test_evaluate_task_fn(ray_local, trained: Trained):
     result = evaluate_task.fn(trained.model, trained.prepared, trained.store.uri)
     assert result.test_size == trained.prepared.counts["test"]
     assert result.accuracy >= 0.9
+
+
+def test_the_stored_predictions_are_the_ones_the_prediction_task_makes(ray_local, trained: Trained):
+    key = f"{trained.checkpoint_key}/{PREDICTIONS_FILE}"
+    assert trained.store.exists(key)  # the final epoch's checkpoint carries the test split's predictions
+    from_training = evaluate(trained.model, trained.prepared, trained.store.uri)
+    stored = trained.store.get_bytes(key)
+    trained.store.delete(key)
+    try:
+        from_task = evaluate(trained.model, trained.prepared, trained.store.uri)  # a Ray task predicts them now
+    finally:
+        trained.store.put_bytes(key, stored)
+    assert from_task.confusion == from_training.confusion and from_task.test_size == from_training.test_size
+    assert from_task.accuracy == from_training.accuracy
