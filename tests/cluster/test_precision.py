@@ -78,7 +78,8 @@ def test_a_group_trains_in_fp32_when_one_rank_lacks_native_bf16():
 
 
 def test_describe_says_what_was_used_and_why():
-    assert describe(auto(cpu_flags=COOPER_LAKE)) == "precision bf16 + channels_last (auto: CPU with avx512_bf16: native bf16)"
+    assert describe(auto(cpu_flags=COOPER_LAKE)) == ("precision bf16 + channels_last "
+                                                     "(auto: CPU with avx512_bf16: native bf16)")
     assert describe(auto(framework="tensorflow")) == "precision fp32 (auto: framework tensorflow trains in fp32 only)"
 
 
