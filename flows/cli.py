@@ -182,19 +182,19 @@ def _run(args: argparse.Namespace) -> int:
         if resources.ray_address is None:
             runtime.use_local_head(found.ray_address, found.token_file)
         print(f"trainflow: using `trainflow up`'s {found.describe()}", file=sys.stderr)
-    # Ray takes seconds to start, and so does Prefect's temporary server: overlap them (and this process's imports)
-    prefect_ready = _start_temporary_prefect_server()
-    runtime.prestart(resources.ray_address)
     try:
-        if resources.ray_address:  # an existing cluster answers at once: refuse a placement it can never hold now
-            with runtime.ray_session(resources.ray_address):
-                check_placement(resources)
-        from flows.pipeline import train_pipeline
+        with _console(args):  # from here on, Prefect's log lines (its temporary server's first) are the console's
+            # Ray takes seconds to start, and so does Prefect's temporary server: overlap them and our imports
+            prefect_ready = _start_temporary_prefect_server()
+            runtime.prestart(resources.ray_address)
+            if resources.ray_address:  # an existing cluster answers at once: refuse a placement it can never hold
+                with runtime.ray_session(resources.ray_address):
+                    check_placement(resources)
+            from flows.pipeline import train_pipeline
 
-        for name in ("prefect.flow_runs", "prefect.task_runs"):  # where Prefect's engines log run failures
-            logging.getLogger(name).addFilter(_NoUserErrorTraceback())
-        prefect_ready.join()
-        with _console(args):
+            for name in ("prefect.flow_runs", "prefect.task_runs"):  # where Prefect's engines log run failures
+                logging.getLogger(name).addFilter(_NoUserErrorTraceback())
+            prefect_ready.join()
             summary = train_pipeline(params)
     except (KeyboardInterrupt, TerminationSignal):
         print("trainflow: stopped; a re-run with the same parameters resumes from the last checkpoint",

@@ -61,3 +61,4 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     assert [line.split()[0] for line in out.stderr.splitlines() if re.match(r"\w+ +[\d.]+ s\b", line)] == \
         ["ingest", "preprocess", "train", "evaluate", "publish"], out.stderr[-4000:]
     assert not ray_noise(out.stdout + out.stderr), ray_noise(out.stdout + out.stderr)
+    assert "| INFO " not in out.stderr, out.stderr[-4000:]  # nor Prefect's log lines (its UI and API have them)
