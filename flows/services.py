@@ -104,6 +104,7 @@ def up(*, prefect_port: int = 4200, ray_cpus: int | None = None, timeout: float 
     already = running()
     if already is not None:
         return already
+    down()  # what is left of an earlier `up` whose other half died
     _check_port_free(PREFECT_HOST, prefect_port, "--prefect-port")
     state_dir = home()
     state_dir.mkdir(parents=True, exist_ok=True)
