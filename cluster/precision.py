@@ -35,11 +35,15 @@ class Precision:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def label(self) -> str:
+        """e.g. 'bf16 + channels_last' or 'fp32'."""
+        return self.dtype + (" + channels_last" if self.channels_last else "")
+
 
 def describe(precision: Precision) -> str:
     """One line for a worker's log, e.g. 'precision bf16 + channels_last (auto: CPU with avx512_bf16: native bf16)'."""
-    layout = " + channels_last" if precision.channels_last else ""
-    return f"precision {precision.dtype}{layout} ({precision.requested}: {precision.reason})"
+    return f"precision {precision.label} ({precision.requested}: {precision.reason})"
 
 
 def resolve(requested: str, channels_last: bool, *, framework: str, device_type: str,

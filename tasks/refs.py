@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from cluster.precision import Precision
+
 
 class _Ref(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -78,8 +80,8 @@ class TrainingPrecision(_Ref):
 
     @property
     def label(self) -> str:
-        """e.g. 'bf16 + channels_last' or 'fp32'."""
-        return self.dtype + (" + channels_last" if self.channels_last else "")
+        """e.g. 'bf16 + channels_last' or 'fp32', worded as the workers' log words it."""
+        return Precision(**self.model_dump()).label
 
 
 class TrainedModel(_Ref):
