@@ -125,9 +125,9 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 def format_summary(summary, wall_seconds: float) -> str:
     lines = ["", "trainflow run summary", "-" * 52]
-    for stage in summary.stages:
-        note = f"skipped ({stage.note})" if stage.skipped else ""
-        lines.append(f"  {stage.name:<11}{stage.seconds:8.1f} s   {note}")
+    from flows.console import stage_line
+
+    lines += [f"  {stage_line(**stage.model_dump())}" for stage in summary.stages]
     lines += [
         "-" * 52,
         f"  wall time       {wall_seconds:8.1f} s   (training epochs {summary.training_seconds:.1f} s, "

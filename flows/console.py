@@ -18,6 +18,11 @@ from tasks.events import listening
 from tasks.train import format_epoch
 
 
+def stage_line(name: str, seconds: float, skipped: bool, note: str) -> str:
+    """A finished stage as the plain console and the run's summary print it."""
+    return f"{name:<11}{seconds:8.1f} s" + (f"   skipped ({note})" if skipped else "")
+
+
 class PlainConsole:
     """Lines for a log file or a pipe: one per finished stage, one per epoch, one per note."""
 
@@ -27,8 +32,7 @@ class PlainConsole:
     def __call__(self, kind: str, fields: dict) -> None:
         line = None
         if kind == "stage_finished":
-            line = f"{fields['name']:<11}{fields['seconds']:7.1f} s" + (f"   skipped ({fields['note']})"
-                                                                       if fields["skipped"] else "")
+            line = stage_line(**fields)
         elif kind == "training_started":
             line = (f"training {fields['epochs']} epoch(s) on {fields['workers']} Ray worker(s), "
                     f"global batch {fields['batch_size']}")
