@@ -12,7 +12,10 @@ draws it), seed CNN, global batch 64, one epoch, one process, this runs:
   in its default fp32 mode and in its fastest mode (bf16 autocast +
   channels_last);
 * trainflow's TensorFlow loop (``python -m cluster.tf_loop``) on the same
-  arrays, same model and batch, fp32 (skipped when TensorFlow is not installed).
+  arrays, same model and batch, fp32 (skipped when TensorFlow is not installed);
+* the train stage itself (``tasks.train.train``) on a local Ray, through Ray
+  Train: one worker holding every core, and one worker per core (DDP), in the
+  precision ``auto`` picks on this machine.
 
 Each is a separate process, measured ``--repeats`` times in alternation; the
 best run of each counts. Prints one JSON object; ratios are throughput ratios
@@ -21,6 +24,8 @@ best run of each counts. Prints one JSON object; ratios are throughput ratios
     ratio_vs_floor        trainflow fp32 default / baseline memory loader
     ratio_vs_seed_loader  trainflow fastest mode / baseline folder loader
     ratio_tensorflow_vs_torch  trainflow TensorFlow fp32 / trainflow torch fp32
+    ddp_efficiency        Ray Train, one worker per core / one worker with every core
+    ray_overhead          Ray Train, one worker with every core / the loop without Ray, same precision
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.ingest import ingest  # noqa: E402
 from tasks.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from tasks.refs import PreparedData  # noqa: E402
 from tasks.store import open_store  # noqa: E402
 
 SUBSET = 5000
@@ -47,6 +53,20 @@ MODES = {
     "trainflow_fp32": [],
     "trainflow_bf16_channels_last": ["--precision", "bf16", "--channels-last"],
 }
+
+
+# Ray Train measurements: workers sharing this machine's cores (1 worker with all of them; one per core of 2)
+RAY_STAGES = {"ray_train_1_worker": 1, "ray_train_2_workers": 2}
+AUTO_MODE = {"fp32": "trainflow_fp32", "bf16 + channels_last": "trainflow_bf16_channels_last"}
+
+
+def auto_precision() -> str:
+    """What ``precision: auto`` trains in on this machine's CPU (the Ray stages' precision)."""
+    import torch
+
+    from cluster.torch_backend import resolve_precision
+
+    return resolve_precision("auto", False, torch.device("cpu")).label
 
 
 def run(cmd: list[str]) -> dict:
@@ -59,8 +79,9 @@ def run(cmd: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def prepare(cifar: Path, work: Path) -> tuple[Path, Path]:
-    """Unpack CIFAR-10 once; return (folder with train/ and test/ for the baseline, prepared arrays)."""
+def prepare(cifar: Path, work: Path) -> tuple[Path, PreparedData, Path]:
+    """Unpack CIFAR-10 once; return (folder with train/ and test/ for the baseline, the prepared data's
+    reference in the store ``work/store``, its arrays as a local folder)."""
     raw = ingest(f"folder:{cifar}", work / "cache")
     layout = work / "folders"
     layout.mkdir(exist_ok=True)
@@ -71,7 +92,20 @@ def prepare(cifar: Path, work: Path) -> tuple[Path, Path]:
     cfg = PreprocessConfig(image_size=32, val_fraction=0.0, limit_train=SUBSET, seed=0)
     prepared = preprocess(raw, cfg, str(work / "store"))
     store = open_store(str(work / "store"))
-    return layout, store.local_dir(store.key_of(prepared.uri), work)
+    return layout, prepared, store.local_dir(store.key_of(prepared.uri), work)
+
+
+def ray_train_stage(prepared: PreparedData, store: str, workers: int, run: str) -> dict:
+    """One epoch of the train stage on a local Ray (started here), ``workers`` workers sharing every core."""
+    from tasks.train import Resources, TrainLoopConfig, train
+
+    cpus = os.cpu_count() or 1
+    if cpus % workers:
+        raise SystemExit(f"--ray-stage {workers}: {cpus} cores do not split evenly over {workers} workers")
+    epochs: list[dict] = []
+    resources = Resources(num_workers=workers, cpus_per_worker=cpus // workers)
+    train(prepared, TrainLoopConfig(data_dir="", epochs=1), resources, store, on_report=epochs.append, retrain=run)
+    return epochs[-1]
 
 
 def main() -> None:
@@ -81,11 +115,20 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=ROOT.parent / "shared/bench/baseline_torch.py")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--ray-stage", type=int, metavar="WORKERS", help=argparse.SUPPRESS)  # one measurement: see below
+    ap.add_argument("--prepared", help=argparse.SUPPRESS)
+    ap.add_argument("--run", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ray_stage:  # a measurement of its own, in a fresh process like the others
+        prepared = PreparedData.model_validate_json(args.prepared)
+        print(json.dumps(ray_train_stage(prepared, str(args.work / "store"), args.ray_stage, args.run)))
+        return
+    auto = auto_precision()
 
     with tempfile.TemporaryDirectory(prefix="trainflow-bench-") as tmp:
         work = args.work or Path(tmp)
-        folders, data = prepare(args.cifar, work)
+        folders, prepared, data = prepare(args.cifar, work)
+        ray_stage = [sys.executable, __file__, "--work", str(work), "--prepared", prepared.model_dump_json()]
         commands = {
             "baseline_memory": [sys.executable, str(args.baseline), str(folders), "--loader", "memory",
                                 "--limit", str(SUBSET)],
@@ -96,11 +139,14 @@ def main() -> None:
         }
         if importlib.util.find_spec("tensorflow") is not None:
             commands[TENSORFLOW] = [sys.executable, "-m", "cluster.tf_loop", "--data", str(data), "--epochs", "1"]
+        commands.update({name: [*ray_stage, "--ray-stage", str(n)] for name, n in RAY_STAGES.items()})
         runs: dict[str, list[float]] = {name: [] for name in commands}
         for repeat in range(args.repeats):
             for name, cmd in commands.items():
                 if name in (*MODES, TENSORFLOW):  # a fresh checkpoint folder, or the loop would resume past its epoch
                     cmd = [*cmd, "--checkpoints", str(work / f"ckpt-{name}-{repeat}")]
+                if name in RAY_STAGES:  # a fresh training run, or the stage would reuse the finished one
+                    cmd = [*cmd, "--run", f"bench-{name}-{repeat}"]
                 runs[name].append(run(cmd)["train_images_per_s"])
 
     best = {name: max(values) for name, values in runs.items()}
@@ -114,6 +160,9 @@ def main() -> None:
         "ratio_vs_seed_loader": round(best[fastest] / best["baseline_folder"], 3),
         "ratio_tensorflow_vs_torch": (round(best[TENSORFLOW] / best["trainflow_fp32"], 3)
                                       if TENSORFLOW in best else None),
+        "ray_stage_precision": auto,
+        "ddp_efficiency": round(best["ray_train_2_workers"] / best["ray_train_1_worker"], 3),
+        "ray_overhead": round(best["ray_train_1_worker"] / best[AUTO_MODE[auto]], 3),
         "torch_threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
     }, indent=2))
 

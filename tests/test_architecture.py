@@ -20,7 +20,7 @@ FORBIDDEN = {
     "tasks": {"flows", "ray"},
     "flows": {"ray"} | FRAMEWORKS,
 }
-BACKENDS = {"cluster/torch_backend.py": TORCH, "cluster/torch_loop.py": TORCH,
+BACKENDS = {"cluster/torch_backend.py": TORCH, "cluster/torch_loop.py": TORCH, "cluster/torch_allreduce.py": TORCH,
             "cluster/tf_backend.py": TENSORFLOW, "cluster/tf_loop.py": TENSORFLOW}
 
 

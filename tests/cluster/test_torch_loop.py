@@ -84,6 +84,6 @@ def test_runs_under_torchrun_with_two_ranks(prepared, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["epoch"] for r in reports] == [1, 2, 3]
-    assert "2 workers x 16 per worker" in out.stdout
+    assert "2 workers x 16 per worker (gradients averaged through shared memory)" in out.stdout
     assert reports[-1]["train_loss"] < reports[0]["train_loss"]
     assert len(list((tmp_path / "ckpt").iterdir())) == 3

@@ -1,0 +1,74 @@
+"""DDP's gradients averaged through shared memory equal the average of each rank's own gradients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def _inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(5, 8, generator=g), torch.randint(0, 3, (5,), generator=g)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 3))
+
+
+def _rank(rank: int, world_size: int, init_file: str, shm_dirs: list[str], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from cluster import torch_allreduce
+
+    torch.set_num_threads(1)
+    torch_allreduce.SHM_DIR = Path(shm_dirs[rank])
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # tiny buckets: several per backward pass, so the slots are reused within a step as well as across steps
+    net = torch.nn.parallel.DistributedDataParallel(_model(), gradient_as_bucket_view=True, bucket_cap_mb=0.004)
+    used = torch_allreduce.attach(net, rank, world_size)
+    errors = []
+    for step in range(3):  # DDP rebuilds its buckets after the first pass
+        net.zero_grad()
+        x, y = _inputs(rank * 10 + step)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        expected = [torch.zeros_like(p) for p in net.module.parameters()]
+        for other in range(world_size):  # each rank's gradient, computed here on a plain copy of the model
+            plain = _model()
+            plain.load_state_dict(net.module.state_dict())
+            x, y = _inputs(other * 10 + step)
+            torch.nn.functional.cross_entropy(plain(x), y).backward()
+            for total, p in zip(expected, plain.parameters()):
+                total += p.grad / world_size
+        errors.append(max((p.grad - e).abs().max().item() for p, e in zip(net.module.parameters(), expected)))
+    dist.destroy_process_group()
+    Path(out_dir, f"{rank}.json").write_text(json.dumps({"used": used, "max_error": max(errors)}))
+
+
+def _run(tmp_path: Path, world_size: int, shared: bool) -> list[dict]:
+    dirs = [tmp_path / ("shm" if shared else f"shm{rank}") for rank in range(world_size)]
+    for d in dirs:
+        d.mkdir(exist_ok=True)
+    mp.start_processes(_rank, args=(world_size, str(tmp_path / "init"), list(map(str, dirs)), str(tmp_path)),
+                       nprocs=world_size, start_method="spawn")
+    assert [list(d.iterdir()) for d in dirs] == [[] for _ in dirs]  # the segment's file is gone
+    return [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_sharing_memory_average_their_gradients_there(tmp_path, world_size):
+    results = _run(tmp_path, world_size, shared=True)
+    assert [r["used"] for r in results] == [True] * world_size
+    assert max(r["max_error"] for r in results) < 1e-6
+
+
+def test_ranks_that_cannot_share_memory_keep_gloo(tmp_path):
+    """Each rank sees its own folder, as on separate machines: rank 1 cannot map rank 0's segment."""
+    results = _run(tmp_path, 2, shared=False)
+    assert [r["used"] for r in results] == [False, False]
+    assert max(r["max_error"] for r in results) < 1e-6
