@@ -35,7 +35,7 @@ test: $(BIN)/.installed-test test-system-deps  ## the whole suite, slow and CIFA
 test-fast: $(BIN)/.installed-test  ## the quick check (under 3 minutes): every test not marked slow
 	$(BIN)/python -m pytest -m "not slow" --durations=10
 
-bench: $(BIN)/.installed  ## training throughput vs ../shared/bench/baseline_torch.py, as JSON
+bench: $(BIN)/.installed  ## training throughput vs ../shared/bench/baseline_torch.py, and through Ray Train with 1 and 2 workers, as JSON
 	$(BIN)/python bench/train_throughput.py
 
 bench-startup: $(BIN)/.installed  ## where a local run's time goes besides training (cold; run `trainflow up` first for warm)
