@@ -77,10 +77,10 @@ def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, rank: int, worl
     if world_size < 2 or any(p.device.type != "cpu" or p.dtype != params[0].dtype for p in params):
         return False
     numel = sum(p.numel() for p in params)
-    nbytes = (world_size + 1) * numel * params[0].element_size()
-    name = [_create(nbytes) if rank == 0 else None]
+    size = (world_size + 1) * numel  # elements: a slot per rank, and the sum
+    name = [_create(size * params[0].element_size()) if rank == 0 else None]
     dist.broadcast_object_list(name, src=0)
-    segment = _map(name[0], (world_size + 1) * numel, params[0].dtype)
+    segment = _map(name[0], size, params[0].dtype)
     mapped: list = [None] * world_size
     dist.all_gather_object(mapped, segment is not None)
     if rank == 0 and name[0]:
@@ -112,7 +112,6 @@ def _create(nbytes: int) -> str | None:
 
 def _map(name: str | None, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
     """Segment ``name`` mapped shared as a flat tensor; None where this rank cannot see it (another machine)."""
-    path = SHM_DIR / name if name else None
-    if path is None or not path.exists():
+    if not name or not (SHM_DIR / name).exists():
         return None
-    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+    return torch.from_file(str(SHM_DIR / name), shared=True, size=numel, dtype=dtype)
