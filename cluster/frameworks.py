@@ -3,9 +3,9 @@
 A record names its parts by import path (``"module:attribute"``) and never
 imports them, so the flow, the Prefect form and the CLI can list and check
 frameworks without loading any. The parts are loaded only where they run:
-the worker loop in Ray Train's workers, the Ray backend config in the
-launcher task, ``predict`` in evaluation's Ray task, ``probabilities`` in
-``trainflow predict``. Adding a framework means one backend module (model,
+the worker loop in Ray Train's workers, the Ray backend config (which imports
+no framework) where the trainer is built, ``predict`` in evaluation's Ray
+task, ``probabilities`` in ``trainflow predict``. Adding a framework means one backend module (model,
 loop, checkpoint, predict) and one entry here.
 """
 
@@ -24,14 +24,16 @@ __all__ = ["FRAMEWORKS", "Framework", "get_framework", "load"]
 
 @dataclass(frozen=True, kw_only=True)
 class Framework:
-    """What the launcher, evaluation and publishing need to know about one framework."""
+    """What training, evaluation and publishing need to know about one framework."""
 
     name: str
     summary: str  # one line for the form and the CLI's help
     modules: tuple[str, ...]  # importable where it trains; checked before anything starts
     install: str  # the one command that provides ``modules``
     train: str  # "module:function" (cfg: TrainLoopConfig, ctx: RayWorkerContext) -> history, on each Ray worker
-    backend_config: str  # "module:function" (use_gpu: bool) -> ray.train BackendConfig, called in the launcher task
+    # "module:function" (use_gpu: bool) -> ray.train BackendConfig, built by the caller: neither it nor its
+    # module may import the framework
+    backend_config: str
     predict: str  # "module:function" (checkpoint_dir, uint8 NHWC images) -> class indices
     # "module:function" (checkpoint_dir or a published version's folder, uint8 NHWC images) -> (N, classes) softmax
     probabilities: str
@@ -66,7 +68,7 @@ FRAMEWORKS: dict[str, Framework] = {
         Framework(
             name="torch", summary="PyTorch DDP through Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU)",
             modules=("torch",), install="pip install trainflow",
-            train="cluster.torch_loop:train_on_ray", backend_config="cluster.torch_loop:ray_backend_config",
+            train="cluster.torch_loop:train_on_ray", backend_config="cluster.torch_ray:backend_config",
             predict="cluster.torch_backend:predict", probabilities="cluster.torch_backend:probabilities",
             packages=("torch",),
             options=frozenset({"precision=bf16", "channels_last"}),

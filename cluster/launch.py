@@ -1,10 +1,10 @@
 """Run any registered framework on Ray Train, and its predictions as a Ray task; the one user of ``ray.train``'s API.
 
 Framework code never runs in the calling (Prefect) process: the trainer is
-built and driven by a launcher task on the driver's node, its workers run the
-framework's loop, and evaluation's predictions run in a task of their own, each
-in a process of that framework alone (TensorFlow after torch works in one
-process, the other order has segfaulted). Per-epoch reports travel from the
+built and watched here with a backend config that imports no framework, its
+workers run the framework's loop, and evaluation's predictions run in a task
+of their own, each in a process of that framework alone (TensorFlow after
+torch works in one process, the other order has segfaulted). Per-epoch reports travel from the
 workers to the caller through a Ray queue fed by a controller callback, so the
 caller sees progress while the run goes on, without any per-step cost.
 """
@@ -148,18 +148,24 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
     # On the driver's node, as Train's controller is: a queue actor on another node would die with that node
     # and take the run's report channel (and so the train task) with it.
     reports = Queue(actor_options={"scheduling_strategy": _here()})
-    launcher = ray.remote(num_cpus=0, max_calls=1)(_launch).options(
-        scheduling_strategy=_here(), runtime_env={"env_vars": _launcher_env(framework, resources)})
-    done = launcher.remote(cfg.to_dict(), resources, data, run_name, storage_path, storage_filesystem, reports)
+    handlers = {"report": on_report, "failure": on_failure, "progress": on_progress, "message": on_message}
+    trainer = _trainer(cfg, framework, resources, data, run_name, storage_path, storage_filesystem, reports,
+                       watch=lambda run: _pump(run, reports, handlers, on_wait))
     try:
-        _pump(done, reports, {"report": on_report, "failure": on_failure, "progress": on_progress,
-                              "message": on_message}, on_wait)
-        return ray.get(done)
-    except ray.exceptions.RayTaskError as error:
-        raise _explain(error.cause if isinstance(error.cause, BaseException) else error, resources) from error
+        result = trainer.fit()
+    except Exception as error:
+        if _start_timed_out(error):
+            raise ResourcesUnavailable(
+                f"Ray Train could not place {resources.describe()} within wait_for_resources="
+                f"{resources.wait_for_resources:g} s ({free_resources()}); a node was lost or is busy: add nodes, "
+                "free resources or raise wait_for_resources, then re-run to resume from the last checkpoint."
+            ) from error
+        raise
     finally:
-        ray.cancel(done, force=True)  # a no-op once it finished; else the run must not outlive its caller
         reports.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
+    return result.checkpoint.path
 
 
 def check_framework(name: str) -> None:
@@ -187,32 +193,32 @@ def _here():
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _launcher_env(framework: Framework, resources: Resources) -> dict[str, str]:
-    """What Train's driver reads from its environment, set for the launcher task that plays that driver."""
-    # How long one start of a worker group may wait for its placement; Train passes it on to its controller.
-    # Failed starts count against controller_failure_limit (unlimited by default: a lost node with no
-    # replacement was retried forever). With the same budget as worker failures and wait_for_resources shared
-    # among those tries, a group that cannot be placed ends the run after about wait_for_resources seconds;
-    # a start that fails for a moment (a lost node not yet known dead) is tried again.
+def _controller_env(framework: Framework, resources: Resources) -> dict[str, str]:
+    """What Train's controller reads from its environment, for this run."""
+    # How long one start of a worker group may wait for its placement. Failed starts count against
+    # controller_failure_limit (unlimited by default: a lost node with no replacement was retried forever).
+    # With the same budget as worker failures and wait_for_resources shared among those tries, a group that
+    # cannot be placed ends the run after about wait_for_resources seconds; a start that fails for a moment
+    # (a lost node not yet known dead) is tried again.
     timeout = resources.wait_for_resources / (resources.max_failures + 1)
-    train_settings = {k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")}  # see runtime.connect
-    if runtime.one_machine():
+    settings = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{timeout:g}"}
+    if runtime.one_machine() and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
         # Train's preemption watcher (an actor polling for nodes being drained) has nothing to watch on a
         # one-machine Ray of our own: one process fewer to start, and no warning line at its start
-        train_settings.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    return {**train_settings, **framework.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{timeout:g}"}
+        settings["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return {**framework.env, **settings}
 
 
-def _launch(loop: dict, resources: Resources, data: StoredData, run_name: str, storage_path: str,
-            storage_filesystem, reports) -> str:
-    """Ray task on the driver's node: build the framework's trainer, run it, return the final checkpoint's path."""
+def _trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resources, data: StoredData, run_name: str,
+             storage_path: str, storage_filesystem, reports, watch: Callable):
+    """The framework's Train trainer, built here: no framework loads in this process (see ``cluster.trainer``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    framework = get_framework(loop["framework"])
-    trainer = DataParallelTrainer(
+    from cluster.trainer import WatchedTrainer
+
+    return WatchedTrainer(
         _worker,
-        train_loop_config={"loop": loop, "data": data, "events": reports},
+        train_loop_config={"loop": cfg.to_dict(), "data": data, "events": reports},
         backend_config=load(framework.backend_config)(resources.use_gpu),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},
@@ -224,11 +230,7 @@ def _launch(loop: dict, resources: Resources, data: StoredData, run_name: str, s
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # Train's INFO lines (each report, each checkpoint) repeat what the flow logs
                              logging_config=LoggingConfig(log_level="WARNING")),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
-    return result.checkpoint.path
+        controller_env=_controller_env(framework, resources), watch=watch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,12 +265,12 @@ def _predict(framework: str, checkpoint: StoredCheckpoint, data: StoredData, spl
     return np.asarray(y), np.asarray(predicted)
 
 
-def _pump(done, reports, handlers: dict[str, Callable], on_wait) -> None:
-    """Deliver reports on this thread until the launcher ends; after 30 s of silence, say what the group waits for."""
+def _pump(run, reports, handlers: dict[str, Callable], on_wait) -> None:
+    """Deliver reports on this thread until the run ends; after 30 s of silence, say what the group waits for."""
     import ray
 
     quiet_since = time.monotonic()
-    while not ray.wait([done], timeout=0)[0] or not reports.empty():
+    while not ray.wait([run], timeout=0)[0] or not reports.empty():
         try:
             kind, payload = reports.get(timeout=0.5)
         except stdlib_queue.Empty:
@@ -282,14 +284,9 @@ def _pump(done, reports, handlers: dict[str, Callable], on_wait) -> None:
         handlers[kind](payload)
 
 
-def _explain(error: BaseException, resources: Resources) -> BaseException:
-    """A worker group that could not be placed in time becomes one sentence; anything else stays as it was raised."""
+def _start_timed_out(error: BaseException) -> bool:
+    """Whether the run ended because its worker group could not be placed in time."""
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    if isinstance(error, ControllerError) and isinstance(error.controller_failure, WorkerGroupStartupTimeoutError):
-        return ResourcesUnavailable(
-            f"Ray Train could not place {resources.describe()} within wait_for_resources="
-            f"{resources.wait_for_resources:g} s ({free_resources()}); a node was lost or is busy: add nodes, "
-            "free resources or raise wait_for_resources, then re-run to resume from the last checkpoint.")
-    return error
+    return isinstance(error, ControllerError) and isinstance(error.controller_failure, WorkerGroupStartupTimeoutError)

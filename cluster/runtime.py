@@ -7,6 +7,7 @@ training code later waits for it (:func:`ray_session`).
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Iterator
@@ -36,6 +37,9 @@ class _Starter:
     def run(self) -> None:
         try:
             self.started_here = connect(self.address)
+            # Ray Train's modules (1 s of imports, 2 s while everything else starts) load while the flow
+            # ingests and preprocesses, not when its train stage needs them
+            importlib.import_module("cluster.trainer")
         except BaseException as exc:  # surfaced to the waiter, not lost in a thread
             self.error = exc
         finally:
@@ -51,9 +55,9 @@ _worker_logs = True
 _local_head: str | None = None  # `trainflow up`'s Ray head, used instead of starting one
 
 
-# Ray starts one idle worker per CPU when the first driver connects. A run never used them (its launcher task
-# has a runtime_env; the report queue, Train's controller and its workers each started a process of their own,
-# as the session's logs showed): they only took the cores of a small machine while everything else started.
+# Ray starts one idle worker per CPU when the first driver connects. A run never used them (the report queue,
+# Train's controller and its workers each started a process of their own, as the session's logs showed):
+# they only took the cores of a small machine while everything else started.
 LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 
 

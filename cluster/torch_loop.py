@@ -28,7 +28,7 @@ from cluster.data import load_split, read_meta
 from cluster.precision import PRECISIONS, Precision, agree, describe
 from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, write_predictions
 
-__all__ = ["LocalContext", "WorkerContext", "main", "ray_backend_config", "run_epoch", "train_loop", "train_on_ray"]
+__all__ = ["LocalContext", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
 
 
 def _all_sum(values: list[float], ctx: WorkerContext) -> list[float]:
@@ -144,13 +144,6 @@ def train_on_ray(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     return train_loop(cfg, ctx)
-
-
-def ray_backend_config(use_gpu: bool):
-    """Ray Train's process-group setup for DDP: NCCL between GPUs, gloo between CPUs."""
-    from ray.train.torch import TorchConfig
-
-    return TorchConfig(backend="nccl" if use_gpu else "gloo")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,54 @@
+"""Ray Train's ``DataParallelTrainer``, built in the calling process and watched from its thread.
+
+``fit()`` of Train's trainer starts a controller actor on the caller's node and
+blocks until the run ends, and it gives the controller the ``RAY_TRAIN_*``
+settings of the caller's environment. :class:`WatchedTrainer` changes only
+that step: the controller gets the environment this run asks for (a process
+that runs many flows cannot set its own per run), and instead of blocking,
+``watch(run)`` is called with the run's object ref, so the caller delivers
+progress on its own thread while the run goes on. If ``watch`` raises (Ctrl-C,
+SIGTERM, a cancelled task), the controller is killed, and with it the workers
+it owns: a run never outlives its caller. A run without Ray Datasets (this
+project's loops read their own data) starts no dataset manager actor: on a
+small machine every process started beside the workers delays them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ray
+from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE, get_env_vars_to_propagate
+from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+__all__ = ["WatchedTrainer"]
+
+
+class WatchedTrainer(DataParallelTrainer):
+    def __init__(self, *args, controller_env: dict[str, str], watch: Callable[[ray.ObjectRef], None],
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._controller_env = controller_env
+        self._watch = watch
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        return [c for c in callbacks if self.datasets or not isinstance(c, DatasetsCallback)]
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        env_vars = {RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR: DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                    **get_env_vars_to_propagate(), **self._controller_env}
+        here = ray.get_runtime_context().get_node_id()
+        controller = ray.remote(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: here},
+                                runtime_env={"env_vars": env_vars})(TrainController).remote(**controller_init_kwargs)
+        try:
+            run = controller.run.remote()
+            self._watch(run)
+            ray.get(run)
+            return ray.get(controller.get_result.remote())
+        except BaseException:
+            ray.kill(controller)
+            raise
