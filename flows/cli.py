@@ -218,7 +218,13 @@ def _start_temporary_prefect_server() -> threading.Thread:
         if not PREFECT_API_URL.value():
             from prefect.server.api.server import SubprocessASGIServer
 
-            SubprocessASGIServer().start()
+            server = SubprocessASGIServer()
+            try:
+                server.start()
+            except Exception:
+                if server.server_process is None:
+                    return  # stopped by Prefect's exit handler while starting: the run ended early (a user error)
+                raise
 
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()

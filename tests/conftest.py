@@ -5,9 +5,11 @@ from __future__ import annotations
 import faulthandler
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +20,9 @@ import pytest
 # Set before anything imports ray or prefect: keeps Ray on loopback and Prefect offline.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A developer's own `trainflow up` (recorded in ~/.trainflow) must not serve the runs the tests start: they start
+# their own services, and some look for Ray's processes among the run's children.
+os.environ["TRAINFLOW_HOME"] = tempfile.mkdtemp(prefix="trainflow-test-home-")
 
 # pytest-timeout (pyproject.toml: `timeout`, method signal) fails a test that overruns, and the session goes on.
 # Its SIGALRM reaches Python code only: a hang inside C code that never returns to the interpreter (a stuck
@@ -35,6 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _stderr_fd is not None:
         os.close(_stderr_fd)
+    shutil.rmtree(os.environ["TRAINFLOW_HOME"], ignore_errors=True)
 
 
 def _timeout_of(item: pytest.Item) -> float:
