@@ -228,6 +228,8 @@ def _stop_trees(pids: list[int], grace: float = 15) -> None:
 
 def _check_port_free(host: str, port: int, option: str) -> None:
     with socket.socket() as s:
+        # as the server will bind it: connections of a server just stopped (TIME_WAIT) do not hold the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
