@@ -1,12 +1,13 @@
-"""Run any registered framework on Ray Train, and its predictions as a Ray task; the one user of ``ray.train``'s API.
+"""Run any registered framework on Ray Train, and its predictions as a Ray task; the one place that drives Ray Train.
 
 Framework code never runs in the calling (Prefect) process: the trainer is
-built and watched here with a backend config that imports no framework, its
-workers run the framework's loop, and evaluation's predictions run in a task
-of their own, each in a process of that framework alone (TensorFlow after
-torch works in one process, the other order has segfaulted). Per-epoch reports travel from the
-workers to the caller through a Ray queue fed by a controller callback, so the
-caller sees progress while the run goes on, without any per-step cost.
+built and watched here with a backend config that imports no framework
+(``cluster.trainer``), its workers run the framework's loop, and evaluation's
+predictions run in a task of their own, each in a process of that framework
+alone (TensorFlow after torch works in one process, the other order has
+segfaulted). Per-epoch reports travel from the workers to the caller through a
+Ray queue fed by a controller callback, so the caller sees progress while the
+run goes on, without any per-step cost.
 """
 
 from __future__ import annotations
