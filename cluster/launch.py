@@ -213,6 +213,7 @@ def _controller_env(framework: Framework, resources: Resources) -> dict[str, str
 def _trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resources, data: StoredData, run_name: str,
              storage_path: str, storage_filesystem, reports, watch: Callable):
     """The framework's Train trainer, built here: no framework loads in this process (see ``cluster.trainer``)."""
+    runtime.wait_for_train_modules()
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from cluster.trainer import WatchedTrainer

@@ -31,19 +31,27 @@ class _Starter:
     started_here: bool = False
     error: BaseException | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    trainer_loaded: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
     def run(self) -> None:
         try:
             self.started_here = connect(self.address)
-            # Ray Train's modules (1 s of imports, 2 s while everything else starts) load while the flow
-            # ingests and preprocesses, not when its train stage needs them
-            importlib.import_module("cluster.trainer")
         except BaseException as exc:  # surfaced to the waiter, not lost in a thread
             self.error = exc
         finally:
             self.ready.set()
+        # On this machine's Ray, Ray Train's modules (1 s of imports, 2 s while everything else starts) load while
+        # the flow ingests and preprocesses, not when its train stage needs them. (Not for a cluster: a refused
+        # placement ends the run at once, and a process joins this thread before it exits.)
+        try:
+            if self.error is None and self.address is None:
+                importlib.import_module("cluster.trainer")
+        except Exception:
+            pass  # the train stage imports it again, and raises there
+        finally:
+            self.trainer_loaded.set()
         self.release.wait()
         if self.started_here:
             _stop_ray()
@@ -224,6 +232,16 @@ def prestart(address: str | None) -> bool:
     _pending.thread = threading.Thread(target=_pending.run, name="ray-owner", daemon=True)
     _pending.thread.start()
     return True
+
+
+def wait_for_train_modules() -> None:
+    """Returns once the start thread has loaded Ray Train's modules (at once if none runs).
+
+    Importing them here at the same time could meet that thread's import half-way (a module taken from
+    ``sys.modules`` before it finished loading).
+    """
+    if _pending is not None:
+        _pending.trainer_loaded.wait()
 
 
 def shutdown() -> None:
