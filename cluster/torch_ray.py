@@ -39,23 +39,19 @@ class ProcessGroupConfig(BackendConfig):
         return TrainingFramework.TORCH  # Train's run records then name torch's version
 
 
-def _set_env(master_addr: str, master_port: int) -> None:
-    """torch.distributed's ``env://`` rendezvous and the variables torchrun would set."""
+def _join(master_addr: str, master_port: int, backend: str, timeout_s: int) -> None:
+    """Join the group through torch.distributed's ``env://`` rendezvous, with the variables torchrun would set."""
     import ray.train
+    import torch.distributed as dist
 
     context = ray.train.get_context()
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(context.get_world_rank()),
                       WORLD_SIZE=str(context.get_world_size()), LOCAL_RANK=str(context.get_local_rank()),
                       LOCAL_WORLD_SIZE=str(context.get_local_world_size()), NODE_RANK=str(context.get_node_rank()))
-
-
-def _join(backend: str, rank: int, world_size: int, timeout_s: int) -> None:
-    import torch.distributed as dist
-
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a hung collective fails instead of waiting
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, init_method="env://", rank=context.get_world_rank(),
+                            world_size=context.get_world_size(), timeout=timedelta(seconds=timeout_s))
 
 
 def _leave() -> None:
@@ -70,11 +66,7 @@ class _ProcessGroupBackend(Backend):
 
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
         master_addr, master_port = worker_group.execute_single(0, get_address_and_port)
-        worker_group.execute(_set_env, master_addr, master_port)
-        world_size = len(worker_group)
-        ray.get([worker_group.execute_single_async(rank, _join, backend_config.backend, rank, world_size,
-                                                   backend_config.timeout_s)
-                 for rank in range(world_size)])
+        worker_group.execute(_join, master_addr, master_port, backend_config.backend, backend_config.timeout_s)
 
     def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig) -> None:
         try:
