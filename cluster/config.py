@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from cluster.errors import UserError
 from cluster.frameworks import get_framework
 from cluster.precision import PRECISIONS
-
-MODELS = ("seed_cnn",)
+from cluster.recipes import get_recipe
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +21,7 @@ class TrainLoopConfig:
 
     data_dir: str
     framework: str = "torch"
-    model: str = "seed_cnn"
+    recipe: str = "article"  # a key of cluster.recipes.RECIPES: the network, optimizer, schedule, loss, augmentation
     epochs: int = 10
     batch_size: int = 64  # global: split evenly across workers
     lr: float = 0.001
@@ -34,8 +33,7 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         framework = get_framework(self.framework)
-        if self.model not in MODELS:
-            raise UserError(f"model={self.model!r} is unknown; choose one of {', '.join(MODELS)}.")
+        get_recipe(self.recipe).check(self.framework)
         if self.epochs < 1:
             raise UserError(f"epochs={self.epochs} must be at least 1.")
         if not 1 <= self.batch_size <= 65536:
@@ -50,6 +48,11 @@ class TrainLoopConfig:
         for option in sorted(name for name, on in asked.items() if on and name not in framework.options):
             raise UserError(f"{option} is not implemented for framework={self.framework!r}; turn it off or "
                             "choose a framework that has it.")
+
+    @property
+    def model(self) -> str:
+        """The network the recipe trains."""
+        return get_recipe(self.recipe).model
 
     def to_dict(self) -> dict:
         return asdict(self)

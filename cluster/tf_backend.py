@@ -12,6 +12,8 @@ loads in a fresh process with ``safe_mode=True``: it holds standard layers only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -21,18 +23,23 @@ import tensorflow as tf
 from cluster.precision import Precision
 from cluster.worker import STATE_FILE, ModelSpec, read_state, write_state
 
-__all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "build_model", "load_checkpoint", "predict", "read_state",
-           "save_checkpoint"]
+__all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "TensorFlowParts", "build_model", "load_checkpoint", "predict",
+           "read_state", "save_checkpoint"]
 
 MODEL_FILE = "model.keras"
 OPTIM_FILE = "optimizer.npz"
 
 
+@dataclass(frozen=True, kw_only=True)
+class TensorFlowParts:
+    """A recipe's TensorFlow side (``cluster.recipes``); the loop's loss is mean cross-entropy, its rate constant."""
+
+    optimizer: Callable[[], keras.optimizers.Optimizer]  # called inside the strategy's scope
+
+
 def build_model(spec: ModelSpec) -> keras.Model:
     """The source article's network, as ``cluster.torch_backend.SeedCNN``: conv64-conv128-conv256 (each + 2x2
     max-pool), then fc1024-fc512-fc(classes), returning logits. Any image size >= 8, channel and class count."""
-    if spec.name != "seed_cnn":
-        raise ValueError(f"unknown model {spec.name!r}")
     layers = keras.layers
     inputs = keras.Input(shape=(spec.image_size, spec.image_size, spec.in_channels), name="pixels")
     x = layers.Rescaling(1.0 / 255.0)(inputs)

@@ -28,7 +28,9 @@ import tensorflow as tf
 from cluster import tf_backend as tfb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
+from cluster.frameworks import load
 from cluster.precision import describe, resolve
+from cluster.recipes import MODELS, get_recipe
 from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, epoch_shard, write_predictions
 
 __all__ = ["main", "train_loop", "train_on_ray"]
@@ -58,13 +60,15 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     """Train for ``cfg.epochs``, resuming from the context's checkpoint; returns the metric history."""
     strategy = _start(ctx)
     data_dir = Path(cfg.data_dir)
-    spec = ModelSpec.from_meta(cfg.model, read_meta(data_dir))
+    recipe = get_recipe(cfg.recipe)
+    parts: tfb.TensorFlowParts = load(recipe.parts["tensorflow"])(cfg)
+    spec = ModelSpec.from_meta(recipe.model, read_meta(data_dir))
     x_train, y_train = load_split(data_dir, "train", mmap=True)
     x_val, y_val = (a[ctx.rank::ctx.world_size] for a in load_split(data_dir, "val", mmap=True))
     keras.utils.set_random_seed(cfg.seed)  # identical initial weights on every rank
     with strategy.scope():
-        model = tfb.build_model(spec)
-        optimizer = keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum)
+        model = load(MODELS[spec.name]["tensorflow"])(spec)
+        optimizer = parts.optimizer()
         optimizer.build(model.trainable_variables)
     start_epoch, history = 0, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +94,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if ctx.rank == 0:
+            if ctx.rank == 0 and recipe.checkpoints_after(epoch, cfg.epochs):
                 tfb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision)
                 if epoch == cfg.epochs:
                     write_predictions(Path(tmp), data_dir, tfb.predict)

@@ -6,7 +6,10 @@ flow can be imported and deployed without loading torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -14,13 +17,49 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster import precision as prec
+from cluster.frameworks import load
+from cluster.recipes import MODELS
+from cluster.recipes.schedules import constant
 from cluster.worker import STATE_FILE, ModelSpec, read_state, write_state
 
-__all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "ModelSpec", "Normalizer", "SeedCNN", "build_model", "eval_pass",
-           "load_weights", "predict", "read_state", "resolve_precision", "save_checkpoint", "train_step"]
+__all__ = ["EXTRA_FILE", "MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "ModelSpec", "Normalizer", "SeedCNN", "TorchParts",
+           "build_model", "eval_pass", "load_weights", "predict", "read_state", "resolve_precision", "save_checkpoint",
+           "train_step", "view_logits"]
 
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optimizer.pt"
+EXTRA_FILE = "extra.pt"  # a recipe's own training state besides the optimizer's (e.g. lookahead's slow weights)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TorchParts:
+    """A recipe's PyTorch side (``cluster.recipes``), built once per worker from the run's config.
+
+    Every callable that draws random numbers draws them from torch's global generator, which the loop seeds
+    per (seed, epoch, rank): a resumed epoch draws what the interrupted one would have.
+    """
+
+    optimizer: Callable[[nn.Module, torch.device], torch.optim.Optimizer]
+    # data-dependent initialisation: (model, normalised NCHW sample of the training images), same on every rank
+    init: Callable[[nn.Module, torch.Tensor], None] | None = None
+    schedule: Callable[[int, int], float] = constant  # (step, total steps) -> factor on each group's base lr
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy  # (logits, labels) -> mean loss
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # normalised NCHW batch -> same shape, labels kept
+    # weight averaging bound to the model (e.g. lookahead), updated after each optimizer step and saved with
+    # each checkpoint
+    averager: Callable[[nn.Module], WeightAverager] | None = None
+    eval_views: str = "plain"  # test-time augmentation: a key of VIEWS
+
+
+class WeightAverager(Protocol):
+    """A running average of a model's weights that the model itself is moved to now and then."""
+
+    def update(self, step: int, total: int) -> None:
+        """Called after optimizer step ``step`` (1-based) of ``total``."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
 class SeedCNN(nn.Module):
@@ -28,8 +67,9 @@ class SeedCNN(nn.Module):
     then fc1024-fc512-fc(classes). The classifier's input width follows from the
     configured image size, so any size >= 8 works."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
+        in_channels, num_classes, image_size = spec.in_channels, spec.num_classes, spec.image_size
         self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1)
         self.conv2 = nn.Conv2d(64, 128, 3, padding=1)
         self.conv3 = nn.Conv2d(128, 256, 3, padding=1)
@@ -50,9 +90,10 @@ class SeedCNN(nn.Module):
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    if spec.name != "seed_cnn":
+    """The network ``spec`` names (``cluster.recipes.MODELS``), freshly initialised."""
+    if "torch" not in MODELS.get(spec.name, {}):
         raise ValueError(f"unknown model {spec.name!r}")
-    return SeedCNN(spec.in_channels, spec.num_classes, spec.image_size)
+    return load(MODELS[spec.name]["torch"])(spec)
 
 
 class Normalizer:
@@ -75,11 +116,11 @@ class Normalizer:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               autocast: torch.autocast) -> torch.Tensor:
-    """One SGD step; returns the (detached) summed loss of the batch."""
+               autocast: torch.autocast, loss_fn: Callable = F.cross_entropy) -> torch.Tensor:
+    """One optimizer step on ``loss_fn`` (a mean over the batch); returns the (detached) summed loss."""
     optimizer.zero_grad(set_to_none=True)
     with autocast:
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
     loss.backward()
     optimizer.step()
     return loss.detach() * len(y)
@@ -112,23 +153,57 @@ def resolve_precision(requested: str, channels_last: bool, device: torch.device)
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, spec: ModelSpec,
                     epoch: int, history: list[dict], workers: list[dict] | None = None,
-                    precision: prec.Precision | None = None) -> None:
+                    precision: prec.Precision | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
     """Write model weights, optimizer state and progress; ``model`` must already be unwrapped from DDP.
 
-    ``workers`` records where each rank of the group that trained this epoch ran, ``precision`` what it trained in.
+    ``workers`` records where each rank of the group that trained this epoch ran, ``precision`` what it trained in,
+    ``extra`` the recipe's own state (a weight averager's).
     """
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / MODEL_FILE)
     torch.save(optimizer.state_dict(), directory / OPTIM_FILE)
+    if extra is not None:
+        torch.save(extra, directory / EXTRA_FILE)
     write_state(directory, framework="torch", versions={"torch": torch.__version__}, model_files=[MODEL_FILE],
                 spec=spec, epoch=epoch, history=history, workers=workers, precision=precision)
 
 
-def load_weights(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+def load_weights(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 averager: WeightAverager | None = None) -> None:
     # weights_only: a checkpoint is data, never code
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=True))
+    if averager is not None:
+        averager.load_state_dict(torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True))
+
+
+def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """NCHW ``x`` moved by (dy, dx) pixels, the edge reflected into the gap."""
+    pad = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    return padded[..., pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+
+
+# test-time augmentation: name → (weight, dy, dx, mirrored) per view; weights sum to 1
+VIEWS: dict[str, tuple[tuple[float, int, int, bool], ...]] = {
+    "plain": ((1.0, 0, 0, False),),
+    "flip": ((0.5, 0, 0, False), (0.5, 0, 0, True)),
+    # as airbench: the image and its mirror count half, both moved one pixel up-left and down-right the rest
+    "flip_shift": ((0.25, 0, 0, False), (0.25, 0, 0, True), (0.125, -1, -1, False), (0.125, -1, -1, True),
+                   (0.125, 1, 1, False), (0.125, 1, 1, True)),
+}
+
+
+def view_logits(model: nn.Module, x: torch.Tensor, views: str = "plain") -> torch.Tensor:
+    """The model's logits for normalised NCHW ``x``, averaged over the test-time ``views`` (a key of VIEWS)."""
+    total = None
+    for weight, dy, dx, mirrored in VIEWS[views]:
+        view = _shifted(x, dy, dx) if dy or dx else x
+        logits = model(view.flip(-1) if mirrored else view).float() * weight
+        total = logits if total is None else total + logits
+    return total
 
 
 def _logits(checkpoint_dir: Path, images: np.ndarray, batch_size: int) -> torch.Tensor:
@@ -140,8 +215,8 @@ def _logits(checkpoint_dir: Path, images: np.ndarray, batch_size: int) -> torch.
     normalize = Normalizer(spec, torch.device("cpu"), channels_last=False)
     x = torch.from_numpy(np.ascontiguousarray(images))
     with torch.no_grad():
-        return torch.cat([model(normalize(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
-                         or [torch.zeros(0, spec.num_classes)])
+        return torch.cat([view_logits(model, normalize(x[i:i + batch_size]), spec.eval_views)
+                          for i in range(0, len(x), batch_size)] or [torch.zeros(0, spec.num_classes)])
 
 
 def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ from cluster import torch_allreduce
 from cluster import torch_backend as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
+from cluster.frameworks import load
 from cluster.precision import PRECISIONS, Precision, agree, describe
+from cluster.recipes import RECIPES, get_recipe
 from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, write_predictions
 
 __all__ = ["LocalContext", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
@@ -60,56 +63,61 @@ def _epoch_indices(n: int, seed: int, epoch: int, ctx: WorkerContext) -> torch.T
 
 
 def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
-    """Train for ``cfg.epochs``, resuming from the context's checkpoint; returns the metric history."""
+    """Train for ``cfg.epochs`` with ``cfg.recipe``, resuming from the context's checkpoint; returns the history."""
     torch.manual_seed(cfg.seed + ctx.rank)
     ctx.device = torch.device(ctx.device)
     data_dir = Path(cfg.data_dir)
-    spec = ModelSpec.from_meta(cfg.model, read_meta(data_dir))
+    recipe = get_recipe(cfg.recipe)
+    parts: tb.TorchParts = load(recipe.parts["torch"])(cfg)
+    spec = ModelSpec.from_meta(recipe.model, read_meta(data_dir), eval_views=parts.eval_views)
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
     x_train, y_train = map(to_device, load_split(data_dir, "train", mmap=True))
     x_val, y_val = map(to_device, load_split(data_dir, "val", mmap=True))
     val_shard = slice(ctx.rank, None, ctx.world_size)
     x_val, y_val = x_val[val_shard], y_val[val_shard]
+    workers, precision = _group(cfg, ctx)
+    normalize = tb.Normalizer(spec, ctx.device, precision.channels_last)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = tb.build_model(spec)
-    # fused: one kernel updates all parameters (the per-step cost every DDP rank pays in full is lower)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                fused=ctx.device.type in ("cpu", "cuda"))
+    if parts.init is not None:  # from the same leading images on every rank
+        parts.init(model, normalize(x_train[:10_000]).float().cpu())
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    model = model.to(ctx.device, memory_format=memory_format)
+    optimizer = parts.optimizer(model, ctx.device)
+    averager = parts.averager(model) if parts.averager else None
     start_epoch, history = 0, []
     with tempfile.TemporaryDirectory() as tmp:
         if ctx.restore(Path(tmp)):
-            tb.load_weights(Path(tmp), model, optimizer)
+            tb.load_weights(Path(tmp), model, optimizer, averager)
             _, start_epoch, history = tb.read_state(Path(tmp))
             ctx.say(f"resuming from the checkpoint of epoch {start_epoch}")
-    workers, precision = _group(cfg, ctx)
-    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
-    model = model.to(ctx.device, memory_format=memory_format)
     net, all_reduce = model, None
     if ctx.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
         all_reduce = "shared memory" if torch_allreduce.attach(net, ctx.rank, ctx.world_size) else dist.get_backend()
-    normalize = tb.Normalizer(spec, ctx.device, precision.channels_last)
     autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if precision.dtype == "bf16"
                 else nullcontext())
     local_batch = cfg.local_batch_size(ctx.world_size)
     if ctx.rank == 0:
-        print(f"global batch {cfg.batch_size} = {ctx.world_size} workers x {local_batch} per worker"
-              + (f" (gradients averaged through {all_reduce})" if all_reduce else "")
+        print(f"recipe {recipe.name} ({recipe.model}); global batch {cfg.batch_size} = {ctx.world_size} workers x "
+              f"{local_batch} per worker" + (f" (gradients averaged through {all_reduce})" if all_reduce else "")
               + f"; {len(y_train)} training images; {describe(precision)}", flush=True)
 
+    steps = _Steps(parts, optimizer, averager, autocast, local_batch,
+                   total=cfg.epochs * -(-(len(y_train) // ctx.world_size) // local_batch))
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         # Randomness is a function of (seed, epoch, rank): a resumed epoch draws exactly what the
-        # interrupted one would have, so no RNG state needs saving. (The lr is constant, as in the article.)
+        # interrupted one would have (shuffle, augmentation), so no RNG state needs saving.
         torch.manual_seed((cfg.seed * 100_003 + epoch) * 4_099 + ctx.rank)
-        metrics = run_epoch(net, optimizer, (x_train, y_train), (x_val, y_val), normalize, autocast,
-                            local_batch, cfg, epoch, ctx)
+        metrics = run_epoch(net, steps, (x_train, y_train), (x_val, y_val), normalize, autocast, cfg, epoch, ctx)
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if ctx.rank == 0:
-                tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision)
+            if ctx.rank == 0 and recipe.checkpoints_after(epoch, cfg.epochs):
+                tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision,
+                                   averager.state_dict() if averager else None)
                 if epoch == cfg.epochs:
                     write_predictions(Path(tmp), data_dir, tb.predict)
                 ckpt = Path(tmp)
@@ -117,16 +125,45 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     return history
 
 
-def run_epoch(net, optimizer, train, val, normalize, autocast, local_batch: int, cfg: TrainLoopConfig,
-              epoch: int, ctx: WorkerContext) -> dict:
+@dataclass(frozen=True)
+class _Steps:
+    """How the recipe takes one optimizer step, and where in its schedule it is."""
+
+    parts: tb.TorchParts
+    optimizer: torch.optim.Optimizer
+    averager: tb.WeightAverager | None
+    autocast: object
+    local_batch: int
+    total: int  # optimizer steps in the whole run
+
+    def __post_init__(self) -> None:
+        for group in self.optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+
+    def take(self, net, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """Optimizer step ``step`` (0-based over the run) on normalised ``x``; returns the summed loss."""
+        factor = self.parts.schedule(step, self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        if self.parts.augment is not None:
+            x = self.parts.augment(x)
+        loss = tb.train_step(net, self.optimizer, x, y, self.autocast, self.parts.loss)
+        if self.averager is not None:
+            self.averager.update(step + 1, self.total)
+        return loss
+
+
+def run_epoch(net, steps: _Steps, train, val, normalize, autocast, cfg: TrainLoopConfig, epoch: int,
+              ctx: WorkerContext) -> dict:
     """One pass over this rank's shard, then validation; metrics are summed over all ranks."""
     x_train, y_train = train
     t0 = time.perf_counter()
     idx = _epoch_indices(len(y_train), cfg.seed, epoch, ctx).to(ctx.device)
+    per_epoch = -(-len(idx) // steps.local_batch)
     loss_sum = torch.zeros((), device=ctx.device)
-    for i in range(0, len(idx), local_batch):
-        j = idx[i:i + local_batch]
-        loss_sum += tb.train_step(net, optimizer, normalize(x_train[j]), y_train[j], autocast)
+    for k, i in enumerate(range(0, len(idx), steps.local_batch)):
+        j = idx[i:i + steps.local_batch]
+        loss_sum += steps.take(net, normalize(x_train[j]), y_train[j], (epoch - 1) * per_epoch + k)
         ctx.progress(epoch, (i + len(j)) * ctx.world_size, len(idx) * ctx.world_size, time.perf_counter() - t0)
     train_loss_sum = loss_sum.item()  # one host sync per epoch, not per step
     seconds = time.perf_counter() - t0
@@ -157,10 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     # fp32 unless asked: the benchmarks compare this default against their fp32 baselines
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--recipe", choices=RECIPES, default="article")
+    ap.add_argument("--momentum", type=float, default=0.9)
     args = ap.parse_args(argv)
-    cfg = TrainLoopConfig(data_dir=args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed, precision=args.precision, channels_last=args.channels_last,
-                          use_gpu=torch.cuda.is_available())
+    cfg = TrainLoopConfig(data_dir=args.data, recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr, momentum=args.momentum, seed=args.seed, precision=args.precision,
+                          channels_last=args.channels_last, use_gpu=torch.cuda.is_available())
     ctx = LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-")))
     if cfg.use_gpu:
         ctx.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -97,11 +97,12 @@ class ModelSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...]
+    eval_views: str = "plain"  # the test-time augmentation its predictions average over (torch_backend.VIEWS)
 
     @classmethod
-    def from_meta(cls, name: str, meta: Meta) -> ModelSpec:
+    def from_meta(cls, name: str, meta: Meta, eval_views: str = "plain") -> ModelSpec:
         return cls(name=name, in_channels=meta.channels, num_classes=len(meta.classes), image_size=meta.image_size,
-                   mean=meta.mean, std=meta.std, classes=meta.classes)
+                   mean=meta.mean, std=meta.std, classes=meta.classes, eval_views=eval_views)
 
 
 def epoch_shard(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:

@@ -35,8 +35,9 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "epochs": ("train", "epochs", int),
     "batch_size": ("train", "batch_size", int),
     "lr": ("train", "lr", float),
+    "momentum": ("train", "momentum", float),
     "framework": ("train", "framework", str),
-    "model": ("train", "model", str),
+    "recipe": ("train", "recipe", str),
     "precision": ("train", "precision", str),
     "seed": ("train", "seed", int),
     "workers": ("cluster", "num_workers", int),
@@ -100,7 +101,10 @@ def _add_run_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--preset", help="named parameter set (see `trainflow presets`)")
     from tasks.sources import forms  # the registry of sources: its forms are the choices
 
-    helps = {"dataset": forms(), "tfds_data_dir": "where prepared TFDS datasets are (default $TFDS_DATA_DIR)"}
+    from cluster.recipes import RECIPES
+
+    helps = {"dataset": forms(), "tfds_data_dir": "where prepared TFDS datasets are (default $TFDS_DATA_DIR)",
+             "recipe": f"how the model learns: {' | '.join(RECIPES)} (default article)"}
     for option, (_, _, kind) in _OPTIONS.items():
         run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind, help=helps.get(option))
     for flag, (_, _, help_text) in _FLAGS.items():

@@ -31,7 +31,7 @@ def _one_thread():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_seed_cnn_output_shape(size: int, channels: int):
     torch.manual_seed(0)
-    model = tb.SeedCNN(channels, 7, size)
+    model = tb.SeedCNN(spec_for(channels=channels, classes=7, size=size))
     with torch.no_grad():
         out = model(torch.randn(2, channels, size, size))
     assert out.shape == (2, 7)

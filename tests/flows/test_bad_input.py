@@ -123,7 +123,11 @@ PREFLIGHT: Cases = {
                           if importlib.util.find_spec("tensorflow_datasets") else
                           ["'tfds:absent_set", "needs TensorFlow Datasets", "trainflow[tensorflow]"]),
     "unknown-framework": (lambda tmp: ["--framework", "caffe"], ["train.framework", "'torch'"]),
-    "unknown-model": (lambda tmp: ["--model", "resnet9000"], ["train.model", "'seed_cnn'"]),
+    "unknown-recipe": (lambda tmp: ["--recipe", "resnet9000"], ["train.recipe", "'article'", "'fast_cifar'"]),
+    "recipe-framework": (lambda tmp: ["--recipe", "fast_cifar", "--framework", "tensorflow"],
+                         ["recipe='fast_cifar' is not implemented for framework='tensorflow'", "'torch'"]),
+    "recipe-image-size": (lambda tmp: ["--recipe", "fast_cifar", "--image-size", "12"],
+                          ["recipe='fast_cifar' needs images of at least 16 pixels", "image_size"]),
     "unknown-preset": (lambda tmp: ["--preset", "nope"], ["--preset", "'nope'", "digits-quickstart"]),
     "epochs-0": (lambda tmp: ["--epochs", "0"], ["train.epochs", "greater than or equal to 1"]),
     "epochs-huge": (lambda tmp: ["--epochs", "100000"], ["train.epochs", "less than or equal to 1000"]),

@@ -15,7 +15,7 @@ PREPARED = PreparedData(uri="file:///store/prepared/x", fingerprint="f" * 64, cl
 BASE = TrainLoopConfig(data_dir="/here")
 # A different value for every field; a new TrainLoopConfig field fails this test until it is listed here
 # and either changes the identity or is declared speed/placement-only in NOT_IDENTITY.
-OTHER = {"data_dir": "/elsewhere", "framework": "tensorflow", "model": "seed_cnn", "epochs": 11, "batch_size": 32,
+OTHER = {"data_dir": "/elsewhere", "framework": "tensorflow", "recipe": "fast_cifar", "epochs": 11, "batch_size": 32,
          "lr": 0.01, "momentum": 0.5, "seed": 1, "precision": "bf16", "channels_last": True, "use_gpu": True}
 
 
@@ -23,7 +23,7 @@ def test_every_config_field_is_classified():
     assert {f.name for f in fields(TrainLoopConfig)} == set(OTHER)
 
 
-@pytest.mark.parametrize("name", sorted(set(OTHER) - {"model"}))  # seed_cnn is the only model so far
+@pytest.mark.parametrize("name", sorted(OTHER))
 def test_a_field_changes_the_identity_unless_it_only_changes_speed_or_placement(name):
     changed = run_identity(PREPARED, replace(BASE, **{name: OTHER[name]})) != run_identity(PREPARED, BASE)
     assert changed == (name not in NOT_IDENTITY), name

@@ -1,0 +1,81 @@
+"""Training recipes and the networks they train, by name: one frozen record each, registered once.
+
+A recipe is everything about *how* a model learns that is not data or
+hardware: the network, the optimizer, the learning-rate schedule, the loss,
+training-time and evaluation-time augmentation, and how often to checkpoint.
+Like :mod:`cluster.frameworks`, the records name their framework code by
+import path (``"module:attribute"``) and never import it, so the flow, the
+Prefect form and the CLI list recipes without loading torch or TensorFlow.
+
+Adding a recipe means one module (its framework parts) and one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.errors import UserError
+
+__all__ = ["MODELS", "RECIPES", "Recipe", "get_recipe"]
+
+# network name → framework → "module:Class" taking a ModelSpec; a checkpoint's state.json names its network,
+# so a published version is rebuilt (for predict) without knowing which recipe trained it
+MODELS: dict[str, dict[str, str]] = {
+    "seed_cnn": {"torch": "cluster.torch_backend:SeedCNN", "tensorflow": "cluster.tf_backend:build_model"},
+    "fast_net": {"torch": "cluster.recipes.fast_cifar:FastNet"},
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """What a recipe is called, which network it trains, and where each framework's parts live."""
+
+    name: str
+    summary: str  # one line for the form and the CLI's help
+    model: str  # a key of MODELS
+    # framework name → "module:function" (cfg: TrainLoopConfig) -> that framework's parts (optimizer, loss, …)
+    parts: dict[str, str] = field(default_factory=dict)
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always writes one
+    min_image_size: int = 8  # the network's pooling needs at least this side
+
+    def check(self, framework: str, image_size: int | None = None) -> None:
+        """Raises UserError when this recipe cannot train with ``framework`` or on images of ``image_size``."""
+        if framework not in self.parts:
+            raise UserError(f"recipe={self.name!r} is not implemented for framework={framework!r}; choose "
+                            f"{' or '.join(repr(f) for f in self.parts)}, or another recipe.")
+        if image_size is not None and image_size < self.min_image_size:
+            raise UserError(f"recipe={self.name!r} needs images of at least {self.min_image_size} pixels a side; "
+                            f"set image_size to {self.min_image_size} or more.")
+
+    def checkpoints_after(self, epoch: int, last_epoch: int) -> bool:
+        """Whether training writes (and reports) a checkpoint after ``epoch``."""
+        return epoch == last_epoch or epoch % self.checkpoint_every == 0
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe for recipe in (
+        Recipe(name="article",
+               summary="the source article's: seed_cnn, SGD at a constant rate, cross-entropy, no augmentation",
+               model="seed_cnn",
+               parts={"torch": "cluster.recipes.article:torch_parts",
+                      "tensorflow": "cluster.recipes.article:tensorflow_parts"}),
+        Recipe(name="fast_cifar",
+               summary="fast_net (patch-whitened residual-free conv net with batch norm), Nesterov SGD with warm-up "
+                       "and linear decay, label smoothing, lookahead, flip + translate, flip + shift at test time",
+               model="fast_net",
+               parts={"torch": "cluster.recipes.fast_cifar:torch_parts"},
+               checkpoint_every=2, min_image_size=16),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe called ``name``.
+
+    Raises:
+        UserError: for a name that is not registered.
+    """
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UserError(f"recipe={name!r} is unknown; choose one of {', '.join(RECIPES)}.") from None

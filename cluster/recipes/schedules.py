@@ -1,0 +1,35 @@
+"""Learning-rate schedules: pure functions of the step, so a resumed run continues exactly where it stopped.
+
+Each returns the factor on an optimizer group's base learning rate after ``step`` of ``total`` steps
+(``step`` counts from 0, the first step's rate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["constant", "warmup_linear_decay"]
+
+
+def constant(step: int, total: int) -> float:
+    """The base rate throughout (the article's)."""
+    return 1.0
+
+
+def warmup_linear_decay(start: float, peak_at: float) -> Callable[[int, int], float]:
+    """From ``start`` up to 1 over the first ``peak_at`` of the steps, then linearly down to 0 at the last.
+
+    Raises:
+        ValueError: for a start outside [0, 1] or a peak outside (0, 1).
+    """
+    if not 0 <= start <= 1 or not 0 < peak_at < 1:
+        raise ValueError(f"warmup_linear_decay(start={start}, peak_at={peak_at}): need 0 <= start <= 1 and "
+                         "0 < peak_at < 1")
+
+    def schedule(step: int, total: int) -> float:
+        peak = peak_at * total
+        if step < peak:
+            return start + (1 - start) * step / peak
+        return max(0.0, (total - step) / (total - peak))
+
+    return schedule
