@@ -24,7 +24,8 @@ from cluster.errors import UserError
 from cluster.frameworks import get_framework, load
 from tasks import registry
 from tasks.ingest import IMAGE_SUFFIXES
-from tasks.preprocess import decode_images, to_channels
+from tasks.images import to_channels
+from tasks.preprocess import decode_images
 from tasks.store import Store
 
 __all__ = ["Chosen", "Prediction", "choose_model", "choose_version", "fetch_model", "image_files", "load_images",

@@ -31,6 +31,7 @@ from cluster.errors import UserError
 from cluster.fanout import cluster_cpus, map_on_cluster
 from cluster.runtime import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
+from tasks.images import channel_stats, decode_image, to_channels
 from tasks.ingest import scan_split
 from tasks.refs import PreparedData, RawData
 from tasks.store import Store, open_store
@@ -114,8 +115,6 @@ MapChunks = Callable[[Callable[[Chunk], Any], list[Chunk]], list[Any]]
 
 def _decode_chunk(chunk: Chunk) -> tuple[np.ndarray, list[bool], list[tuple[int, str]]]:
     """Decode one chunk: local paths, or keys under an s3:// prefix read from the object store."""
-    from PIL import Image
-
     files, size, origin = chunk
     source = open_store(origin) if origin else None
     out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
@@ -123,13 +122,8 @@ def _decode_chunk(chunk: Chunk) -> tuple[np.ndarray, list[bool], list[tuple[int,
     bad: list[tuple[int, str]] = []
     for i, name in enumerate(files):
         try:
-            with Image.open(io.BytesIO(source.get_bytes(name)) if source else name) as img:
-                is_gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
-                rgb = img.convert("RGB")
-                if rgb.size != (size, size):
-                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(rgb)
-                gray.append(is_gray)
+            out[i], is_gray = decode_image(io.BytesIO(source.get_bytes(name)) if source else name, size)
+            gray.append(is_gray)
         except Exception as exc:  # PIL raises many types for bad files
             bad.append((i, f"{f'{origin}/' if origin else ''}{name} ({type(exc).__name__})"))
     return out, gray, bad
@@ -167,21 +161,6 @@ def decode_images(paths: list[str], size: int, *, origin: str | None = None, map
     bad = [(c * step + i, what) for c, (_, _, chunk_bad) in enumerate(results) for i, what in chunk_bad]
     images = np.concatenate([r[0] for r in results]) if results else np.zeros((0, size, size, 3), np.uint8)
     return images, all(g for _, gray, _ in results for g in gray), bad
-
-
-def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    if channels == 3:
-        return images
-    # ITU-R 601 luma, the same weights PIL uses for convert("L")
-    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NHWC images, on the 0..1 scale."""
-    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    std = np.maximum(flat.std(axis=0), 1e-3)  # a constant channel must not divide by zero
-    return tuple(float(v) for v in flat.mean(axis=0)), tuple(float(v) for v in std)
 
 
 Decode = Callable[[list[str], int], tuple[np.ndarray, bool, list[tuple[int, str]]]]

@@ -17,8 +17,9 @@ from cluster.errors import UserError
 from tests.conftest import write_class_folders
 from tasks import preprocess as pp
 from tasks.ingest import ingest
-from tasks.preprocess import (PreprocessConfig, channel_stats, decode_images, plan_splits, preprocess,
-                              preprocess_task, stratified_split, subsample, to_channels)
+from tasks.images import channel_stats, to_channels
+from tasks.preprocess import (PreprocessConfig, decode_images, plan_splits, preprocess, preprocess_task,
+                              stratified_split, subsample)
 from tasks.refs import RawData
 from tasks.store import FileStore
 
