@@ -31,7 +31,7 @@ from cluster.precision import PRECISIONS, Precision, agree, describe
 from cluster.recipes import RECIPES, get_recipe
 from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, write_predictions
 
-__all__ = ["LocalContext", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
+__all__ = ["LocalContext", "RecipeSteps", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
 
 
 def _all_sum(values: list[float], ctx: WorkerContext) -> list[float]:
@@ -105,7 +105,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
               f"{local_batch} per worker" + (f" (gradients averaged through {all_reduce})" if all_reduce else "")
               + f"; {len(y_train)} training images; {describe(precision)}", flush=True)
 
-    steps = _Steps(parts, optimizer, averager, autocast, local_batch,
+    steps = RecipeSteps(parts, optimizer, averager, autocast, local_batch,
                    total=cfg.epochs * -(-(len(y_train) // ctx.world_size) // local_batch))
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         # Randomness is a function of (seed, epoch, rank): a resumed epoch draws exactly what the
@@ -126,7 +126,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class _Steps:
+class RecipeSteps:
     """How the recipe takes one optimizer step, and where in its schedule it is."""
 
     parts: tb.TorchParts
@@ -140,20 +140,22 @@ class _Steps:
         for group in self.optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
 
-    def take(self, net, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        """Optimizer step ``step`` (0-based over the run) on normalised ``x``; returns the summed loss."""
+    def take(self, net, x: torch.Tensor, y: torch.Tensor, step: int, indices: torch.Tensor,
+             epoch: int) -> torch.Tensor:
+        """Optimizer step ``step`` (0-based over the run) on normalised ``x``, the training set's images
+        ``indices`` in ``epoch``; returns the summed loss."""
         factor = self.parts.schedule(step, self.total)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         if self.parts.augment is not None:
-            x = self.parts.augment(x)
+            x = self.parts.augment(x, indices, epoch)
         loss = tb.train_step(net, self.optimizer, x, y, self.autocast, self.parts.loss)
         if self.averager is not None:
             self.averager.update(step + 1, self.total)
         return loss
 
 
-def run_epoch(net, steps: _Steps, train, val, normalize, autocast, cfg: TrainLoopConfig, epoch: int,
+def run_epoch(net, steps: RecipeSteps, train, val, normalize, autocast, cfg: TrainLoopConfig, epoch: int,
               ctx: WorkerContext) -> dict:
     """One pass over this rank's shard, then validation; metrics are summed over all ranks."""
     x_train, y_train = train
@@ -163,7 +165,7 @@ def run_epoch(net, steps: _Steps, train, val, normalize, autocast, cfg: TrainLoo
     loss_sum = torch.zeros((), device=ctx.device)
     for k, i in enumerate(range(0, len(idx), steps.local_batch)):
         j = idx[i:i + steps.local_batch]
-        loss_sum += steps.take(net, normalize(x_train[j]), y_train[j], (epoch - 1) * per_epoch + k)
+        loss_sum += steps.take(net, normalize(x_train[j]), y_train[j], (epoch - 1) * per_epoch + k, j, epoch)
         ctx.progress(epoch, (i + len(j)) * ctx.world_size, len(idx) * ctx.world_size, time.perf_counter() - t0)
     train_loss_sum = loss_sum.item()  # one host sync per epoch, not per step
     seconds = time.perf_counter() - t0

@@ -17,10 +17,9 @@ from cluster.recipes.schedules import warmup_linear_decay
 from cluster.torch_backend import TorchParts
 from cluster.worker import ModelSpec
 
-__all__ = ["FastNet", "Lookahead", "flip_and_translate", "init_whitening", "label_smoothed_loss", "optimizer",
-           "patch_whitening", "torch_parts"]
+__all__ = ["FastNet", "Lookahead", "flip_and_translate", "init_whitening", "label_smoothed_loss",
+           "mirrored", "optimizer", "patch_whitening", "torch_parts"]
 
-WIDTHS = (64, 256, 256)  # airbench94's
 WHITEN_PATCH = 2
 LABEL_SMOOTHING = 0.2
 BIAS_LR_SCALE = 64.0  # batch norm's biases learn this much faster than the weights
@@ -57,12 +56,16 @@ class FastNet(nn.Module):
     """Patch-whitening 2x2 conv (frozen; see init_whitening), then three conv-pool-norm groups, a global max
     pool and a linear layer. Images of at least 16 pixels a side (the three 2x2 pools)."""
 
+    widths = (64, 256, 256)  # airbench94's
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         whitened = 2 * spec.in_channels * WHITEN_PATCH ** 2  # each eigenvector and its negation
         self.whiten = nn.Conv2d(spec.in_channels, whitened, WHITEN_PATCH)
         self.whiten.weight.requires_grad = False
-        widths = (whitened, *WIDTHS)
+        with torch.no_grad():
+            self.whiten.bias.zero_()
+        widths = (whitened, *self.widths)
         self.groups = nn.Sequential(*(_ConvGroup(a, b) for a, b in zip(widths, widths[1:])))
         self.head = nn.Linear(widths[-1], spec.num_classes, bias=False)
 
@@ -96,12 +99,20 @@ def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float(), labels, label_smoothing=LABEL_SMOOTHING)
 
 
-def flip_and_translate(x: torch.Tensor, pixels: int = TRANSLATE) -> torch.Tensor:
-    """Each NCHW image mirrored left-right with probability 1/2 and moved by up to ``pixels`` in each direction
-    (the edge reflected into the gap), drawn per image from torch's global generator. Shape and memory format
-    are kept; labels are untouched."""
+def mirrored(indices: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which of the training images ``indices`` are mirrored in ``epoch``: a fixed half of them in odd epochs, the
+    other half in even ones (airbench's alternating flip: every image is seen both ways every two epochs, where
+    random flips repeat one way a quarter of the time)."""
+    half = ((indices * 2_654_435_761) >> 16) & 1  # Knuth's multiplicative hash: a fixed, well-mixed bit per image
+    return half == epoch % 2
+
+
+def flip_and_translate(x: torch.Tensor, indices: torch.Tensor, epoch: int, pixels: int = TRANSLATE) -> torch.Tensor:
+    """NCHW images (the training set's ``indices``) mirrored left-right as :func:`mirrored` says for ``epoch``,
+    and each moved by up to ``pixels`` in each direction, drawn per image from torch's global generator (the edge
+    reflected into the gap). Shape and memory format are kept; labels are untouched."""
     n, _, h, w = x.shape
-    flipped = torch.where((torch.rand(n, device=x.device) < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
+    flipped = torch.where(mirrored(indices, epoch).view(n, 1, 1, 1), x.flip(-1), x)
     padded = F.pad(flipped, (pixels,) * 4, mode="reflect")
     rows = torch.empty_like(padded[..., :h, :])
     dy = torch.randint(0, 2 * pixels + 1, (n,), device=x.device)
@@ -162,6 +173,6 @@ def _is_norm(model: nn.Module, name: str) -> bool:
 def torch_parts(cfg: TrainLoopConfig) -> TorchParts:
     """The recipe with the run's learning rate (mean loss; ~1.5 at batch 1024), momentum and global batch."""
     return TorchParts(optimizer=lambda model, device: optimizer(model, cfg.lr, cfg.momentum, cfg.batch_size),
-                      init=init_whitening, schedule=warmup_linear_decay(start=0.2, peak_at=0.23),
+                      init=init_whitening, schedule=warmup_linear_decay(start=0.2, peak_at=0.23, end=0.07),
                       loss=label_smoothed_loss, augment=flip_and_translate, averager=Lookahead,
                       eval_views="flip_shift")

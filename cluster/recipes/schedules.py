@@ -16,20 +16,20 @@ def constant(step: int, total: int) -> float:
     return 1.0
 
 
-def warmup_linear_decay(start: float, peak_at: float) -> Callable[[int, int], float]:
-    """From ``start`` up to 1 over the first ``peak_at`` of the steps, then linearly down to 0 at the last.
+def warmup_linear_decay(start: float, peak_at: float, end: float = 0.0) -> Callable[[int, int], float]:
+    """From ``start`` up to 1 over the first ``peak_at`` of the steps, then linearly down to ``end`` at the last.
 
     Raises:
-        ValueError: for a start outside [0, 1] or a peak outside (0, 1).
+        ValueError: for a start or end outside [0, 1] or a peak outside (0, 1).
     """
-    if not 0 <= start <= 1 or not 0 < peak_at < 1:
-        raise ValueError(f"warmup_linear_decay(start={start}, peak_at={peak_at}): need 0 <= start <= 1 and "
-                         "0 < peak_at < 1")
+    if not 0 <= start <= 1 or not 0 <= end <= 1 or not 0 < peak_at < 1:
+        raise ValueError(f"warmup_linear_decay(start={start}, peak_at={peak_at}, end={end}): need start and end in "
+                         "[0, 1] and 0 < peak_at < 1")
 
     def schedule(step: int, total: int) -> float:
         peak = peak_at * total
         if step < peak:
             return start + (1 - start) * step / peak
-        return max(0.0, (total - step) / (total - peak))
+        return end + (1 - end) * max(0.0, (total - step) / (total - peak))
 
     return schedule

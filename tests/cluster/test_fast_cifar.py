@@ -48,6 +48,7 @@ def test_fast_net_shapes_and_frozen_layers(size: int):
     out = model(torch.randn(4, 3, size, size))
     assert out.shape == (4, 10) and torch.isfinite(out).all()
     assert model.whiten.out_channels == 2 * 3 * 4 and not model.whiten.weight.requires_grad
+    assert torch.equal(model.whiten.bias, torch.zeros(24))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(norms) == 6 and all(not n.weight.requires_grad and n.bias.requires_grad for n in norms)
     # identity-initialised convs: the first input channels pass straight through the first filters
@@ -80,20 +81,29 @@ def test_init_whitening_sets_the_filters_and_their_negatives():
 def test_flip_and_translate_moves_each_image_whole_and_is_seeded():
     torch.manual_seed(3)
     x = torch.randn(64, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    indices = torch.randperm(1000)[:64]
     torch.manual_seed(7)
-    out = fc.flip_and_translate(x)
+    out = fc.flip_and_translate(x, indices, epoch=1)
     assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
     seen = set()
-    for image, moved in zip(x, out):
-        matches = [(flip, dy, dx) for flip in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)
+    for image, moved, flip in zip(x, out, fc.mirrored(indices, 1)):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
                    if torch.equal(shifted(image.flip(-1) if flip else image, dy, dx), moved)]
-        assert matches, "every output is its input, maybe mirrored, moved by at most 2 pixels"
+        assert matches, "every output is its input, mirrored as `mirrored` says, moved by at most 2 pixels"
         seen.add(matches[0])
-    assert len(seen) > 20  # per image, not one draw for the whole batch
+    assert len(seen) > 15  # the shift is drawn per image, not once for the batch
     torch.manual_seed(7)
-    assert torch.equal(fc.flip_and_translate(x), out)
+    assert torch.equal(fc.flip_and_translate(x, indices, epoch=1), out)
     torch.manual_seed(8)
-    assert not torch.equal(fc.flip_and_translate(x), out)
+    assert not torch.equal(fc.flip_and_translate(x, indices, epoch=1), out)
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    indices = torch.arange(10_000)
+    odd, even = fc.mirrored(indices, 1), fc.mirrored(indices, 2)
+    assert torch.equal(odd, ~even) and torch.equal(fc.mirrored(indices, 3), odd)
+    assert 0.48 < odd.float().mean().item() < 0.52  # half of the images each epoch
+    assert 0.4 < odd[:100].float().mean().item() < 0.6  # and mixed: not whole runs of neighbours
 
 
 def test_label_smoothing_is_cross_entropy_against_softened_targets():
@@ -120,6 +130,8 @@ def test_schedules_are_pure_functions_of_the_step():
     schedule = warmup_linear_decay(start=0.2, peak_at=0.25)
     assert [schedule(s, 100) for s in (0, 25, 50, 100)] == pytest.approx([0.2, 1.0, 2 / 3, 0.0])
     assert schedule(10, 100) == pytest.approx(0.2 + 0.8 * 10 / 25)
+    to_floor = warmup_linear_decay(start=0.2, peak_at=0.25, end=0.1)
+    assert [to_floor(s, 100) for s in (0, 25, 100)] == pytest.approx([0.2, 1.0, 0.1])
     assert constant(7, 10) == 1.0
     with pytest.raises(ValueError, match="peak_at"):
         warmup_linear_decay(start=0.2, peak_at=1.0)
