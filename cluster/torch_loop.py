@@ -106,7 +106,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
               + f"; {len(y_train)} training images; {describe(precision)}", flush=True)
 
     steps = RecipeSteps(parts, optimizer, averager, autocast, local_batch,
-                   total=cfg.epochs * -(-(len(y_train) // ctx.world_size) // local_batch))
+                        total=cfg.epochs * -(-(len(y_train) // ctx.world_size) // local_batch))
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         # Randomness is a function of (seed, epoch, rank): a resumed epoch draws exactly what the
         # interrupted one would have (shuffle, augmentation), so no RNG state needs saving.
