@@ -102,9 +102,9 @@ def test_bf16_channels_last_within_a_point_of_fp32_on_the_subset(subset_runs, tm
 @pytest.mark.cifar
 @pytest.mark.timeout(1500)  # also the two CLI runs when this test runs alone
 def test_fast_recipe_beats_the_article_in_the_same_epochs_on_the_subset(subset_runs, tmp_path):
-    """Both recipes in this process on the runs' prepared data (4 500 training images), two epochs each, three
-    seeds; test accuracy from each run's final checkpoint, as evaluation reads it (with fast_cifar's test-time
-    views)."""
+    """Both recipes in this process on the runs' prepared data (4 500 training images), two epochs each; test
+    accuracy from each run's final checkpoint, as evaluation reads it (with fast_cifar's test-time views). One seed
+    here (the suite's time); the margin asserted is half the smallest seen over seeds 0-2."""
     import numpy as np
 
     from cluster.config import TrainLoopConfig
@@ -116,7 +116,7 @@ def test_fast_recipe_beats_the_article_in_the_same_epochs_on_the_subset(subset_r
     recipes = {"article": {"lr": 0.01, "batch_size": 64},  # the subset's tuned rate (see above), the article's batch
                "fast_cifar": {"lr": 0.375, "batch_size": 256, "momentum": 0.85}}  # the preset's lr x 256 / 1024
     accuracy: dict[str, list[float]] = {name: [] for name in recipes}
-    for seed in range(3):
+    for seed in (0,):
         for name, options in recipes.items():
             cfg = TrainLoopConfig(data_dir=data, recipe=name, epochs=2, seed=seed, **options)
             train_loop(cfg, LocalContext(tmp_path / f"{name}-{seed}"))
