@@ -106,7 +106,7 @@ def train_once(cfg: TrainLoopConfig, spec: tb.ModelSpec, data: dict, device: tor
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = tb.build_model(spec)
-    parts.init(model, normalize(x_train[:fast_cifar.WHITENING_SAMPLE]).float())
+    parts.init(model, normalize(x_train[:tb.INIT_IMAGES]).float().cpu())
     model = model.to(device, memory_format=torch.channels_last)
     net = torch.compile(model) if compiled else model
     optimizer = parts.optimizer(model, device)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.errors import UserError
+from cluster.errors import UserError, registered
 
 __all__ = ["FRAMEWORKS", "Framework", "get_framework", "load"]
 
@@ -92,10 +92,7 @@ def get_framework(name: str) -> Framework:
     Raises:
         UserError: for a name that is not registered.
     """
-    try:
-        return FRAMEWORKS[name]
-    except KeyError:
-        raise UserError(f"framework={name!r} is unknown; choose one of {', '.join(FRAMEWORKS)}.") from None
+    return registered(FRAMEWORKS, "framework", name)
 
 
 def load(target: str) -> Callable[..., Any]:

@@ -30,6 +30,7 @@ __all__ = ["EXTRA_FILE", "MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "ModelSpec", 
 MODEL_FILE = "model.pt"
 OPTIM_FILE = "optimizer.pt"
 EXTRA_FILE = "extra.pt"  # a recipe's own training state besides the optimizer's (e.g. lookahead's slow weights)
+INIT_IMAGES = 5000  # the leading training images a data-dependent initialisation sees (TorchParts.init)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +42,8 @@ class TorchParts:
     """
 
     optimizer: Callable[[nn.Module, torch.device], torch.optim.Optimizer]
-    # data-dependent initialisation: (model, normalised NCHW sample of the training images), same on every rank
+    # data-dependent initialisation: (model, the first INIT_IMAGES training images, normalised NCHW on the CPU),
+    # the same on every rank
     init: Callable[[nn.Module, torch.Tensor], None] | None = None
     schedule: Callable[[int, int], float] = constant  # (step, total steps) -> factor on each group's base lr
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy  # (logits, labels) -> mean loss

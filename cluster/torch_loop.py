@@ -81,7 +81,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = tb.build_model(spec)
     if parts.init is not None:  # from the same leading images on every rank
-        parts.init(model, normalize(x_train[:10_000]).float().cpu())
+        parts.init(model, normalize(x_train[:tb.INIT_IMAGES]).float().cpu())
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
     optimizer = parts.optimizer(model, ctx.device)

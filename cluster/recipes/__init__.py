@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.errors import UserError
+from cluster.errors import UserError, registered
 
 __all__ = ["MODELS", "RECIPES", "Recipe", "get_recipe"]
 
@@ -75,7 +75,4 @@ def get_recipe(name: str) -> Recipe:
     Raises:
         UserError: for a name that is not registered.
     """
-    try:
-        return RECIPES[name]
-    except KeyError:
-        raise UserError(f"recipe={name!r} is unknown; choose one of {', '.join(RECIPES)}.") from None
+    return registered(RECIPES, "recipe", name)

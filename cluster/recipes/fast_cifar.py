@@ -25,7 +25,6 @@ LABEL_SMOOTHING = 0.2
 BIAS_LR_SCALE = 64.0  # batch norm's biases learn this much faster than the weights
 DECAY = 0.0153  # weight decay per step at batch 1024, in airbench's units (see optimizer)
 TRANSLATE = 2  # pixels
-WHITENING_SAMPLE = 5000  # images whose patches estimate the covariance
 LOOKAHEAD_EVERY = 5  # steps
 
 
@@ -89,7 +88,7 @@ def patch_whitening(images: torch.Tensor, patch: int = WHITEN_PATCH,
 
 def init_whitening(model: nn.Module, sample: torch.Tensor) -> None:
     """Set FastNet's first layer to the patch-whitening filters of ``sample`` (normalised NCHW), and their negatives."""
-    _, filters = patch_whitening(sample[:WHITENING_SAMPLE])
+    _, filters = patch_whitening(sample)
     with torch.no_grad():
         model.whiten.weight.copy_(torch.cat([filters, -filters]))
 
