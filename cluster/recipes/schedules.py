@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["constant", "warmup_linear_decay"]
+__all__ = ["constant", "linear_decay", "warmup_linear_decay"]
 
 
 def constant(step: int, total: int) -> float:
     """The base rate throughout (the article's)."""
     return 1.0
+
+
+def linear_decay(step: int, total: int) -> float:
+    """From the base rate at the first step linearly down to 0 after the last."""
+    return (total - step) / total
 
 
 def warmup_linear_decay(start: float, peak_at: float, end: float = 0.0) -> Callable[[int, int], float]:

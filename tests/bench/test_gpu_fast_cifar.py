@@ -45,3 +45,43 @@ def test_gpu_check_script_trains_the_recipe_and_runs_the_loop_under_torchrun(tmp
     torchrun = result["torchrun"]
     assert torchrun["returncode"] == 0 and torchrun["ranks"] == 1 and len(torchrun["epochs"]) == 2
     assert torchrun["test_accuracy"] > 0.25  # four classes of stripes: chance is 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # inductor compiles the forward and backward graphs on two cores: about a minute
+def test_compiled_and_eager_steps_agree(tmp_path):
+    """The GPU check compiles the model (torch.compile) before it times anything: the compiled model must learn
+    what the eager one does. Three recipe steps each from the same weights and batches, fp32 on the CPU."""
+    import torch
+
+    from cluster import torch_backend as tb
+    from cluster.config import TrainLoopConfig
+    from cluster.recipes import fast_cifar
+    from cluster.torch_loop import RecipeSteps
+    from cluster.worker import ModelSpec
+
+    spec = ModelSpec(name="fast_net", in_channels=3, num_classes=10, image_size=16, mean=(0.0,) * 3, std=(1.0,) * 3,
+                     classes=tuple("abcdefghij"), eval_views="flip_shift")
+    cfg = TrainLoopConfig(data_dir=str(tmp_path), recipe="fast_cifar", epochs=1, batch_size=32, lr=0.4,
+                          momentum=0.85)
+    x = torch.randn(3, 32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (3, 32), generator=torch.Generator().manual_seed(2))
+    losses, weights = {}, {}
+    for mode in ("eager", "compiled"):
+        parts = fast_cifar.torch_parts(cfg)
+        torch.manual_seed(0)
+        model = tb.build_model(spec)
+        parts.init(model, x[0])
+        net = torch.compile(model) if mode == "compiled" else model
+        steps = RecipeSteps(parts, parts.optimizer(model, torch.device("cpu")), parts.averager(model),
+                            torch.autocast("cpu", enabled=False), local_batch=32, total=3)
+        losses[mode] = []
+        for k in range(3):
+            torch.manual_seed(k)  # the same augmentation draws in both modes
+            losses[mode].append(steps.take(net, x[k], y[k], k, torch.arange(32), epoch=1).item())
+        weights[mode] = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    # fusion reorders floating-point sums: close, not bit-identical
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4), losses
+    for name, tensor in weights["eager"].items():
+        torch.testing.assert_close(weights["compiled"][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+    assert losses["eager"][2] != losses["eager"][0]  # the steps changed the weights: the comparison means something

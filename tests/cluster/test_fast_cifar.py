@@ -170,7 +170,8 @@ def test_test_time_views_average_the_weighted_views():
     assert sum(w for w, *_ in tb.VIEWS["flip_shift"]) == 1.0
 
 
-FAST = dict(recipe="fast_cifar", batch_size=32, lr=0.4, momentum=0.85, precision="fp32")
+FAST = {"fast_cifar": dict(recipe="fast_cifar", batch_size=32, lr=0.4, momentum=0.85, precision="fp32"),
+        "fast_cifar_muon": dict(recipe="fast_cifar_muon", batch_size=32, lr=0.24, momentum=0.85, precision="fp32")}
 
 
 def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -195,8 +196,9 @@ class CrashingContext(LocalContext):
         super().report(metrics, checkpoint_dir)
 
 
-def test_the_recipe_learns_and_resumes_to_the_same_weights(prepared, tmp_path):
-    cfg = TrainLoopConfig(data_dir=data_dir(prepared), epochs=4, **FAST)
+@pytest.mark.parametrize("recipe", sorted(FAST))
+def test_the_recipe_learns_and_resumes_to_the_same_weights(prepared, tmp_path, recipe):
+    cfg = TrainLoopConfig(data_dir=data_dir(prepared), epochs=4, **FAST[recipe])
     whole = LocalContext(tmp_path / "whole")
     history = train_loop(cfg, whole)
     assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_accuracy"] > 0.8
