@@ -1,8 +1,8 @@
 """fast_cifar with Muon: the same network, initialisation, loss and augmentation, but the convolutions' filters
 learn through Muon (Keller Jordan's orthogonalised momentum, as in airbench94_muon), the rate decays linearly
-from the first step, there is no lookahead, and all but the last FULL_SIZE_EPOCHS see the images scaled down
-(progressive resizing): on a CPU, where the convolutions' arithmetic is the whole step, an epoch at 24 pixels
-costs half of one at 32.
+from the first step, there is no lookahead, and all but the last FULL_SIZE_EPOCHS see the images scaled down,
+growing from 5/8 to 7/8 of their side (progressive resizing): on a CPU, where the convolutions' arithmetic is
+the whole step, an epoch at 20 pixels costs a third of one at 32, at 24 about half.
 
 Each piece is tested on its own in tests/cluster/test_fast_cifar_muon.py.
 """
@@ -28,7 +28,7 @@ BIAS_LR_PER_IMAGE = 0.053  # airbench94_muon's rates for a summed loss: for the 
 HEAD_LR_PER_IMAGE = 0.67 * 9 ** 2 / 256 ** 2  # its head divides by 256 and starts at std 1; FastNet's by 9
 DECAY_PER_IMAGE = 2e-6  # share of the weights the SGD groups lose per step, per image of the batch
 FULL_SIZE_EPOCHS = 2
-SMALL_SCALE = 0.75  # the earlier epochs' side, as a share of the images'
+SMALLEST, LARGEST = 0.625, 0.875  # the earlier epochs' sides, as shares of the images' (20 to 28 of 32)
 
 
 def orthogonalized(g: torch.Tensor, steps: int = 3) -> torch.Tensor:
@@ -94,9 +94,13 @@ def muon_optimizer(model: nn.Module, lr: float, momentum: float, batch_size: int
 
 
 def side_in_epoch(epoch: int, epochs: int, full: int) -> int:
-    """The side the training images have in ``epoch`` of ``epochs``: ``full`` for the last FULL_SIZE_EPOCHS,
-    SMALL_SCALE of it before (never under 16, FastNet's smallest)."""
-    return full if epoch > epochs - FULL_SIZE_EPOCHS else max(16, round(full * SMALL_SCALE))
+    """The side the training images have in ``epoch`` of ``epochs``: ``full`` for the last FULL_SIZE_EPOCHS;
+    before them a ramp in even sides from SMALLEST to LARGEST of ``full`` (never under 16, FastNet's smallest)."""
+    ramp = epochs - FULL_SIZE_EPOCHS
+    if epoch > ramp:
+        return full
+    share = SMALLEST + (LARGEST - SMALLEST) * ((epoch - 1) / (ramp - 1) if ramp > 1 else 1.0)
+    return max(16, 2 * round(full * share / 2))
 
 
 def progressive(augment: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],

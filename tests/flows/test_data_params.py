@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from flows.cli import _parser, overrides_from
-from flows.params import DataParams, build_params
+from cluster.recipes import get_recipe
+from flows.params import PRESETS, DataParams, build_params
 from tasks.sources import SOURCES
 
 
@@ -63,3 +64,9 @@ def test_cli_options_reach_the_form():
     params = build_params("smoke", overrides_from(args))
     assert params.data.dataset == "tfds:mnist?data_dir=/data/tfds&download=true"
     assert "tfds:<name>[/<config>][:<version>]" in _parser()._subparsers._group_actions[0].choices["run"].format_help()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_and_its_recipe_takes_its_framework_and_images(preset):
+    params = build_params(preset)
+    get_recipe(params.train.recipe).check(params.train.framework, params.data.image_size)
