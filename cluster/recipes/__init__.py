@@ -66,7 +66,7 @@ RECIPES: dict[str, Recipe] = {
                parts={"torch": "cluster.recipes.fast_cifar:torch_parts"},
                checkpoint_every=2, min_image_size=16),
         Recipe(name="fast_cifar_muon",
-               summary="fast_cifar with Muon for the filters (lr is theirs, ~0.24), a linear decay, no lookahead, "
+               summary="fast_cifar with Muon for the filters (lr is its step, ~0.24), a linear decay, no lookahead, "
                        "and all but the last two epochs on images scaled down (from 5/8 to 7/8 of their side)",
                model="fast_net",
                parts={"torch": "cluster.recipes.fast_cifar_muon:torch_parts"},

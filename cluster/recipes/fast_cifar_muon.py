@@ -59,7 +59,11 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, {"lr": 0.0, "momentum": momentum, "weight_decay": 0.0, "orthogonal": False})
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None) -> None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:  # as torch's optimizers: the closure recomputes the loss and its gradients
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -75,6 +79,7 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(len(p) ** 0.5 / p.norm())
                     g = orthogonalized(g)
                 p.add_(g, alpha=-group["lr"])
+        return loss
 
 
 def muon_optimizer(model: nn.Module, lr: float, momentum: float, batch_size: int) -> Muon:
