@@ -48,7 +48,7 @@ from cluster.torch_loop import RecipeSteps  # noqa: E402
 from tasks.images import channel_stats, decode_image  # noqa: E402
 
 TARGET = 0.94
-LR_PER_1024 = 1.5  # the preset's rate for the mean loss, scaled with the batch (airbench's 11.5 per 1024 images)
+LR_PER_1024 = 1.5  # fast_cifar's peak rate for the mean loss, scaled with the batch (airbench's 11.5 per 1024 images)
 
 
 def _decode(blobs: list[bytes]) -> np.ndarray:

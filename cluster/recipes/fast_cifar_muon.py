@@ -86,10 +86,10 @@ def muon_optimizer(model: nn.Module, lr: float, momentum: float, batch_size: int
     """Muon at ``lr`` for the convolutions' filters (momentum MUON_MOMENTUM); Nesterov SGD at ``momentum`` for
     the biases and the head, at airbench94_muon's rates for the mean loss over ``batch_size`` images, scaled by
     lr / REFERENCE_LR, with weight decay."""
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    filters = [p for _, p in trained if p.dim() == 4]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    filters = [p for p in trained if p.dim() == 4]
     head = [model.head.weight]
-    biases = [p for _, p in trained if p.dim() != 4 and all(p is not h for h in head)]
+    biases = [p for p in trained if p.dim() != 4 and p is not model.head.weight]
     scale = lr / REFERENCE_LR
     bias_lr, head_lr = BIAS_LR_PER_IMAGE * batch_size * scale, HEAD_LR_PER_IMAGE * batch_size * scale
     shrink = DECAY_PER_IMAGE * batch_size

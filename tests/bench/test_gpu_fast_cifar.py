@@ -58,10 +58,8 @@ def test_compiled_and_eager_steps_agree(tmp_path):
     from cluster.config import TrainLoopConfig
     from cluster.recipes import fast_cifar
     from cluster.torch_loop import RecipeSteps
-    from cluster.worker import ModelSpec
+    from tests.cluster.test_fast_cifar import spec
 
-    spec = ModelSpec(name="fast_net", in_channels=3, num_classes=10, image_size=16, mean=(0.0,) * 3, std=(1.0,) * 3,
-                     classes=tuple("abcdefghij"), eval_views="flip_shift")
     cfg = TrainLoopConfig(data_dir=str(tmp_path), recipe="fast_cifar", epochs=1, batch_size=32, lr=0.4,
                           momentum=0.85)
     x = torch.randn(3, 32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -70,7 +68,7 @@ def test_compiled_and_eager_steps_agree(tmp_path):
     for mode in ("eager", "compiled"):
         parts = fast_cifar.torch_parts(cfg)
         torch.manual_seed(0)
-        model = tb.build_model(spec)
+        model = tb.build_model(spec(16))
         parts.init(model, x[0])
         net = torch.compile(model) if mode == "compiled" else model
         steps = RecipeSteps(parts, parts.optimizer(model, torch.device("cpu")), parts.averager(model),

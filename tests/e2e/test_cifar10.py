@@ -114,14 +114,13 @@ def test_fast_recipe_beats_the_article_in_the_same_epochs_on_the_subset(subset_r
     store, _ = subset_runs
     data = str(next((store / "prepared").glob("*/meta.json")).parent)
     recipes = {"article": {"lr": 0.01, "batch_size": 64},  # the subset's tuned rate (see above), the article's batch
-               "fast_cifar": {"lr": 0.375, "batch_size": 256, "momentum": 0.85}}  # the preset's lr x 256 / 1024
-    accuracy: dict[str, list[float]] = {name: [] for name in recipes}
-    for seed in (0,):
-        for name, options in recipes.items():
-            cfg = TrainLoopConfig(data_dir=data, recipe=name, epochs=2, seed=seed, **options)
-            train_loop(cfg, LocalContext(tmp_path / f"{name}-{seed}"))
-            with np.load(tmp_path / f"{name}-{seed}" / "epoch_0002" / PREDICTIONS_FILE) as predictions:
-                accuracy[name].append(float((predictions["y_true"] == predictions["y_pred"]).mean()))
+               "fast_cifar": {"lr": 0.375, "batch_size": 256, "momentum": 0.85}}  # airbench's 1.5 at 1024, x 256 / 1024
+    accuracy: dict[str, float] = {}
+    for name, options in recipes.items():
+        cfg = TrainLoopConfig(data_dir=data, recipe=name, epochs=2, seed=0, **options)
+        train_loop(cfg, LocalContext(tmp_path / name))
+        with np.load(tmp_path / name / "epoch_0002" / PREDICTIONS_FILE) as predictions:
+            accuracy[name] = float((predictions["y_true"] == predictions["y_pred"]).mean())
     print(json.dumps({"test_accuracy": accuracy}))
     # measured on 2 cores (seeds 0-2): article 0.301, 0.270, 0.321; fast_cifar 0.511, 0.514, 0.513
-    assert min(accuracy["fast_cifar"]) >= max(accuracy["article"]) + 0.10, accuracy
+    assert accuracy["fast_cifar"] >= accuracy["article"] + 0.10, accuracy
