@@ -28,7 +28,7 @@ class _Starter:
     """
 
     address: str | None
-    started_here: bool = False
+    connection: str = "already"  # connect()'s answer
     error: BaseException | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     trainer_loaded: threading.Event = field(default_factory=threading.Event)
@@ -37,7 +37,7 @@ class _Starter:
 
     def run(self) -> None:
         try:
-            self.started_here = connect(self.address)
+            self.connection = connect(self.address)
         except BaseException as exc:  # surfaced to the waiter, not lost in a thread
             self.error = exc
         finally:
@@ -53,7 +53,8 @@ class _Starter:
         finally:
             self.trainer_loaded.set()
         self.release.wait()
-        if self.started_here:
+        if self.connection != "already":
+            # Ray's exit handler would disconnect too, after a 0.5 s sleep; a Ray started here stops with it
             _stop_ray()
 
 
@@ -173,8 +174,8 @@ def _init_cluster(address: str) -> None:
                         f"check the address{token}") from None
 
 
-def connect(address: str | None) -> bool:
-    """Initialise Ray in this process; True when this call started it.
+def connect(address: str | None) -> str:
+    """Initialise Ray in this process: "started" a Ray here, "joined" a running one, or "already" connected.
 
     ``address=None`` starts a fresh single-node Ray on loopback (never joining
     some other Ray that happens to run on the machine); otherwise connects to
@@ -194,24 +195,24 @@ def connect(address: str | None) -> bool:
     import ray
 
     if ray.is_initialized():
-        return False
+        return "already"
     if address is not None:
         _init_cluster(address)
-        return False
+        return "joined"
     # ERROR: without the dashboard, Ray Train's helper actors warn every few seconds that the
     # state API is unavailable; our workers print what matters (batch split, resume epoch).
     global _one_machine
     _one_machine = True
     if _local_head is not None:
         ray.init(address=_local_head, log_to_driver=_worker_logs, logging_config=ray.LoggingConfig(log_level="ERROR"))
-        return False
+        return "joined"
     ray.init(address="local", include_dashboard=False, log_to_driver=_worker_logs,
              logging_config=ray.LoggingConfig(log_level="ERROR"), _system_config=LOCAL_SYSTEM_CONFIG)
-    return True
+    return "started"
 
 
 def _stop_ray() -> None:
-    """Shut down the Ray this process started."""
+    """Shut down the Ray this process started, or disconnect from the one it joined."""
     global _one_machine
     import ray
 
@@ -245,7 +246,7 @@ def wait_for_train_modules() -> None:
 
 
 def shutdown() -> None:
-    """Shut Ray down if :func:`prestart` started it in this process."""
+    """Stop the Ray :func:`prestart` started, or disconnect from the one it joined."""
     global _pending
     if _pending is not None:
         _pending.release.set()
@@ -266,7 +267,7 @@ def ray_session(address: str | None) -> Iterator[None]:
             raise _pending.error
         yield
         return
-    started = connect(address)
+    started = connect(address) == "started"
     try:
         yield
     finally:

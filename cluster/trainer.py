@@ -7,10 +7,17 @@ that step: the controller gets the environment this run asks for (a process
 that runs many flows cannot set its own per run), and instead of blocking,
 ``watch(run)`` is called with the run's object ref, so the caller delivers
 progress on its own thread while the run goes on. If ``watch`` raises (Ctrl-C,
-SIGTERM, a cancelled task), the controller is killed, and with it the workers
-it owns: a run never outlives its caller. A run without Ray Datasets (this
-project's loops read their own data) starts no dataset manager actor: on a
-small machine every process started beside the workers delays them.
+SIGTERM, a cancelled task), the controller is asked to abort, which stops its
+workers and frees their placement group, and is then killed: a run never
+outlives its caller. On a small machine every process started beside the
+workers delays them, so two of Train's helper actors are left out:
+
+- the dataset manager, for runs without Ray Datasets (this project's loops read
+  their own data);
+- the placement-group cleaner, a detached actor that polls the controller and
+  frees the group if the controller dies. A controller that ends or aborts frees
+  its group itself, and one that dies unasked has its group freed by Ray when
+  the caller's job (the Prefect process) ends.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ from collections.abc import Callable
 import ray
 from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
 from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE, get_env_vars_to_propagate
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 __all__ = ["WatchedTrainer"]
+
+ABORT_TIMEOUT_S = 10  # for the controller to stop its workers and free their group when the caller stops a run
 
 
 class WatchedTrainer(DataParallelTrainer):
@@ -36,7 +46,8 @@ class WatchedTrainer(DataParallelTrainer):
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
-        return [c for c in callbacks if self.datasets or not isinstance(c, DatasetsCallback)]
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)
+                and (self.datasets or not isinstance(c, DatasetsCallback))]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         env_vars = {RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR: DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
@@ -50,5 +61,15 @@ class WatchedTrainer(DataParallelTrainer):
             ray.get(run)
             return ray.get(controller.get_result.remote())
         except BaseException:
-            ray.kill(controller)
+            _abort(controller)
             raise
+
+
+def _abort(controller) -> None:
+    """Stop a run: its controller stops the workers and frees their placement group (as on Ray's own Ctrl-C),
+    then the controller is killed, also if it did not answer in time."""
+    try:
+        ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass  # it exits as it aborts (or was already gone, or is stuck): killed below either way
+    ray.kill(controller)

@@ -14,6 +14,7 @@ Mistakes a user can fix are printed as one line (exit code 2), never a traceback
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
@@ -22,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from typing import NoReturn
 
 from cluster.errors import UserError
 
@@ -365,5 +367,21 @@ def _describe(exc) -> str:
     return "invalid parameters: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
+def console_main() -> NoReturn:
+    """The ``trainflow`` command: :func:`main`, then Python's own exit less its last step.
+
+    That exit waits for the threads that are not daemons, with Prefect's drains of its log and event queues to
+    its API; then runs the exit handlers (Ray's disconnect, the stop of Prefect's temporary server); then frees
+    every module, which for Prefect's, Ray's and pandas' takes 0.8 s on a 2-core machine, and which the
+    operating system does at once. An exception leaves as it would from ``main()``.
+    """
+    code = main()
+    threading._shutdown()  # what the interpreter's exit calls first (private, no public equivalent)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

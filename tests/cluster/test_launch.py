@@ -67,3 +67,29 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_local, prepared, tmp_p
     with pytest.raises(UserError, match="1 GPU"):
         fit(cfg, Resources(num_workers=1, use_gpu=True), data=data, run_name="no-gpu",
             storage_path=str(tmp_path))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_stopped_run_frees_its_workers_for_the_next_one(ray_local, prepared, tmp_path):
+    """A caller that stops a run (here its report handler raises, as Ctrl-C does in the CLI) gets the run's CPUs
+    back at once, though no cleaner actor watches the run: the controller aborts and frees its workers'
+    placement group, so a re-run in the same process places its two workers and resumes."""
+    from ray.util.placement_group import placement_group_table
+
+    def stop(report: dict) -> None:
+        raise _Stop
+
+    data = in_place(*prepared)
+    cfg = TrainLoopConfig(data_dir="", epochs=3, lr=0.01, batch_size=16)
+    with pytest.raises(_Stop):
+        fit(cfg, Resources(num_workers=2, max_failures=0), data=data, run_name="stopped",
+            storage_path=str(tmp_path / "ray"), on_report=stop)
+    assert {group["state"] for group in placement_group_table().values()} <= {"REMOVED"}
+    reports: list[dict] = []
+    fit(cfg, Resources(num_workers=2, max_failures=0, wait_for_resources=30), data=data, run_name="stopped",
+        storage_path=str(tmp_path / "ray"), on_report=reports.append)
+    assert [r["epoch"] for r in reports] == [2, 3]
