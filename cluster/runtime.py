@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from cluster.errors import UserError
+
+Connection = Literal["started", "joined", "already"]  # a Ray started here, a running one joined, or one in use
 
 
 @dataclass
@@ -28,7 +31,7 @@ class _Starter:
     """
 
     address: str | None
-    connection: str = "already"  # connect()'s answer
+    connection: Connection = "already"
     error: BaseException | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     trainer_loaded: threading.Event = field(default_factory=threading.Event)
@@ -174,8 +177,8 @@ def _init_cluster(address: str) -> None:
                         f"check the address{token}") from None
 
 
-def connect(address: str | None) -> str:
-    """Initialise Ray in this process: "started" a Ray here, "joined" a running one, or "already" connected.
+def connect(address: str | None) -> Connection:
+    """Initialise Ray in this process, and say how: "started" here, "joined" a running one, or "already" in use.
 
     ``address=None`` starts a fresh single-node Ray on loopback (never joining
     some other Ray that happens to run on the machine); otherwise connects to

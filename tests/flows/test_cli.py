@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -40,13 +41,30 @@ def mixed_image_set(root: Path) -> Path:
     return root
 
 
+def started_with(env: dict[str, str]) -> list[psutil.Process]:
+    """The running processes whose environment has ``env``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if env.items() <= proc.environ().items():
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
 @pytest.mark.slow
 def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     archive = make_tar(mixed_image_set(tmp_path / "mixed"), tmp_path / "mixed.tar.gz")
     store = tmp_path / "store"
+    mark = {"TRAINFLOW_TEST_RUN": str(tmp_path)}  # inherited by every process the run starts
     out = trainflow("run", "--dataset", f"folder:{archive}", "--workers", "1", "--epochs", "6", "--lr", "0.01",
-                    "--image-size", "16", "--batch-size", "16", "--skip-bad-images", "--store", str(store), "--json")
+                    "--image-size", "16", "--batch-size", "16", "--skip-bad-images", "--store", str(store), "--json",
+                    env=mark)
     assert out.returncode == 0, out.stderr[-4000:]
+    # it stopped what it started (its Ray, Prefect's temporary server), though it exits without Python's teardown
+    _, left = psutil.wait_procs(started_with(mark), timeout=10)
+    assert not left, [" ".join(p.cmdline()[:3]) for p in left]
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert [s["name"] for s in summary["stages"]] == ["ingest", "preprocess", "train", "evaluate", "publish"]
     assert (summary["ignored_files"], summary["skipped_images"]) == (1, 1)  # notes.txt, cut.jpg

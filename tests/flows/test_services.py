@@ -52,6 +52,10 @@ def test_up_then_runs_use_its_server_and_ray_and_down_stops_only_them(tmp_path):
         # the run is in up's server (its UI lists it) ...
         listed = httpx.post(f"{state['prefect_url']}/flow_runs/filter", json={}, timeout=30).json()
         assert [r["state"]["type"] for r in listed] == ["COMPLETED"], listed
+        # ... with its logs, up to the flow engine's last line
+        logs = httpx.post(f"{state['prefect_url']}/logs/filter", timeout=30, json={
+            "logs": {"flow_run_id": {"any_": [listed[0]["id"]]}}, "sort": "TIMESTAMP_DESC", "limit": 50}).json()
+        assert any("Finished in state Completed" in log["message"] for log in logs), [log["message"] for log in logs]
         # ... and its workers ran on up's Ray node
         lineage = json.loads(next((tmp_path / "store" / "models").glob("*/versions/1/lineage.json")).read_text())
         assert {w["node_id"] for w in lineage["workers"]} == {raylet_node_id(state["ray"]["pid"])}
