@@ -19,9 +19,10 @@ draws it), seed CNN, global batch 64, one epoch, one process, this runs:
 
 Each is a separate process, measured ``--repeats`` times in alternation; the
 best run of each counts. The processes without Ray get ``OMP_NUM_THREADS`` =
-the core count, as Ray gives each worker its own CPU count: with the same two
-threads but the variable unset, the loop ran about 10 % slower on the 2-core
-reference machine (801 and 726 against 885 and 835 images/s, alternated).
+the core count, as Ray sets it for each worker to its CPUs, so that both sides
+run alike (on the 2-core reference machine, 3 alternated runs each, the loop's
+best was within the machine's run-to-run spread either way: bf16 844 set and
+819 unset, fp32 467 and 475 images/s).
 Prints one JSON object; ratios are throughput ratios (higher is better):
 
     ratio_vs_floor        trainflow fp32 default / baseline memory loader
