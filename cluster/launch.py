@@ -232,7 +232,7 @@ def _trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resources, d
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # Train's INFO lines (each report, each checkpoint) repeat what the flow logs
                              logging_config=LoggingConfig(log_level="WARNING")),
-        controller_env=_controller_env(framework, resources), watch=watch)
+        controller_env=_controller_env(framework, resources), watch=watch, autoscaler=not runtime.one_machine())
 
 
 @dataclass(frozen=True, kw_only=True)

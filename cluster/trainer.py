@@ -10,14 +10,19 @@ progress on its own thread while the run goes on. If ``watch`` raises (Ctrl-C,
 SIGTERM, a cancelled task), the controller is asked to abort, which stops its
 workers and frees their placement group, and is then killed: a run never
 outlives its caller. On a small machine every process started beside the
-workers delays them, so two of Train's helper actors are left out:
+workers delays them, so Train's helper actors that a run does not need are left out:
 
 - the dataset manager, for runs without Ray Datasets (this project's loops read
   their own data);
 - the placement-group cleaner, a detached actor that polls the controller and
   frees the group if the controller dies. A controller that ends or aborts frees
   its group itself, and one that dies unasked has its group freed by Ray when
-  the caller's job (the Prefect process) ends.
+  the caller's job (the Prefect process) ends;
+- on a Ray without an autoscaler (``autoscaler=False``), Ray Data's
+  AutoscalingCoordinator, to which the fixed-size policy sends its requests for
+  resources: a detached actor (a process importing Ray Data) that the controller
+  creates and waits for before it starts any worker, and that lives on as long
+  as Ray does.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE, get_env_vars_to_propagate
 from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 __all__ = ["WatchedTrainer"]
@@ -39,10 +45,11 @@ ABORT_TIMEOUT_S = 10  # for the controller to stop its workers and free their gr
 
 class WatchedTrainer(DataParallelTrainer):
     def __init__(self, *args, controller_env: dict[str, str], watch: Callable[[ray.ObjectRef], None],
-                 **kwargs) -> None:
+                 autoscaler: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._controller_env = controller_env
         self._watch = watch
+        self._autoscaler = autoscaler
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
@@ -50,6 +57,8 @@ class WatchedTrainer(DataParallelTrainer):
                 and (self.datasets or not isinstance(c, DatasetsCallback))]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
+        if not self._autoscaler and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
+            controller_init_kwargs["scaling_policy"] = _FixedWithoutAutoscaler(self.scaling_config)
         env_vars = {RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR: DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
                     **get_env_vars_to_propagate(), **self._controller_env}
         here = ray.get_runtime_context().get_node_id()
@@ -63,6 +72,16 @@ class WatchedTrainer(DataParallelTrainer):
         except BaseException:
             _abort(controller)
             raise
+
+
+class _FixedWithoutAutoscaler(FixedScalingPolicy):
+    """Train's fixed-size policy, less its requests to an autoscaler (see the module's docstring)."""
+
+    def after_controller_start(self, train_run_context) -> None:
+        pass  # no coordinator client: the policy's cancels are then no-ops
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
 
 
 def _abort(controller) -> None:
