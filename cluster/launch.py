@@ -5,15 +5,15 @@ built and watched here with a backend config that imports no framework
 (``cluster.trainer``), its workers run the framework's loop, and evaluation's
 predictions run in a task of their own, each in a process of that framework
 alone (TensorFlow after torch works in one process, the other order has
-segfaulted). Per-epoch reports travel from the workers to the caller through a
-Ray queue fed by a controller callback, so the caller sees progress while the
-run goes on, without any per-step cost.
+segfaulted). Per-epoch reports travel from the workers to the caller through
+Train's controller (see ``cluster.trainer``), which a callback of ours feeds and
+the caller polls, so the caller sees progress while the run goes on, without any
+per-step cost.
 """
 
 from __future__ import annotations
 
 import os
-import queue as stdlib_queue
 import shutil
 import socket
 import tempfile
@@ -44,23 +44,24 @@ class RayWorkerContext:
     """Ray Train's worker API as the framework loops' ``WorkerContext`` (rank, world, report, restore).
 
     ``device`` is the framework's business: its Ray entry point sets it before training. Rank 0's
-    progress and messages go to the caller through ``events`` (the run's report queue), sent without
-    waiting for an answer, progress at most every :data:`PROGRESS_EVERY_S`.
+    progress and messages go to the caller through the run's controller, sent without waiting for an
+    answer, progress at most every :data:`PROGRESS_EVERY_S`.
     """
 
-    def __init__(self, events=None) -> None:
+    def __init__(self) -> None:
         import ray.train
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device: object = "cpu"
-        self._events = events if self.rank == 0 else None
         self._progress_at = 0.0
 
     def _send(self, kind: str, payload) -> None:
-        if self._events is not None:
-            self._events.actor.put_nowait.remote((kind, payload))  # fire and forget: never stalls a step
+        if self.rank == 0:
+            from cluster.trainer import send_event
+
+            send_event(kind, payload)
 
     def progress(self, epoch: int, done: int, total: int, seconds: float) -> None:
         now = time.monotonic()
@@ -99,20 +100,24 @@ def _worker(config: dict) -> None:
     """A Ray Train worker's first lines: rebuild the typed config, fetch the data onto this node, train."""
     cfg = TrainLoopConfig.from_dict(config["loop"])
     cfg = replace(cfg, data_dir=str(materialize(config["data"])))
-    load(get_framework(cfg.framework).train)(cfg, RayWorkerContext(config["events"]))
+    load(get_framework(cfg.framework).train)(cfg, RayWorkerContext())
 
 
-def _report_callback(report_queue):
+def _report_callback():
     """Runs in Ray Train's controller: forwards each epoch's report, and each worker failure, to the driver."""
     from ray.train.v2.api.callback import UserCallback
 
     class _ForwardReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            report_queue.put(("report", metrics[0]))  # already summed over ranks; rank 0's copy suffices
+            from cluster.trainer import post_event
+
+            post_event("report", metrics[0])  # already summed over ranks; rank 0's copy suffices
 
         def after_exception(self, run_context, worker_exceptions):
-            report_queue.put(("failure", {rank: " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                                          for rank, exc in worker_exceptions.items()}))
+            from cluster.trainer import post_event
+
+            post_event("failure", {rank: " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                                   for rank, exc in worker_exceptions.items()})
 
     return _ForwardReports()
 
@@ -139,19 +144,13 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
         UserError: the batch does not split, or no set of live nodes can hold the group.
         ResourcesUnavailable: the cluster did not free room within ``resources.wait_for_resources``.
     """
-    import ray
-    from ray.util.queue import Queue
-
     cfg.local_batch_size(resources.num_workers)  # raises before any worker starts
     check_placement(resources)
     wait_for_placement(resources, on_wait)
     framework = get_framework(cfg.framework)
-    # On the driver's node, as Train's controller is: a queue actor on another node would die with that node
-    # and take the run's report channel (and so the train task) with it.
-    reports = Queue(actor_options={"scheduling_strategy": _here()})
     handlers = {"report": on_report, "failure": on_failure, "progress": on_progress, "message": on_message}
-    trainer = _trainer(cfg, framework, resources, data, run_name, storage_path, storage_filesystem, reports,
-                       watch=lambda run: _pump(run, reports, handlers, on_wait))
+    trainer = _trainer(cfg, framework, resources, data, run_name, storage_path, storage_filesystem,
+                       watch=lambda take_events: _pump(take_events, handlers, on_wait))
     try:
         result = trainer.fit()
     except Exception as error:
@@ -162,8 +161,6 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
                 "free resources or raise wait_for_resources, then re-run to resume from the last checkpoint."
             ) from error
         raise
-    finally:
-        reports.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name!r} finished without a checkpoint")
     return result.checkpoint.path
@@ -187,13 +184,6 @@ def _missing_modules(name: str) -> list[str]:
     return get_framework(name).missing_modules()
 
 
-def _here():
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-
-
 def _controller_env(framework: Framework, resources: Resources) -> dict[str, str]:
     """What Train's controller reads from its environment, for this run."""
     # How long one start of a worker group may wait for its placement. Failed starts count against
@@ -211,7 +201,7 @@ def _controller_env(framework: Framework, resources: Resources) -> dict[str, str
 
 
 def _trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resources, data: StoredData, run_name: str,
-             storage_path: str, storage_filesystem, reports, watch: Callable):
+             storage_path: str, storage_filesystem, watch: Callable):
     """The framework's Train trainer, built here: no framework loads in this process (see ``cluster.trainer``)."""
     runtime.wait_for_train_modules()
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -220,13 +210,13 @@ def _trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resources, d
 
     return WatchedTrainer(
         _worker,
-        train_loop_config={"loop": cfg.to_dict(), "data": data, "events": reports},
+        train_loop_config={"loop": cfg.to_dict(), "data": data},
         backend_config=load(framework.backend_config)(resources.use_gpu),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},
                                      placement_strategy=resources.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             callbacks=[_report_callback(reports)], worker_runtime_env={"env_vars": framework.env},
+                             callbacks=[_report_callback()], worker_runtime_env={"env_vars": framework.env},
                              failure_config=FailureConfig(max_failures=resources.max_failures,
                                                           controller_failure_limit=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -267,23 +257,23 @@ def _predict(framework: str, checkpoint: StoredCheckpoint, data: StoredData, spl
     return np.asarray(y), np.asarray(predicted)
 
 
-def _pump(run, reports, handlers: dict[str, Callable], on_wait) -> None:
-    """Deliver reports on this thread until the run ends; after 30 s of silence, say what the group waits for."""
-    import ray
-
+def _pump(take_events: Callable[[], list], handlers: dict[str, Callable], on_wait) -> None:
+    """Deliver the run's events on this thread until the run ends; after 30 s of silence, say what the group
+    waits for."""
     quiet_since = time.monotonic()
-    while not ray.wait([run], timeout=0)[0] or not reports.empty():
-        try:
-            kind, payload = reports.get(timeout=0.5)
-        except stdlib_queue.Empty:
-            if time.monotonic() - quiet_since >= LOG_EVERY_S:
-                quiet_since = time.monotonic()
-                waiting = pending_placement()
-                if waiting:
-                    on_wait(waiting)
-            continue
-        quiet_since = time.monotonic()
-        handlers[kind](payload)
+    while True:
+        events = take_events()  # waits a moment for the next ones
+        for kind, payload in events:
+            if kind == "ended":
+                return
+            handlers[kind](payload)
+        if events:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= LOG_EVERY_S:
+            quiet_since = time.monotonic()
+            waiting = pending_placement()
+            if waiting:
+                on_wait(waiting)
 
 
 def _start_timed_out(error: BaseException) -> bool:

@@ -67,8 +67,8 @@ _worker_logs = True
 _local_head: str | None = None  # `trainflow up`'s Ray head, used instead of starting one
 
 
-# Ray starts one idle worker per CPU when the first driver connects. A run never used them (the report queue,
-# Train's controller and its workers each started a process of their own, as the session's logs showed):
+# Ray starts one idle worker per CPU when the first driver connects. A run never used them (Train's controller
+# and its workers each started a process of their own, as the session's logs showed):
 # they only took the cores of a small machine while everything else started.
 LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 

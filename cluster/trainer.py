@@ -5,12 +5,15 @@ blocks until the run ends, and it gives the controller the ``RAY_TRAIN_*``
 settings of the caller's environment. :class:`WatchedTrainer` changes only
 that step: the controller gets the environment this run asks for (a process
 that runs many flows cannot set its own per run), and instead of blocking,
-``watch(run)`` is called with the run's object ref, so the caller delivers
-progress on its own thread while the run goes on. If ``watch`` raises (Ctrl-C,
-SIGTERM, a cancelled task), the controller is asked to abort, which stops its
-workers and frees their placement group, and is then killed: a run never
-outlives its caller. On a small machine every process started beside the
-workers delays them, so Train's helper actors that a run does not need are left out:
+``watch(take_events)`` is called, so the caller delivers progress on its own
+thread while the run goes on. The controller holds the run's events (its
+callbacks' reports and failures, rank 0's progress and messages) until the
+caller takes them: no actor of their own starts beside the workers. If
+``watch`` raises (Ctrl-C, SIGTERM, a cancelled task), the controller is asked
+to abort, which stops its workers and frees their placement group, and is then
+killed: a run never outlives its caller. On a small machine every process
+started beside the workers delays them, so Train's helper actors that a run
+does not need are left out:
 
 - the dataset manager, for runs without Ray Datasets (this project's loops read
   their own data);
@@ -27,6 +30,8 @@ workers delays them, so Train's helper actors that a run does not need are left 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 
 import ray
@@ -41,10 +46,54 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 __all__ = ["WatchedTrainer"]
 
 ABORT_TIMEOUT_S = 10  # for the controller to stop its workers and free their group when the caller stops a run
+EVENTS_WAIT_S = 0.5  # the longest the caller waits for the run's next events before it looks up again
+EVENTS_POLL_S = 0.05
+
+# In the controller's process: the run's events, (kind, payload) pairs, until the caller takes them
+_events: list[tuple[str, object]] = []
+
+
+def post_event(kind: str, payload) -> None:
+    """Queue an event for the caller; for Train callbacks, which run in the controller's process."""
+    _events.append((kind, payload))
+
+
+def send_event(kind: str, payload) -> None:
+    """Queue an event for the caller from a Train worker, without waiting: never stalls a step."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    get_train_context().controller_actor.put_event.remote(kind, payload)
+
+
+class _Controller(TrainController):
+    """Train's controller, holding the run's events for the caller; the last is ("ended", None)."""
+
+    async def run(self):
+        try:
+            return await super().run()
+        finally:
+            post_event("ended", None)
+
+    def put_event(self, kind: str, payload) -> None:
+        post_event(kind, payload)
+
+    async def take_events(self, wait_s: float) -> list[tuple[str, object]]:
+        """The events so far, after waiting up to ``wait_s`` for the first.
+
+        The caller waits in a ``ray.get`` without a timeout, the one wait in which Ray raises a signal's
+        exception (Ctrl-C, Prefect's TerminationSignal on SIGTERM) as it is: with a timeout, in ``ray.get``
+        or ``ray.wait``, the caller gets a SystemError instead, which Prefect would retry as a failure.
+        """
+        deadline = time.monotonic() + wait_s
+        while not _events and time.monotonic() < deadline:
+            await asyncio.sleep(EVENTS_POLL_S)
+        taken = _events[:]
+        del _events[:len(taken)]  # an event a callback adds meanwhile stays for the next take
+        return taken
 
 
 class WatchedTrainer(DataParallelTrainer):
-    def __init__(self, *args, controller_env: dict[str, str], watch: Callable[[ray.ObjectRef], None],
+    def __init__(self, *args, controller_env: dict[str, str], watch: Callable[[Callable[[], list]], None],
                  autoscaler: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._controller_env = controller_env
@@ -63,10 +112,10 @@ class WatchedTrainer(DataParallelTrainer):
                     **get_env_vars_to_propagate(), **self._controller_env}
         here = ray.get_runtime_context().get_node_id()
         controller = ray.remote(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: here},
-                                runtime_env={"env_vars": env_vars})(TrainController).remote(**controller_init_kwargs)
+                                runtime_env={"env_vars": env_vars})(_Controller).remote(**controller_init_kwargs)
         try:
             run = controller.run.remote()
-            self._watch(run)
+            self._watch(lambda: ray.get(controller.take_events.remote(EVENTS_WAIT_S)))
             ray.get(run)
             return ray.get(controller.get_result.remote())
         except BaseException:
