@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.errors import UserError
+from cluster.runtime import wait_ready
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 LOG_EVERY_S = 30.0
@@ -116,7 +117,6 @@ def wait_for_placement(resources: Resources, log: Callable[[str], None]) -> None
     Raises:
         ResourcesUnavailable: after ``resources.wait_for_resources`` seconds without room.
     """
-    import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     group = placement_group([resources.bundle] * resources.num_workers, strategy=resources.placement_strategy)
@@ -124,8 +124,7 @@ def wait_for_placement(resources: Resources, log: Callable[[str], None]) -> None
     try:
         while True:
             left = deadline - time.monotonic()
-            ready, _ = ray.wait([group.ready()], timeout=max(0.0, min(LOG_EVERY_S, left)))
-            if ready:
+            if wait_ready(group.ready(), max(0.0, min(LOG_EVERY_S, left))):
                 return
             if time.monotonic() >= deadline:
                 raise ResourcesUnavailable(

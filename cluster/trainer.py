@@ -43,6 +43,8 @@ from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from cluster.runtime import wait_ready
+
 __all__ = ["WatchedTrainer"]
 
 ABORT_TIMEOUT_S = 10  # for the controller to stop its workers and free their group when the caller stops a run
@@ -78,12 +80,7 @@ class _Controller(TrainController):
         post_event(kind, payload)
 
     async def take_events(self, wait_s: float) -> list[tuple[str, object]]:
-        """The events so far, after waiting up to ``wait_s`` for the first.
-
-        The caller waits in a ``ray.get`` without a timeout, the one wait in which Ray raises a signal's
-        exception (Ctrl-C, Prefect's TerminationSignal on SIGTERM) as it is: with a timeout, in ``ray.get``
-        or ``ray.wait``, the caller gets a SystemError instead, which Prefect would retry as a failure.
-        """
+        """The events so far, after waiting up to ``wait_s`` for the first."""
         deadline = time.monotonic() + wait_s
         while not _events and time.monotonic() < deadline:
             await asyncio.sleep(EVENTS_POLL_S)
@@ -115,7 +112,7 @@ class WatchedTrainer(DataParallelTrainer):
                                 runtime_env={"env_vars": env_vars})(_Controller).remote(**controller_init_kwargs)
         try:
             run = controller.run.remote()
-            self._watch(lambda: ray.get(controller.take_events.remote(EVENTS_WAIT_S)))
+            self._watch(lambda: _get(controller.take_events.remote(EVENTS_WAIT_S)))
             ray.get(run)
             return ray.get(controller.get_result.remote())
         except BaseException:
@@ -131,6 +128,11 @@ class _FixedWithoutAutoscaler(FixedScalingPolicy):
 
     def _maybe_send_resource_request(self) -> None:
         pass
+
+
+def _get(ref):
+    wait_ready(ref)  # where a signal (Ctrl-C, SIGTERM) raises its own exception
+    return ray.get(ref)
 
 
 def _abort(controller) -> None:

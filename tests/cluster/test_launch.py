@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +100,28 @@ def test_a_stopped_run_frees_its_workers_for_the_next_one(ray_local, prepared, t
     fit(cfg, Resources(num_workers=2, max_failures=0, wait_for_resources=30), data=data, run_name="stopped",
         storage_path=str(tmp_path / "ray"), on_report=reports.append)
     assert [r["epoch"] for r in reports] == [2, 3]
+
+
+class _Signalled(BaseException):
+    pass
+
+
+def test_a_signal_while_waiting_on_ray_raises_its_own_exception(ray_local):
+    """Ctrl-C or SIGTERM while a caller waits on Ray (for a run's events, for room to place it): the handler's
+    exception, which Prefect takes for a stop, and not the SystemError Ray's own waits turn it into (with a
+    timeout, or after a second), which Prefect retries as a failure."""
+    from cluster.runtime import wait_ready
+
+    def raise_signalled(signum, frame):
+        raise _Signalled
+
+    never = ray.remote(resources={"no-such-resource": 1})(lambda: None).remote()  # pending: no node has one
+    previous = signal.signal(signal.SIGUSR1, raise_signalled)
+    try:
+        assert not wait_ready(never, timeout=0.2)
+        threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(_Signalled):
+            wait_ready(never, timeout=30)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        ray.cancel(never)
