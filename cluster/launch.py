@@ -35,6 +35,7 @@ from cluster.placement import (LOG_EVERY_S, Resources, ResourcesUnavailable, che
                                pending_placement, wait_for_placement)
 
 PROGRESS_EVERY_S = 0.5
+EVENTS_EVERY_S = 0.25  # how often the caller looks for the run's events while none come
 
 __all__ = ["Resources", "RayWorkerContext", "StoredCheckpoint", "check_framework", "check_placement", "fit",
            "predict"]
@@ -262,14 +263,16 @@ def _pump(take_events: Callable[[], list], handlers: dict[str, Callable], on_wai
     waits for."""
     quiet_since = time.monotonic()
     while True:
-        events = take_events()  # waits a moment for the next ones
+        events = take_events()
         for kind, payload in events:
             if kind == "ended":
                 return
             handlers[kind](payload)
         if events:
             quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= LOG_EVERY_S:
+            continue
+        time.sleep(EVENTS_EVERY_S)
+        if time.monotonic() - quiet_since >= LOG_EVERY_S:
             quiet_since = time.monotonic()
             waiting = pending_placement()
             if waiting:

@@ -30,8 +30,6 @@ does not need are left out:
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 
 import ray
@@ -48,8 +46,6 @@ from cluster.runtime import wait_ready
 __all__ = ["WatchedTrainer"]
 
 ABORT_TIMEOUT_S = 10  # for the controller to stop its workers and free their group when the caller stops a run
-EVENTS_WAIT_S = 0.5  # the longest the caller waits for the run's next events before it looks up again
-EVENTS_POLL_S = 0.05
 
 # In the controller's process: the run's events, (kind, payload) pairs, until the caller takes them
 _events: list[tuple[str, object]] = []
@@ -79,11 +75,7 @@ class _Controller(TrainController):
     def put_event(self, kind: str, payload) -> None:
         post_event(kind, payload)
 
-    async def take_events(self, wait_s: float) -> list[tuple[str, object]]:
-        """The events so far, after waiting up to ``wait_s`` for the first."""
-        deadline = time.monotonic() + wait_s
-        while not _events and time.monotonic() < deadline:
-            await asyncio.sleep(EVENTS_POLL_S)
+    def take_events(self) -> list[tuple[str, object]]:
         taken = _events[:]
         del _events[:len(taken)]  # an event a callback adds meanwhile stays for the next take
         return taken
@@ -112,7 +104,7 @@ class WatchedTrainer(DataParallelTrainer):
                                 runtime_env={"env_vars": env_vars})(_Controller).remote(**controller_init_kwargs)
         try:
             run = controller.run.remote()
-            self._watch(lambda: _get(controller.take_events.remote(EVENTS_WAIT_S)))
+            self._watch(lambda: _get(controller.take_events.remote()))
             ray.get(run)
             return ray.get(controller.get_result.remote())
         except BaseException:
