@@ -30,7 +30,8 @@ from cluster.data import load_split, read_meta
 from cluster.frameworks import load
 from cluster.precision import PRECISIONS, Precision, agree, describe
 from cluster.recipes import RECIPES, get_recipe
-from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, write_predictions
+from cluster.worker import (LocalContext, ModelSpec, WorkerContext, epoch_metrics, keep_freed_memory,
+                            write_predictions)
 
 __all__ = ["LocalContext", "RecipeSteps", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
 
@@ -65,6 +66,7 @@ def _epoch_indices(n: int, seed: int, epoch: int, ctx: WorkerContext) -> torch.T
 
 def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     """Train for ``cfg.epochs`` with ``cfg.recipe``, resuming from the context's checkpoint; returns the history."""
+    keep_freed_memory()
     torch.manual_seed(cfg.seed + ctx.rank)
     ctx.device = torch.device(ctx.device)
     data_dir = Path(cfg.data_dir)

@@ -9,8 +9,10 @@ model, and how far training got.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import shutil
 import socket
 import sys
@@ -26,6 +28,29 @@ from cluster.precision import Precision
 
 STATE_FILE = "state.json"
 PREDICTIONS_FILE = "predictions.npz"  # the final checkpoint's test-split predictions (y_true, y_pred)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have this process's C allocator keep the memory a training step frees, for the next step.
+
+    glibc serves every large allocation (over 128 KiB, a threshold that rises to at most 32 MiB) with a
+    mapping of its own and unmaps it on free, so each step's activations, gradients and temporaries come
+    back as fresh pages that the kernel faults in and zeroes, page by page, every step. Measured on the
+    2-core reference machine, one process, the seed CNN at batch 64 in fp32: 8 300 page faults and 16 ms
+    of system time in a 119 ms step; with large blocks taken from the heap and the heap never trimmed, 120
+    faults and 106 ms (fast_cifar_muon, bf16, batch 500: 1 080 -> 980 ms a step, peak memory +4 %).
+    The process keeps its peak footprint instead of returning it, which a training worker reaches every
+    step anyway. (TensorFlow's loop does not call it: its allocator keeps its own blocks, and its step time
+    did not change.) Returns whether the allocator took the settings (False where it is not glibc's).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 class WorkerContext(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,39 @@ def test_bf16_channels_last_mode_learns(prepared, tmp_path):
     assert history[-1]["val_accuracy"] > 0.8
     state = json.loads((tmp_path / "ckpt" / "epoch_0006" / "state.json").read_text())
     assert state["precision"] == {"requested": "bf16", "dtype": "bf16", "channels_last": True, "reason": "as requested"}
+
+
+# minor page faults of filling a fresh 64 MiB block (16 384 pages) after one such block was freed
+FAULTS_OF_A_BLOCK = """
+import resource
+
+def faults_of_a_block():
+    bytearray(64 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    bytearray(64 << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's (mallopt)")
+def test_a_training_process_keeps_the_memory_it_frees(prepared, tmp_path):
+    """After the loop, freed blocks are reused instead of unmapped: a step's buffers no longer come back as fresh
+    pages to fault in (cluster.worker.keep_freed_memory)."""
+    script = FAULTS_OF_A_BLOCK + f"""
+import json
+from pathlib import Path
+from cluster.config import TrainLoopConfig
+from cluster.torch_loop import LocalContext, train_loop
+
+before = faults_of_a_block()
+train_loop(TrainLoopConfig(data_dir={data_dir(prepared)!r}, epochs=1, batch_size=32), LocalContext(Path({str(tmp_path)!r})))
+print(json.dumps([before, faults_of_a_block()]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = json.loads(out.stdout.splitlines()[-1])
+    assert before > 10_000  # glibc's default: a block this large is a mapping of its own, unmapped on free
+    assert after < 1_000
 
 
 def test_config_rejects_bad_values_and_uneven_batches():
