@@ -17,9 +17,9 @@ the hook's share of a step fell from 10.4 to 5.1 ms, and the group went from
 889-964 to 1 012-1 079 images/s (one process using both cores: 1 107-1 154).
 Other machines keep the gloo barrier.
 
-Two sets of slots take turns, one bucket each: a rank that is still reading the
-previous bucket's slots has not reached this bucket's meeting, so nobody
-writes over what it reads.
+Two sets of slots take turns, bucket by bucket: a rank writes into a set again
+only after every rank has come to the meeting of the bucket in between, which
+each does only once it has finished reading that set.
 
 :func:`attach` registers this as the DDP model's communication hook when every
 rank can map the segment (same machine, enough room in ``/dev/shm``), and
