@@ -85,7 +85,8 @@ from cluster.config import TrainLoopConfig
 from cluster.torch_loop import LocalContext, train_loop
 
 before = faults_of_a_block()
-train_loop(TrainLoopConfig(data_dir={data_dir(prepared)!r}, epochs=1, batch_size=32), LocalContext(Path({str(tmp_path)!r})))
+cfg = TrainLoopConfig(data_dir={data_dir(prepared)!r}, epochs=1, batch_size=32)
+train_loop(cfg, LocalContext(Path({str(tmp_path)!r})))
 print(json.dumps([before, faults_of_a_block()]))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
