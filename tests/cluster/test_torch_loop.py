@@ -13,6 +13,7 @@ import pytest
 
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
+from cluster.frameworks import get_framework
 from cluster.precision import BF16_CPU_FLAGS, cpu_flags
 from cluster.torch_loop import LocalContext, train_loop
 from tasks.store import open_store
@@ -94,6 +95,45 @@ print(json.dumps([before, faults_of_a_block()]))
     before, after = json.loads(out.stdout.splitlines()[-1])
     assert before > 10_000  # glibc's default: a block this large is a mapping of its own, unmapped on free
     assert after < 1_000
+
+
+# What a step does on a thread, as Ray Train runs the loop: with 40 MiB kept (the model, the optimizer), a 32 MiB
+# block does not fit in the thread's 64 MiB heap, gets a heap of its own, and that heap is unmapped when freed.
+# Prints the page faults of filling such a block, 4 times.
+THREAD_STEPS = """
+import json, resource, threading
+from cluster.worker import keep_freed_memory
+
+keep_freed_memory()
+faults = []
+
+def steps():
+    kept = [bytearray(1 << 20) for _ in range(40)]
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        bytearray(32 << 20)
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+thread = threading.Thread(target=steps)
+thread.start()
+thread.join()
+print(json.dumps(faults))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_a_training_thread_keeps_the_memory_it_frees_in_the_torch_workers_environment():
+    """Ray's torch workers start with the framework's environment (cluster.frameworks), whose single malloc arena
+    keeps what the loop's thread frees; glibc's own thread arenas unmap it."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    faults = {}
+    for name, extra in (("default", {}), ("torch", get_framework("torch").env)):
+        out = subprocess.run([sys.executable, "-c", THREAD_STEPS], capture_output=True, text=True, timeout=60,
+                             env={**env, **extra})
+        assert out.returncode == 0, out.stderr[-3000:]
+        faults[name] = json.loads(out.stdout.splitlines()[-1])
+    assert min(faults["default"][1:]) > 4_000, faults  # 8 192 pages, faulted in again every time
+    assert max(faults["torch"][1:]) < 1_000, faults
 
 
 def test_config_rejects_bad_values_and_uneven_batches():
