@@ -44,7 +44,9 @@ def keep_freed_memory() -> bool:
     of system time in a 119 ms step; with large blocks taken from the heap and the heap never trimmed, 120
     faults and 106 ms (fast_cifar_muon, bf16, batch 500: 1 080 -> 980 ms a step, peak memory +4 %).
     The process keeps its peak footprint instead of returning it, which a training worker reaches every
-    step anyway. (TensorFlow's loop does not call it: its allocator keeps its own blocks, and its step time
+    step anyway. On threads other than the main one, glibc's per-thread arenas still unmap each heap that
+    falls empty: Ray Train runs the loop on such a thread, so torch's Ray processes start with one arena
+    (``MALLOC_ARENA_MAX=1``, in the framework's environment, ``cluster.frameworks``). (TensorFlow's loop does not call it: its allocator keeps its own blocks, and its step time
     did not change.) Returns whether the allocator took the settings (False where it is not glibc's).
     """
     if platform.libc_ver()[0] != "glibc":
