@@ -47,7 +47,8 @@ def keep_freed_memory() -> bool:
     step anyway. On threads other than the main one, glibc's per-thread arenas still unmap each heap that
     falls empty: Ray Train runs the loop on such a thread, so torch's Ray processes start with one arena
     (``MALLOC_ARENA_MAX=1``, in the framework's environment, ``cluster.frameworks``). (TensorFlow's loop
-    does not call it: its allocator keeps its own blocks, and its step time did not change.) Returns whether the allocator took the settings (False where it is not glibc's).
+    does not call it: its allocator keeps its own blocks, and its step time did not change.) Returns
+    whether the allocator took the settings (False where it is not glibc's).
     """
     if platform.libc_ver()[0] != "glibc":
         return False
