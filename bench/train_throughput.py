@@ -120,7 +120,7 @@ def main() -> None:
     default_cifar = os.environ.get("TRAINFLOW_CIFAR10_DIR", str(ROOT.parent / "shared/datasets/cifar10-jpeg"))
     ap.add_argument("--cifar", type=Path, default=Path(default_cifar), help="folder with train.tar.gz, test.tar.gz")
     ap.add_argument("--baseline", type=Path, default=ROOT.parent / "shared/bench/baseline_torch.py")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)  # the throughput targets are judged on the best of 3
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--ray-stage", type=int, metavar="WORKERS", help=argparse.SUPPRESS)  # one measurement: see below
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
