@@ -56,7 +56,7 @@ heard = []
 def first_step(kind, fields):
     if kind == "epoch_progress" and not heard:
         heard.append(True)
-        os.write(2, {(FIRST_STEP_LINE + chr(10)).encode()!r})  # not print(): the flow logs what it prints
+        os.write(2, {FIRST_STEP_LINE!r}.encode() + b"\\n")  # not print(): the flow logs what it prints
 
 with listening(first_step):
     console_main()
