@@ -51,12 +51,16 @@ class _Starter:
         # placement ends the run at once, and a process joins this thread before it exits.)
         try:
             if self.error is None and self.address is None:
+                # the controller's process starts meanwhile too, on a core the flow leaves idle
+                importlib.import_module("cluster.controller_host").stand_by()
                 importlib.import_module("cluster.trainer")
         except Exception:
             pass  # the train stage imports it again, and raises there
         finally:
             self.trainer_loaded.set()
         self.release.wait()
+        if self.error is None:
+            importlib.import_module("cluster.controller_host").release_standby()
         if self.connection != "already":
             # Ray's exit handler would disconnect too, after a 0.5 s sleep; a Ray started here stops with it
             _stop_ray()

@@ -3,9 +3,10 @@
 ``fit()`` of Train's trainer starts a controller actor on the caller's node and
 blocks until the run ends, and it gives the controller the ``RAY_TRAIN_*``
 settings of the caller's environment. :class:`WatchedTrainer` changes only
-that step: the controller gets the environment this run asks for (a process
-that runs many flows cannot set its own per run), and instead of blocking,
-``watch(take_events)`` is called, so the caller delivers progress on its own
+that step: the controller runs in a :class:`~cluster.controller_host.ControllerHost`,
+the one started ahead of the run if there is one, and gets the environment this
+run asks for (a process that runs many flows cannot set its own per run); and
+instead of blocking, ``watch(take_events)`` is called, so the caller delivers progress on its own
 thread while the run goes on. The controller holds the run's events (its
 callbacks' reports and failures, rank 0's progress and messages) until the
 caller takes them: no actor of their own starts beside the workers. If
@@ -41,6 +42,7 @@ from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from cluster.controller_host import new_host, take_standby
 from cluster.runtime import wait_ready
 
 __all__ = ["WatchedTrainer"]
@@ -64,7 +66,10 @@ def send_event(kind: str, payload) -> None:
 
 
 class _Controller(TrainController):
-    """Train's controller, holding the run's events for the caller; the last is ("ended", None)."""
+    """Train's controller, holding the run's events for the caller; the last is ("ended", None).
+
+    It runs inside a ``ControllerHost`` actor, which forwards these methods to it.
+    """
 
     async def run(self):
         try:
@@ -99,10 +104,11 @@ class WatchedTrainer(DataParallelTrainer):
             controller_init_kwargs["scaling_policy"] = _FixedWithoutAutoscaler(self.scaling_config)
         env_vars = {RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR: DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
                     **get_env_vars_to_propagate(), **self._controller_env}
-        here = ray.get_runtime_context().get_node_id()
-        controller = ray.remote(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: here},
-                                runtime_env={"env_vars": env_vars})(_Controller).remote(**controller_init_kwargs)
+        controller = take_standby()
+        if controller is None:
+            controller = new_host()
         try:
+            _get(controller.begin.remote(env_vars, controller_init_kwargs))
             run = controller.run.remote()
             self._watch(lambda: _get(controller.take_events.remote()))
             ray.get(run)

@@ -8,9 +8,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 
+from cluster import controller_host
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split
 from cluster.errors import UserError
@@ -125,3 +127,36 @@ def test_a_signal_while_waiting_on_ray_raises_its_own_exception(ray_local):
     finally:
         signal.signal(signal.SIGUSR1, previous)
         ray.cancel(never)
+
+
+def host_processes() -> set[int]:
+    """The processes of this machine that host a Train controller."""
+    return {proc.pid for proc in psutil.process_iter(["cmdline"])
+            if any("ControllerHost" in part for part in proc.info["cmdline"] or ())}
+
+
+@pytest.mark.slow
+def test_a_run_takes_the_controller_host_started_ahead_of_it(ray_local, prepared, tmp_path):
+    """The host stand_by() started (as Ray's start thread does) runs the next run's controller: no other host
+    starts, and the run trains and reports as ever."""
+    controller_host.stand_by()
+    standby = ray.get(controller_host._standby[0].__ray_call__.remote(lambda host: os.getpid()))
+    hosts_during_run: list[set[int]] = []
+
+    def report(metrics: dict) -> None:
+        hosts_during_run.append(host_processes())
+
+    fit(TrainLoopConfig(data_dir="", epochs=2, lr=0.01, batch_size=16), Resources(num_workers=1, max_failures=0),
+        data=in_place(*prepared), run_name="standby", storage_path=str(tmp_path / "ray"), on_report=report)
+    assert hosts_during_run == [{standby}, {standby}]
+    assert controller_host.take_standby() is None
+
+
+def test_a_controller_host_no_run_took_is_stopped(ray_local):
+    controller_host.stand_by()
+    standby = ray.get(controller_host._standby[0].__ray_call__.remote(lambda host: os.getpid()))
+    assert standby in host_processes()
+    process = psutil.Process(standby)
+    controller_host.release_standby()
+    process.wait(timeout=15)  # raises if it is still running then
+    assert controller_host.take_standby() is None
