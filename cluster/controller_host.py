@@ -22,7 +22,7 @@ import threading
 
 import ray
 
-__all__ = ["ControllerHost", "stand_by", "take_standby", "release_standby"]
+__all__ = ["ControllerHost", "new_host", "release_standby", "stand_by", "take_standby"]
 
 
 class ControllerHost:
@@ -85,5 +85,5 @@ def take_standby():
 def release_standby() -> None:
     """Stop the standby host if no run took it."""
     host = take_standby()
-    if host is not None:
+    if host is not None and ray.is_initialized():  # else it went with the Ray it ran on
         ray.kill(host)

@@ -51,7 +51,7 @@ class _Starter:
         # placement ends the run at once, and a process joins this thread before it exits.)
         try:
             if self.error is None and self.address is None:
-                # the controller's process starts meanwhile too, on a core the flow leaves idle
+                # and before them, the process for the next run's controller (see cluster.controller_host)
                 importlib.import_module("cluster.controller_host").stand_by()
                 importlib.import_module("cluster.trainer")
         except Exception:

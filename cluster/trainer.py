@@ -2,19 +2,19 @@
 
 ``fit()`` of Train's trainer starts a controller actor on the caller's node and
 blocks until the run ends, and it gives the controller the ``RAY_TRAIN_*``
-settings of the caller's environment. :class:`WatchedTrainer` changes only
-that step: the controller runs in a :class:`~cluster.controller_host.ControllerHost`,
-the one started ahead of the run if there is one, and gets the environment this
-run asks for (a process that runs many flows cannot set its own per run); and
-instead of blocking, ``watch(take_events)`` is called, so the caller delivers progress on its own
-thread while the run goes on. The controller holds the run's events (its
-callbacks' reports and failures, rank 0's progress and messages) until the
-caller takes them: no actor of their own starts beside the workers. If
-``watch`` raises (Ctrl-C, SIGTERM, a cancelled task), the controller is asked
-to abort, which stops its workers and frees their placement group, and is then
-killed: a run never outlives its caller. On a small machine every process
-started beside the workers delays them, so Train's helper actors that a run
-does not need are left out:
+settings of the caller's environment. :class:`WatchedTrainer` changes only that
+step: the controller runs in a ``ControllerHost`` actor (the one started ahead
+of the run, if there is one: see ``cluster.controller_host``) and gets the
+environment this run asks for (a process that runs many flows cannot set its
+own per run); and instead of blocking, ``watch(take_events)`` is called, so the
+caller delivers progress on its own thread while the run goes on. The
+controller holds the run's events (its callbacks' reports and failures, rank
+0's progress and messages) until the caller takes them: no actor of their own
+starts beside the workers. If ``watch`` raises (Ctrl-C, SIGTERM, a cancelled
+task), the controller is asked to abort, which stops its workers and frees
+their placement group, and is then killed: a run never outlives its caller. On
+a small machine every process started beside the workers delays them, so
+Train's helper actors that a run does not need are left out:
 
 - the dataset manager, for runs without Ray Datasets (this project's loops read
   their own data);
