@@ -130,9 +130,15 @@ def test_a_signal_while_waiting_on_ray_raises_its_own_exception(ray_local):
 
 
 def host_processes() -> set[int]:
-    """The processes of this machine that host a Train controller."""
-    return {proc.pid for proc in psutil.process_iter(["cmdline"])
-            if any("ControllerHost" in part for part in proc.info["cmdline"] or ())}
+    """The processes of this test's local Ray (all descend from this process) that host a Train controller."""
+    hosts = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("ControllerHost" in part for part in proc.cmdline()):
+                hosts.add(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return hosts
 
 
 @pytest.mark.slow
