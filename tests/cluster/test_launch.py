@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,32 @@ def test_a_controller_host_no_run_took_is_stopped(ray_local):
     controller_host.release_standby()
     process.wait(timeout=15)  # raises if it is still running then
     assert controller_host.take_standby() is None
+
+
+@pytest.mark.slow
+def test_a_loop_asking_train_for_its_reported_checkpoints_is_answered_through_the_host(ray_local, tmp_path):
+    """Train's own API in a worker (``ray.train.get_all_reported_checkpoints``) calls the controller's handle,
+    which is the host's: the host forwards it."""
+    from ray.train import RunConfig, ScalingConfig
+
+    from cluster.trainer import WatchedTrainer
+
+    def loop():
+        import tempfile
+
+        import ray.train
+
+        for _ in range(2):  # the run's result carries the last checkpoint's metrics
+            with tempfile.TemporaryDirectory() as tmp:
+                Path(tmp, "weights").write_text("1")
+                seen = len(ray.train.get_all_reported_checkpoints())
+                ray.train.report({"seen": seen}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def watch(take_events) -> None:
+        while ("ended", None) not in take_events():
+            time.sleep(0.1)
+
+    trainer = WatchedTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
+                             run_config=RunConfig(name="asks", storage_path=str(tmp_path)),
+                             controller_env={}, watch=watch)
+    assert trainer.fit().metrics == {"seen": 1}
