@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from cluster import controller_host
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split
 from cluster.errors import UserError
-from cluster.launch import Resources, fit
+from cluster.launch import Resources, _pump, fit
 from cluster.nodecache import StoredData
 from cluster.torch_backend import predict, read_state
 from tasks.store import open_store
@@ -142,12 +141,17 @@ def host_processes() -> set[int]:
     return hosts
 
 
+def standby_pid() -> int:
+    """The process of the host stand_by() started."""
+    return ray.get(controller_host._standby[0].__ray_call__.remote(lambda host: os.getpid()))
+
+
 @pytest.mark.slow
 def test_a_run_takes_the_controller_host_started_ahead_of_it(ray_local, prepared, tmp_path):
     """The host stand_by() started (as Ray's start thread does) runs the next run's controller: no other host
     starts, and the run trains and reports as ever."""
     controller_host.stand_by()
-    standby = ray.get(controller_host._standby[0].__ray_call__.remote(lambda host: os.getpid()))
+    standby = standby_pid()
     hosts_during_run: list[set[int]] = []
 
     def report(metrics: dict) -> None:
@@ -161,7 +165,7 @@ def test_a_run_takes_the_controller_host_started_ahead_of_it(ray_local, prepared
 
 def test_a_controller_host_no_run_took_is_stopped(ray_local):
     controller_host.stand_by()
-    standby = ray.get(controller_host._standby[0].__ray_call__.remote(lambda host: os.getpid()))
+    standby = standby_pid()
     assert standby in host_processes()
     process = psutil.Process(standby)
     controller_host.release_standby()
@@ -188,11 +192,7 @@ def test_a_loop_asking_train_for_its_reported_checkpoints_is_answered_through_th
                 seen = len(ray.train.get_all_reported_checkpoints())
                 ray.train.report({"seen": seen}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    def watch(take_events) -> None:
-        while ("ended", None) not in take_events():
-            time.sleep(0.1)
-
     trainer = WatchedTrainer(loop, scaling_config=ScalingConfig(num_workers=1),
-                             run_config=RunConfig(name="asks", storage_path=str(tmp_path)),
-                             controller_env={}, watch=watch)
+                             run_config=RunConfig(name="asks", storage_path=str(tmp_path)), controller_env={},
+                             watch=lambda take_events: _pump(take_events, handlers={}, on_wait=print))
     assert trainer.fit().metrics == {"seen": 1}
