@@ -44,7 +44,7 @@ LINE = 64  # bytes: each rank's counter on a cache line of its own
 SPINS = 1000  # looks at the counters before a rank starts yielding its core (a few ms)
 TIMEOUT_S = 1800.0  # as gloo's default: a rank that never arrives ends the run instead of hanging it
 
-__all__ = ["CounterBarrier", "SharedMemoryAllReduce", "attach"]
+__all__ = ["CounterBarrier", "SharedMemoryAllReduce", "attach", "shared_segment"]
 
 
 class CounterBarrier:
@@ -134,15 +134,8 @@ def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, rank: int, worl
         return False
     numel = sum(p.numel() for p in params)
     header = world_size * LINE
-    nbytes = header + 2 * world_size * numel * params[0].element_size()
-    name = [_create(nbytes) if rank == 0 else None]
-    dist.broadcast_object_list(name, src=0)
-    segment = _map(name[0], nbytes)
-    mapped: list = [None] * world_size
-    dist.all_gather_object(mapped, segment is not None)
-    if rank == 0 and name[0]:
-        os.unlink(SHM_DIR / name[0])  # every rank has mapped it (or failed to): the mappings outlive the name
-    if not all(mapped):
+    segment = shared_segment(header + 2 * world_size * numel * params[0].element_size(), rank, world_size)
+    if segment is None:
         return False
     slots = segment[header:].view(params[0].dtype).view(2, world_size, numel)
     use_counters = counters_are_ordered() if counters is None else counters
@@ -150,6 +143,22 @@ def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, rank: int, worl
                else GlooBarrier())
     ddp_model.register_comm_hook(SharedMemoryAllReduce(slots, rank, world_size, barrier), _hook)
     return True
+
+
+def shared_segment(nbytes: int, rank: int, world_size: int) -> torch.Tensor | None:
+    """A new, zeroed segment of ``nbytes`` that every rank maps (flat bytes), or None when some rank cannot.
+
+    A collective. Its file is unlinked once every rank has mapped it (or failed to): the mappings outlive the
+    name, so nothing is left in /dev/shm however the run ends.
+    """
+    name = [_create(nbytes) if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    segment = _map(name[0], nbytes)
+    mapped: list = [None] * world_size
+    dist.all_gather_object(mapped, segment is not None)
+    if rank == 0 and name[0]:
+        os.unlink(SHM_DIR / name[0])
+    return segment if all(mapped) else None
 
 
 def _create(nbytes: int) -> str | None:

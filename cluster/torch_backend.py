@@ -164,12 +164,22 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     ``extra`` the recipe's own state (a weight averager's).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    torch.save(optimizer.state_dict(), directory / OPTIM_FILE)
+    torch.save({k: _own_bytes(v) for k, v in model.state_dict().items()}, directory / MODEL_FILE)
+    optim = optimizer.state_dict()
+    optim["state"] = {i: {k: _own_bytes(v) for k, v in s.items()} for i, s in optim["state"].items()}
+    torch.save(optim, directory / OPTIM_FILE)
     if extra is not None:
         torch.save(extra, directory / EXTRA_FILE)
     write_state(directory, framework="torch", versions={"torch": torch.__version__}, model_files=[MODEL_FILE],
                 spec=spec, epoch=epoch, history=history, workers=workers, precision=precision)
+
+
+def _own_bytes(value):
+    """A tensor that is a view into a larger buffer (sharded steps keep the parameters and the optimizer's state
+    in one shared segment) as a copy of its own: ``torch.save`` writes a view's whole buffer."""
+    if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > value.numel() * value.element_size():
+        return value.clone()
+    return value
 
 
 def load_weights(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cluster import torch_allreduce
+from cluster import torch_allreduce, torch_sharded
 from cluster import torch_backend as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
@@ -95,11 +95,16 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             tb.load_weights(Path(tmp), model, optimizer, averager)
             _, start_epoch, history = tb.read_state(Path(tmp))
             ctx.say(f"resuming from the checkpoint of epoch {start_epoch}")
-    net, all_reduce = model, None
-    if ctx.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
-        all_reduce = "shared memory" if torch_allreduce.attach(net, ctx.rank, ctx.world_size) else dist.get_backend()
+    net, stepper, all_reduce = model, optimizer, None
+    if ctx.world_size > 1:  # ranks sharing memory step a share of the model each; others run DDP
+        sharded = torch_sharded.attach(model, optimizer, ctx.rank, ctx.world_size)
+        if sharded is not None:
+            stepper, all_reduce = sharded, f"shared memory, each worker stepping 1/{ctx.world_size} of the parameters"
+        else:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
+            shared = torch_allreduce.attach(net, ctx.rank, ctx.world_size)
+            all_reduce = "shared memory" if shared else dist.get_backend()
     autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if precision.dtype == "bf16"
                 else nullcontext())
     local_batch = cfg.local_batch_size(ctx.world_size)
@@ -108,7 +113,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
               f"{local_batch} per worker" + (f" (gradients averaged through {all_reduce})" if all_reduce else "")
               + f"; {len(y_train)} training images; {describe(precision)}", flush=True)
 
-    steps = RecipeSteps(parts, optimizer, averager, autocast, local_batch,
+    steps = RecipeSteps(parts, stepper, averager, autocast, local_batch,
                         total=cfg.epochs * -(-(len(y_train) // ctx.world_size) // local_batch))
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         # Randomness is a function of (seed, epoch, rank): a resumed epoch draws exactly what the

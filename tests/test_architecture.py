@@ -21,6 +21,7 @@ FORBIDDEN = {
     "flows": {"ray"} | FRAMEWORKS,
 }
 BACKENDS = {"cluster/torch_backend.py": TORCH, "cluster/torch_loop.py": TORCH, "cluster/torch_allreduce.py": TORCH,
+            "cluster/torch_sharded.py": TORCH,
             "cluster/recipes/fast_cifar.py": TORCH, "cluster/recipes/fast_cifar_muon.py": TORCH,
             "cluster/tf_backend.py": TENSORFLOW, "cluster/tf_loop.py": TENSORFLOW}
 

@@ -149,7 +149,9 @@ def test_config_rejects_bad_values_and_uneven_batches():
 
 @pytest.mark.slow
 def test_runs_under_torchrun_with_two_ranks(prepared, tmp_path):
-    """DDP without Ray: two processes over gloo, rank 0 prints one JSON line per epoch."""
+    """Two ranks without Ray, sharing memory, rank 0 prints one JSON line per epoch."""
+    import torch
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
@@ -159,6 +161,12 @@ def test_runs_under_torchrun_with_two_ranks(prepared, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["epoch"] for r in reports] == [1, 2, 3]
-    assert "2 workers x 16 per worker (gradients averaged through shared memory)" in out.stdout
+    assert ("2 workers x 16 per worker (gradients averaged through shared memory, each worker stepping 1/2 of the "
+            "parameters)") in out.stdout
     assert reports[-1]["train_loss"] < reports[0]["train_loss"]
     assert len(list((tmp_path / "ckpt").iterdir())) == 3
+    for name in ("model.pt", "optimizer.pt"):  # the tensors' own bytes, not the shared segment they live in
+        path = next((tmp_path / "ckpt").iterdir()) / name
+        saved = torch.load(path, weights_only=True)
+        tensors = saved.values() if name == "model.pt" else [t for s in saved["state"].values() for t in s.values()]
+        assert path.stat().st_size < 1.05 * sum(t.numel() * t.element_size() for t in tensors) + 65536

@@ -1,0 +1,206 @@
+"""Data parallelism for CPU ranks on one machine: each rank averages and steps 1/W of the parameters.
+
+Under DDP, even with :mod:`cluster.torch_allreduce`'s shared-memory hook, every
+rank averages every gradient and then steps the whole model. For the seed CNN
+(5.1 M fp32 parameters) that is, per step and rank: DDP copying the gradients
+into its buckets, the hook copying the buckets into shared memory and averaging
+all of it back, and the optimizer reading and writing the whole model. The same
+work, W times over.
+
+Ranks that share memory can split that work. The parameters and the
+optimizer's state live in one segment that every rank maps. The flattened
+parameters are cut into W equal ranges, and rank r owns range r. Per step, each
+rank:
+
+1. copies the gradients of the ranges it does not own into its slot;
+2. meets the others: every slot is written;
+3. averages its own range (its own gradients and the others' slots) and steps
+   the optimizer on that range only, in place in the shared parameters;
+4. meets the others again: every range is stepped before any rank's next
+   forward pass.
+
+No gradient passes through DDP's buckets, and each rank moves about a third of
+the bytes it moved before. Only a range's owner ever writes it, so the ranks
+cannot drift apart. Measured under torchrun, 2 ranks, bf16, seed CNN on the
+reference machine: 1 126 and 1 129 images/s against 1 035 and 1 046 with DDP
+and the hook, and 1 105 and 1 158 for one process using both cores.
+
+The first step runs the plain way: every rank averages every gradient and
+steps the whole optimizer, which makes its state there, shaped as the
+parameters. Then the parameters and that state move into the segment, and each
+rank steps its range from then on through a twin of the optimizer built over
+views of the range, whose state is the matching views of the shared state. The
+optimizer the loop made still holds the whole state, current after every step,
+so checkpoints are the same files as without sharding.
+
+Only for an optimizer that updates each element from that element alone
+(``torch.optim.SGD``) and a model without buffers (which DDP would broadcast
+from rank 0): :func:`attach` returns None otherwise, and the loop keeps DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.torch_allreduce import LINE, CounterBarrier, GlooBarrier, counters_are_ordered, shared_segment
+
+__all__ = ["ELEMENTWISE", "ShardedStep", "attach"]
+
+ELEMENTWISE = (torch.optim.SGD,)  # optimizers whose update of an element reads only that element and its state
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements in memory order, as a 1-D view (``t`` dense, in any memory format)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+class ShardedStep:
+    """Takes the optimizer's place in the loop: ``zero_grad``, ``step`` and ``param_groups`` as the optimizer's."""
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, rank: int,
+                 world_size: int, slots: torch.Tensor, barrier) -> None:
+        self.params, self.optimizer = params, optimizer
+        self.rank, self.world_size = rank, world_size
+        self.slots, self.barrier = slots, barrier  # slots: (W, numel) in the shared segment
+        self.offsets = [sum(p.numel() for p in params[:i]) for i in range(len(params))]
+        numel = sum(p.numel() for p in params)
+        lo, hi = numel * rank // world_size, numel * (rank + 1) // world_size
+        # (parameter index, start, end) of the flat pieces this rank owns, and of those it hands to others
+        self.mine, self.theirs = [], []
+        for i, (p, off) in enumerate(zip(params, self.offsets)):
+            for a, b, owned in ((0, lo - off, False), (lo - off, hi - off, True), (hi - off, p.numel(), False)):
+                a, b = max(a, 0), min(b, p.numel())
+                if a < b:
+                    (self.mine if owned else self.theirs).append((i, a, b))
+        self.twin: torch.optim.Optimizer | None = None  # steps this rank's pieces once the state is shared
+        self.views: list[torch.Tensor] = []  # this rank's pieces of the shared parameters: the twin's params
+        self.twin_of: list[int] = []  # for each of the twin's groups, the optimizer's group it copies
+        self.steps = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        if closure is not None:
+            raise ValueError("a sharded optimizer step takes no closure")
+        grads = self._grads()
+        if self.twin is None:
+            self._step_whole(grads)
+            return
+        slot = self.slots[self.rank]
+        for i, a, b in self.theirs:
+            off = self.offsets[i]
+            slot[off + a:off + b].copy_(grads[i][a:b])
+        self.barrier.wait()  # every rank's slot holds what the others own
+        for view, (i, a, b) in zip(self.views, self.mine):
+            off, own = self.offsets[i], grads[i][a:b]
+            others = [self.slots[q, off + a:off + b] for q in range(self.world_size) if q != self.rank]
+            if self.world_size == 2:  # in rank order, as DDP's hook averages
+                torch.lerp(*((own, others[0]) if self.rank == 0 else (others[0], own)), 0.5, out=own)
+            else:
+                for other in others:
+                    own.add_(other)
+                own.div_(self.world_size)
+            view.grad = own
+        for twin, g in zip(self.twin.param_groups, self.twin_of):  # a schedule may have moved the rates
+            twin.update({k: v for k, v in self.optimizer.param_groups[g].items() if k != "params"})
+        self.twin.step()
+        self.barrier.wait()  # every range is stepped
+
+    def _grads(self) -> list[torch.Tensor]:
+        """Each parameter's gradient, flat in the parameter's memory order."""
+        flats = []
+        for p in self.params:
+            if p.grad is None:
+                raise RuntimeError(f"a parameter of shape {tuple(p.shape)} got no gradient: with sharded steps "
+                                   "every parameter must take part in the loss")
+            if p.grad.stride() != p.stride():
+                p.grad = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype).copy_(p.grad)
+            flats.append(_flat(p.grad))
+        return flats
+
+    def _step_whole(self, grads: list[torch.Tensor]) -> None:
+        """Every rank averages every gradient and steps the whole optimizer; after the first step, the state
+        moves into shared memory, and later steps are sharded (unless the state cannot be split)."""
+        slot = self.slots[self.rank]
+        for g, off in zip(grads, self.offsets):
+            slot[off:off + g.numel()].copy_(g)
+        self.barrier.wait()
+        for g, off in zip(grads, self.offsets):
+            rows = self.slots[:, off:off + g.numel()]  # the same sums in the same order on every rank
+            torch.lerp(rows[0], rows[1], 0.5, out=g) if self.world_size == 2 else torch.mean(rows, 0, out=g)
+        self.optimizer.step()
+        self.barrier.wait()  # no rank writes its slot again before every rank has read them all
+        self.steps += 1
+        if self.steps == 1:
+            self._share()
+
+    def _share(self) -> None:
+        """Parameters and optimizer state into a new segment (rank 0's values), then this rank's twin."""
+        state = self.optimizer.state
+        keys = sorted(state.get(self.params[0], {}))
+        if any(sorted(state.get(p, {})) != keys or any(not isinstance(state[p][k], torch.Tensor)
+                                                       or state[p][k].shape != p.shape for k in keys)
+               for p in self.params):
+            return  # not one state tensor per element: every rank keeps stepping the whole model
+        numel, dtype = sum(p.numel() for p in self.params), self.params[0].dtype
+        segment = shared_segment((1 + len(keys)) * numel * self.params[0].element_size(), self.rank,
+                                 self.world_size)
+        if segment is None:
+            return
+        tables = segment.view(dtype).view(1 + len(keys), numel)  # row 0: parameters; then one row per key
+        columns = [[p] + [state[p][k] for k in keys] for p in self.params]
+        if self.rank == 0:
+            for column, off in zip(columns, self.offsets):
+                for table, t in zip(tables, column):
+                    table[off:off + t.numel()].copy_(_flat(t))
+        self.barrier.wait()  # rank 0's values are in place
+        for p, off in zip(self.params, self.offsets):
+            shared = [table[off:off + p.numel()].as_strided(p.shape, p.stride()) for table in tables]
+            p.data = shared[0]
+            if keys:
+                state[p].update(zip(keys, shared[1:]))
+        group_of = {p: g for g, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+        twin_groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": []}
+                       for group in self.optimizer.param_groups]
+        for i, a, b in self.mine:
+            off = self.offsets[i]
+            view = tables[0, off + a:off + b]
+            self.views.append(view)
+            twin_groups[group_of[self.params[i]]]["params"].append(view)
+        self.twin_of = [g for g, group in enumerate(twin_groups) if group["params"]]  # the group each twin's is
+        self.twin = type(self.optimizer)([twin_groups[g] for g in self.twin_of])
+        for view, (i, a, b) in zip(self.views, self.mine):
+            off = self.offsets[i]
+            self.twin.state[view].update({k: table[off + a:off + b] for k, table in zip(keys, tables[1:])})
+
+
+def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, world_size: int,
+           counters: bool | None = None) -> ShardedStep | None:
+    """A :class:`ShardedStep` to use in ``optimizer``'s place, when the ranks can share ``model``; else None.
+
+    ``counters`` as in :func:`cluster.torch_allreduce.attach`. A collective: every rank calls it, with the
+    same model and optimizer, before the first backward pass.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    shareable = (world_size > 1 and type(optimizer) in ELEMENTWISE and next(model.buffers(), None) is None
+                 and len({p for group in optimizer.param_groups for p in group["params"]}) == len(params)
+                 and all(p.device.type == "cpu" and p.dtype == params[0].dtype for p in params)
+                 and all(p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) for p in params))
+    if not shareable:
+        return None
+    numel = sum(p.numel() for p in params)
+    header = world_size * LINE
+    segment = shared_segment(header + world_size * numel * params[0].element_size(), rank, world_size)
+    if segment is None:
+        return None
+    use_counters = counters_are_ordered() if counters is None else counters
+    barrier = (CounterBarrier(segment[:header].view(torch.int64)[::LINE // 8], rank) if use_counters
+               else GlooBarrier())
+    slots = segment[header:].view(params[0].dtype).view(world_size, numel)
+    return ShardedStep(params, optimizer, rank, world_size, slots, barrier)
