@@ -5,7 +5,7 @@ storage through a :class:`WorkerContext`; without Ray, :class:`LocalContext`
 does the same for one process or for each process under ``torchrun``::
 
     python -m cluster.torch_loop --data DIR --epochs 2            # one process
-    torchrun --nproc-per-node 2 -m cluster.torch_loop --data DIR  # DDP, no Ray
+    torchrun --nproc-per-node 2 -m cluster.torch_loop --data DIR  # 2 ranks, no Ray
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class RecipeSteps:
     """How the recipe takes one optimizer step, and where in its schedule it is."""
 
     parts: tb.TorchParts
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | torch_sharded.ShardedStep  # what steps: the optimizer, or each rank's share
     averager: tb.WeightAverager | None
     autocast: object
     local_batch: int

@@ -173,7 +173,7 @@ class ShardedStep:
             view = tables[0, off + a:off + b]
             self.views.append(view)
             twin_groups[group_of[self.params[i]]]["params"].append(view)
-        self.twin_of = [g for g, group in enumerate(twin_groups) if group["params"]]  # the group each twin's is
+        self.twin_of = [g for g, group in enumerate(twin_groups) if group["params"]]
         self.twin = type(self.optimizer)([twin_groups[g] for g in self.twin_of])
         for view, (i, a, b) in zip(self.views, self.mine):
             off = self.offsets[i]
@@ -189,7 +189,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, 
     """
     params = [p for p in model.parameters() if p.requires_grad]
     shareable = (world_size > 1 and type(optimizer) in ELEMENTWISE and next(model.buffers(), None) is None
-                 and len({p for group in optimizer.param_groups for p in group["params"]}) == len(params)
+                 and {p for group in optimizer.param_groups for p in group["params"]} == set(params)
                  and all(p.device.type == "cpu" and p.dtype == params[0].dtype for p in params)
                  and all(p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) for p in params))
     if not shareable:
