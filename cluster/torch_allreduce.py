@@ -30,6 +30,7 @@ ends.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import tempfile
@@ -44,7 +45,7 @@ LINE = 64  # bytes: each rank's counter on a cache line of its own
 SPINS = 1000  # looks at the counters before a rank starts yielding its core (a few ms)
 TIMEOUT_S = 1800.0  # as gloo's default: a rank that never arrives ends the run instead of hanging it
 
-__all__ = ["CounterBarrier", "SharedMemoryAllReduce", "attach", "shared_segment"]
+__all__ = ["CounterBarrier", "SharedMemoryAllReduce", "attach", "shared_segment", "shared_slots"]
 
 
 class CounterBarrier:
@@ -132,17 +133,27 @@ def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, rank: int, worl
     params = [p for p in ddp_model.module.parameters() if p.requires_grad]
     if world_size < 2 or any(p.device.type != "cpu" or p.dtype != params[0].dtype for p in params):
         return False
-    numel = sum(p.numel() for p in params)
-    header = world_size * LINE
-    segment = shared_segment(header + 2 * world_size * numel * params[0].element_size(), rank, world_size)
-    if segment is None:
+    meeting = shared_slots((2, world_size, sum(p.numel() for p in params)), params[0].dtype, rank, world_size,
+                           counters)
+    if meeting is None:
         return False
-    slots = segment[header:].view(params[0].dtype).view(2, world_size, numel)
+    slots, barrier = meeting
+    ddp_model.register_comm_hook(SharedMemoryAllReduce(slots, rank, world_size, barrier), _hook)
+    return True
+
+
+def shared_slots(shape: tuple[int, ...], dtype: torch.dtype, rank: int, world_size: int,
+                 counters: bool | None = None) -> tuple[torch.Tensor, CounterBarrier | GlooBarrier] | None:
+    """Slots of ``shape`` in a segment every rank maps, and the barrier the ranks meet at; None when some rank
+    cannot map it. ``counters`` as in :func:`attach`. A collective."""
+    header = world_size * LINE
+    segment = shared_segment(header + math.prod(shape) * dtype.itemsize, rank, world_size)
+    if segment is None:
+        return None
     use_counters = counters_are_ordered() if counters is None else counters
     barrier = (CounterBarrier(segment[:header].view(torch.int64)[::LINE // 8], rank) if use_counters
                else GlooBarrier())
-    ddp_model.register_comm_hook(SharedMemoryAllReduce(slots, rank, world_size, barrier), _hook)
-    return True
+    return segment[header:].view(dtype).view(shape), barrier
 
 
 def shared_segment(nbytes: int, rank: int, world_size: int) -> torch.Tensor | None:

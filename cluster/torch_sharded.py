@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.torch_allreduce import LINE, CounterBarrier, GlooBarrier, counters_are_ordered, shared_segment
+from cluster.torch_allreduce import shared_segment, shared_slots
 
 __all__ = ["ELEMENTWISE", "ShardedStep", "attach"]
 
@@ -194,13 +194,8 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, 
                  and all(p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) for p in params))
     if not shareable:
         return None
-    numel = sum(p.numel() for p in params)
-    header = world_size * LINE
-    segment = shared_segment(header + world_size * numel * params[0].element_size(), rank, world_size)
-    if segment is None:
+    meeting = shared_slots((world_size, sum(p.numel() for p in params)), params[0].dtype, rank, world_size, counters)
+    if meeting is None:
         return None
-    use_counters = counters_are_ordered() if counters is None else counters
-    barrier = (CounterBarrier(segment[:header].view(torch.int64)[::LINE // 8], rank) if use_counters
-               else GlooBarrier())
-    slots = segment[header:].view(params[0].dtype).view(world_size, numel)
+    slots, barrier = meeting
     return ShardedStep(params, optimizer, rank, world_size, slots, barrier)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from cluster import torch_allreduce
+from tests.cluster._ranks import run_ranks
 
 
 def _inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,13 +53,7 @@ def _rank(rank: int, world_size: int, init_file: str, shm_dirs: list[str], out_d
 
 
 def _run(tmp_path: Path, world_size: int, shared: bool, counters: bool = True) -> list[dict]:
-    dirs = [tmp_path / ("shm" if shared else f"shm{rank}") for rank in range(world_size)]
-    for d in dirs:
-        d.mkdir(exist_ok=True)
-    mp.start_processes(_rank, args=(world_size, str(tmp_path / "init"), list(map(str, dirs)), str(tmp_path), counters),
-                       nprocs=world_size, start_method="spawn")
-    assert [list(d.iterdir()) for d in dirs] == [[] for _ in dirs]  # the segment's file is gone
-    return [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(world_size)]
+    return run_ranks(_rank, tmp_path, world_size, shared, counters)
 
 
 @pytest.mark.parametrize("counters", [True, False], ids=["meet-on-counters", "meet-in-gloo"])
