@@ -96,17 +96,20 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             _, start_epoch, history = tb.read_state(Path(tmp))
             ctx.say(f"resuming from the checkpoint of epoch {start_epoch}")
     net, stepper, all_reduce = model, optimizer, None
+    bf16 = precision.dtype == "bf16"
     if ctx.world_size > 1:  # ranks sharing memory step a share of the model each; others run DDP
-        sharded = torch_sharded.attach(model, optimizer, ctx.rank, ctx.world_size)
+        sharded = torch_sharded.attach(model, optimizer, ctx.rank, ctx.world_size,
+                                       low=torch.bfloat16 if bf16 else None)
         if sharded is not None:
             stepper, all_reduce = sharded, f"shared memory, each worker stepping 1/{ctx.world_size} of the parameters"
+            if sharded.low:  # the forward runs on the shared bf16 copies of the weights
+                net = torch_sharded.LowPrecisionForward(model, sharded)
         else:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, gradient_as_bucket_view=True)
             shared = torch_allreduce.attach(net, ctx.rank, ctx.world_size)
             all_reduce = "shared memory" if shared else dist.get_backend()
-    autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if precision.dtype == "bf16"
-                else nullcontext())
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     local_batch = cfg.local_batch_size(ctx.world_size)
     if ctx.rank == 0:
         print(f"recipe {recipe.name} ({recipe.model}); global batch {cfg.batch_size} = {ctx.world_size} workers x "
