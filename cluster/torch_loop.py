@@ -102,7 +102,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
                                        low=torch.bfloat16 if bf16 else None)
         if sharded is not None:
             stepper, all_reduce = sharded, f"shared memory, each worker stepping 1/{ctx.world_size} of the parameters"
-            if sharded.low:  # the forward runs on the shared bf16 copies of the weights
+            if sharded.low is not None:  # the forward runs on the shared bf16 copies of the weights
                 net = torch_sharded.LowPrecisionForward(model, sharded)
         else:
             net = torch.nn.parallel.DistributedDataParallel(
