@@ -180,13 +180,13 @@ class ShardedStep:
             return  # not one state tensor per element: every rank keeps stepping the whole model
         numel, dtype = sum(p.numel() for p in self.params), self.params[0].dtype
         tables_size = (1 + len(keys)) * numel * self.params[0].element_size()
-        low_size = numel * self.low.itemsize if self.low else 0
+        low_size = numel * self.low.itemsize if self.low is not None else 0
         segment = shared_segment(tables_size + low_size, self.rank, self.world_size)
         if segment is None:
             return
         # row 0: parameters; then one row per key; after them, the parameters in ``low``
         tables = segment[:tables_size].view(dtype).view(1 + len(keys), numel)
-        low = segment[tables_size:].view(self.low) if self.low else None
+        low = segment[tables_size:].view(self.low) if self.low is not None else None
         for i, a, b in self.mine:
             p, off = self.params[i], self.offsets[i]
             for table, t in zip(tables, [p] + [state[p][k] for k in keys]):

@@ -56,7 +56,8 @@ def _rank(rank: int, world_size: int, init_file: str, shm_dirs: list[str], out_d
         dist.destroy_process_group()
         Path(out_dir, f"{rank}.json").write_text(json.dumps({"sharded": False}))
         return
-    net = torch_sharded.LowPrecisionForward(model, stepper) if stepper.low else model  # as the loop calls it
+    # called as the loop calls it
+    net = torch_sharded.LowPrecisionForward(model, stepper) if stepper.low is not None else model
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     # the reference: one model stepped on the average of every rank's gradients, computed here
     reference = _model(layer_norm)
