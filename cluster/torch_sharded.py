@@ -67,9 +67,8 @@ from torch.optim.sgd import sgd
 
 from cluster.torch_allreduce import shared_segment, shared_slots
 
-__all__ = ["CHUNK", "ELEMENTWISE", "LOW_PRECISION_LAYERS", "LowPrecisionForward", "ShardedStep", "attach"]
+__all__ = ["CHUNK", "LOW_PRECISION_LAYERS", "LowPrecisionForward", "ShardedStep", "attach"]
 
-ELEMENTWISE = (torch.optim.SGD,)  # optimizers whose update of an element reads only that element and its state
 # elements averaged and stepped at a time: about 4.5 MiB of gradients, weights, momentum and copies, which two
 # ranks' chunks share the reference machine's 32 MiB L3 cache with (2^17 to 2^19 measured alike, 2^20 slower)
 CHUNK = 1 << 18
@@ -276,7 +275,8 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, 
     optimizer, before the first backward pass.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    shareable = (world_size > 1 and type(optimizer) in ELEMENTWISE and next(model.buffers(), None) is None
+    # SGD updates each element from that element and its momentum alone, so each rank can step its chunks
+    shareable = (world_size > 1 and type(optimizer) is torch.optim.SGD and next(model.buffers(), None) is None
                  and {p for group in optimizer.param_groups for p in group["params"]} == set(params)
                  and all(p.device.type == "cpu" and p.dtype == params[0].dtype for p in params)
                  and all(p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) for p in params))
