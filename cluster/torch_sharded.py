@@ -115,8 +115,8 @@ class ShardedStep:
                 a, b = max(a, 0), min(b, p.numel())
                 if a < b:
                     (self.mine if owned else self.theirs).append((i, a, b))
-        # once the state is shared: this rank's share, chunk by chunk; with ``low``, the forward's weights
-        # (shared, in ``low``)
+        self.sharded = False  # whether the state is shared, and each rank steps its share from now on
+        # once it is: this rank's share, chunk by chunk; with ``low``, the forward's weights (shared, in ``low``)
         self.chunks: list[_Chunk] = []
         self.leaves: list[torch.Tensor] = []
         self.divisor = torch.tensor(float(world_size))  # a fused step's gradient scale: it divides the sums
@@ -136,7 +136,7 @@ class ShardedStep:
         if closure is not None:
             raise ValueError("a sharded optimizer step takes no closure")
         grads = self._grads()
-        if not self.chunks:
+        if not self.sharded:
             self._step_whole(grads)
             return
         slot = self.slots[self.rank]
@@ -245,6 +245,7 @@ class ShardedStep:
                     [self.slots[q, lo:hi] for q in range(self.world_size) if q != self.rank],
                     total[:end - start] if total is not None else None,
                     low[lo:hi] if low is not None else None))
+        self.sharded = True
 
 
 class LowPrecisionForward(torch.nn.Module):

@@ -92,7 +92,7 @@ def _rank(rank: int, world_size: int, init_file: str, shm_dirs: list[str], out_d
     assert ours["state"].keys() == theirs["state"].keys()
     state = max(((ours["state"][i][k] - theirs["state"][i][k]).abs().max().item()
                  for i in theirs["state"] for k in theirs["state"][i]), default=0.0)
-    result = {"sharded": bool(stepper.chunks), "param_error": params,
+    result = {"sharded": stepper.sharded, "param_error": params,
               "state_error": state,
               "groups": ours["param_groups"] == theirs["param_groups"], "gradients": sorted(set(forward))}
     dist.destroy_process_group()
