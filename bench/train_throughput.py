@@ -15,7 +15,10 @@ draws it), seed CNN, global batch 64, one epoch, one process, this runs:
   arrays, same model and batch, fp32 (skipped when TensorFlow is not installed);
 * the train stage itself (``tasks.train.train``) on a local Ray, through Ray
   Train: one worker holding every core, and one worker per core (DDP), in the
-  precision ``auto`` picks on this machine.
+  precision ``auto`` picks on this machine;
+* the same two workers without Ray: the loop under torchrun, one rank per
+  core, in the same precision, so that what data parallelism costs and what
+  Ray costs are told apart.
 
 Each is a separate process, measured ``--repeats`` times in alternation; the
 best run of each counts. The processes without Ray get ``OMP_NUM_THREADS`` =
@@ -31,6 +34,7 @@ Prints one JSON object; ratios are throughput ratios (higher is better):
     ddp_efficiency        Ray Train, 2 workers sharing the cores / the loop without Ray in one process
                           using every core, same precision (the auto one)
     ray_overhead          Ray Train, 1 worker with every core / the loop without Ray, same precision
+    ddp_efficiency_without_ray  torchrun, 2 ranks sharing the cores / the loop in one process, same precision
     ddp_vs_one_ray_worker Ray Train, 2 workers / 1 worker: what splitting the group costs within Ray
 """
 
@@ -64,6 +68,8 @@ MODES = {
 
 # Ray Train measurements: workers sharing this machine's cores (1 worker with all of them; one per core of 2)
 RAY_STAGES = {"ray_train_1_worker": 1, "ray_train_2_workers": 2}
+TORCHRUN = "torchrun_2_ranks"  # the Ray stage's two workers as plain processes, under torchrun
+RANKS = {TORCHRUN: RAY_STAGES["ray_train_2_workers"]}  # processes per measurement, where more than one
 AUTO_MODE = {"fp32": "trainflow_fp32", "bf16 + channels_last": "trainflow_bf16_channels_last"}
 
 
@@ -147,15 +153,20 @@ def main() -> None:
         if importlib.util.find_spec("tensorflow") is not None:
             commands[TENSORFLOW] = [sys.executable, "-m", "cluster.tf_loop", "--data", str(data), "--epochs", "1"]
         commands.update({name: [*ray_stage, "--ray-stage", str(n)] for name, n in RAY_STAGES.items()})
+        commands[TORCHRUN] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                              str(RANKS[TORCHRUN]), "-m", "cluster.torch_loop", "--data", str(data), "--epochs", "1",
+                              *MODES[AUTO_MODE[auto]]]
         runs: dict[str, list[float]] = {name: [] for name in commands}
         for repeat in range(args.repeats):
             for name, cmd in commands.items():
-                if name in (*MODES, TENSORFLOW):  # a fresh checkpoint folder, or the loop would resume past its epoch
+                if name in (*MODES, TENSORFLOW, TORCHRUN):
+                    # a fresh checkpoint folder, or the loop would resume past its epoch
                     cmd = [*cmd, "--checkpoints", str(work / f"ckpt-{name}-{repeat}")]
                 if name in RAY_STAGES:  # a fresh training run, or the stage would reuse the finished one
                     cmd = [*cmd, "--run", f"bench-{name}-{repeat}"]
-                # (never for a Ray stage: its workers would inherit it and oversubscribe the cores)
-                threads = {} if name in RAY_STAGES else {"OMP_NUM_THREADS": str(THREADS)}
+                # the cores split over the processes, as Ray gives each worker its own (never set for a Ray
+                # stage: its workers would inherit it and oversubscribe the cores)
+                threads = {} if name in RAY_STAGES else {"OMP_NUM_THREADS": str(THREADS // RANKS.get(name, 1))}
                 runs[name].append(run(cmd, threads)["train_images_per_s"])
 
     best = {name: max(values) for name, values in runs.items()}
@@ -172,6 +183,7 @@ def main() -> None:
         "ray_stage_precision": auto,
         "ddp_efficiency": round(best["ray_train_2_workers"] / best[AUTO_MODE[auto]], 3),
         "ray_overhead": round(best["ray_train_1_worker"] / best[AUTO_MODE[auto]], 3),
+        "ddp_efficiency_without_ray": round(best[TORCHRUN] / best[AUTO_MODE[auto]], 3),
         "ddp_vs_one_ray_worker": round(best["ray_train_2_workers"] / best["ray_train_1_worker"], 3),
         "torch_threads": THREADS,
     }, indent=2))
