@@ -112,10 +112,14 @@ class WatchedTrainer(DataParallelTrainer):
             run = controller.run.remote()
             self._watch(lambda: _get(controller.take_events.remote()))
             ray.get(run)
-            return ray.get(controller.get_result.remote())
+            result = ray.get(controller.get_result.remote())
         except BaseException:
             _abort(controller)
             raise
+        # its run is over: the host's process ends now, not whenever Ray collects the dropped handle (a process
+        # of a finished run was seen still there during the next run's first epochs, on 2 busy cores)
+        ray.kill(controller)
+        return result
 
 
 class _FixedWithoutAutoscaler(FixedScalingPolicy):
