@@ -49,8 +49,8 @@ class ControllerHost:
         if self._controller is not None:  # a host whose begin failed has nothing to stop
             await self._controller.abort()
 
-    def take_events(self) -> list[tuple[str, object]]:
-        return self._controller.take_events()
+    async def take_events(self, wait_s: float = 0.0) -> list[tuple[str, object]]:
+        return await self._controller.take_events(wait_s)
 
     def put_event(self, kind: str, payload) -> None:
         self._controller.put_event(kind, payload)

@@ -35,7 +35,7 @@ from cluster.placement import (LOG_EVERY_S, Resources, ResourcesUnavailable, che
                                pending_placement, wait_for_placement)
 
 PROGRESS_EVERY_S = 0.5
-EVENTS_EVERY_S = 0.25  # how often the caller looks for the run's events while none come
+EVENTS_WAIT_S = 1.0  # how long one ask for the run's events waits in its controller for one to come
 
 __all__ = ["Resources", "RayWorkerContext", "StoredCheckpoint", "check_framework", "check_placement", "fit",
            "predict"]
@@ -258,21 +258,19 @@ def _predict(framework: str, checkpoint: StoredCheckpoint, data: StoredData, spl
     return np.asarray(y), np.asarray(predicted)
 
 
-def _pump(take_events: Callable[[], list], handlers: dict[str, Callable], on_wait) -> None:
+def _pump(take_events: Callable[[float], list], handlers: dict[str, Callable], on_wait) -> None:
     """Deliver the run's events on this thread until the run ends; after 30 s of silence, say what the group
-    waits for."""
+    waits for. ``take_events(wait_s)`` returns the events not taken yet, waiting up to ``wait_s`` for one."""
     quiet_since = time.monotonic()
     while True:
-        events = take_events()
+        events = take_events(EVENTS_WAIT_S)
         for kind, payload in events:
             if kind == "ended":
                 return
             handlers[kind](payload)
         if events:
             quiet_since = time.monotonic()
-            continue
-        time.sleep(EVENTS_EVERY_S)
-        if time.monotonic() - quiet_since >= LOG_EVERY_S:
+        elif time.monotonic() - quiet_since >= LOG_EVERY_S:
             quiet_since = time.monotonic()
             waiting = pending_placement()
             if waiting:

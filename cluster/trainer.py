@@ -10,7 +10,9 @@ own per run); and instead of blocking, ``watch(take_events)`` is called, so the
 caller delivers progress on its own thread while the run goes on. The
 controller holds the run's events (its callbacks' reports and failures, rank
 0's progress and messages) until the caller takes them: no actor of their own
-starts beside the workers. If ``watch`` raises (Ctrl-C, SIGTERM, a cancelled
+starts beside the workers. The caller's ask waits in the controller until an
+event comes (or a second passes), so an idle run costs no calls: on two cores
+every wake-up of a process beside the workers holds back both of them. If ``watch`` raises (Ctrl-C, SIGTERM, a cancelled
 task), the controller is asked to abort, which stops its workers and frees
 their placement group, and is then killed: a run never outlives its caller. On
 a small machine every process started beside the workers delays them, so
@@ -31,6 +33,7 @@ Train's helper actors that a run does not need are left out:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import ray
@@ -51,11 +54,34 @@ ABORT_TIMEOUT_S = 10  # for the controller to stop its workers and free their gr
 
 # In the controller's process: the run's events, (kind, payload) pairs, until the caller takes them
 _events: list[tuple[str, object]] = []
+_waiting: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # the caller's ask, waiting for an event
 
 
 def post_event(kind: str, payload) -> None:
     """Queue an event for the caller; for Train callbacks, which run in the controller's process."""
     _events.append((kind, payload))
+    if _waiting is not None:
+        loop, arrived = _waiting
+        loop.call_soon_threadsafe(arrived.set)  # from any thread: the actor's event loop runs the waiter
+
+
+async def take_posted(wait_s: float = 0.0) -> list[tuple[str, object]]:
+    """The events not taken yet; when there are none, waits up to ``wait_s`` seconds for one."""
+    global _waiting
+    if not _events and wait_s > 0:
+        arrived = asyncio.Event()
+        _waiting = (asyncio.get_running_loop(), arrived)
+        if _events:  # posted from another thread meanwhile
+            arrived.set()
+        try:
+            await asyncio.wait_for(arrived.wait(), wait_s)
+        except TimeoutError:
+            pass
+        finally:
+            _waiting = None
+    taken = _events[:]
+    del _events[:len(taken)]  # an event a callback adds meanwhile stays for the next take
+    return taken
 
 
 def send_event(kind: str, payload) -> None:
@@ -80,14 +106,12 @@ class _Controller(TrainController):
     def put_event(self, kind: str, payload) -> None:
         post_event(kind, payload)
 
-    def take_events(self) -> list[tuple[str, object]]:
-        taken = _events[:]
-        del _events[:len(taken)]  # an event a callback adds meanwhile stays for the next take
-        return taken
+    async def take_events(self, wait_s: float = 0.0) -> list[tuple[str, object]]:
+        return await take_posted(wait_s)
 
 
 class WatchedTrainer(DataParallelTrainer):
-    def __init__(self, *args, controller_env: dict[str, str], watch: Callable[[Callable[[], list]], None],
+    def __init__(self, *args, controller_env: dict[str, str], watch: Callable[[Callable[[float], list]], None],
                  autoscaler: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._controller_env = controller_env
@@ -110,7 +134,7 @@ class WatchedTrainer(DataParallelTrainer):
         try:
             _get(controller.begin.remote(env_vars, controller_init_kwargs))
             run = controller.run.remote()
-            self._watch(lambda: _get(controller.take_events.remote()))
+            self._watch(lambda wait_s: _get(controller.take_events.remote(wait_s)))
             ray.get(run)
             result = ray.get(controller.get_result.remote())
         except BaseException:

@@ -197,3 +197,23 @@ def test_a_loop_asking_train_for_its_reported_checkpoints_is_answered_through_th
                              run_config=RunConfig(name="asks", storage_path=str(tmp_path)), controller_env={},
                              watch=lambda take_events: _pump(take_events, handlers={}, on_wait=print))
     assert trainer.fit().metrics == {"seen": 1}
+
+
+def test_an_ask_for_events_returns_when_one_is_posted_and_empty_after_its_wait():
+    """The caller's ask waits in the controller: it returns as soon as an event is posted (here from another
+    thread), and with nothing once its wait is over."""
+    import asyncio
+    import time
+
+    from cluster import trainer
+
+    async def ask_while_one_is_posted():
+        threading.Timer(0.2, trainer.post_event, ("progress", {"done": 1})).start()
+        start = time.monotonic()
+        return await trainer.take_posted(30.0), time.monotonic() - start
+
+    events, waited = asyncio.run(ask_while_one_is_posted())
+    assert events == [("progress", {"done": 1})] and 0.15 < waited < 10, waited
+    start = time.monotonic()
+    assert asyncio.run(trainer.take_posted(0.3)) == []
+    assert time.monotonic() - start >= 0.3
