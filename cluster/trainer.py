@@ -11,10 +11,11 @@ caller delivers progress on its own thread while the run goes on. The
 controller holds the run's events (its callbacks' reports and failures, rank
 0's progress and messages) until the caller takes them: no actor of their own
 starts beside the workers. The caller's ask waits in the controller until an
-event comes (or a second passes), so an idle run costs no calls: on two cores
-every wake-up of a process beside the workers holds back both of them. If ``watch`` raises (Ctrl-C, SIGTERM, a cancelled
-task), the controller is asked to abort, which stops its workers and frees
-their placement group, and is then killed: a run never outlives its caller. On
+event comes (or a second passes), so a run between events costs no calls: on
+two cores, each wake-up of a process beside the workers holds back both. If
+``watch`` raises (Ctrl-C, SIGTERM, a cancelled task), the controller is asked
+to abort, which stops its workers and frees their placement group, and is
+then killed: a run never outlives its caller. On
 a small machine every process started beside the workers delays them, so
 Train's helper actors that a run does not need are left out:
 
