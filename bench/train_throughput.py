@@ -16,8 +16,8 @@ draws it), seed CNN, global batch 64, one epoch, one process, this runs:
 * on the full training split (50 000 images, 782 steps, as an epoch of a real
   run; the subset's epoch is 79 steps, 2.9 s on the 2-core reference machine,
   of which the first step alone took about 0.1 s against 35 ms for the others,
-  and a run on it gave a `ddp_efficiency` of 0.82 where three on the full
-  split gave 0.953, 0.944 and 0.884):
+  and a run on it gave a `ddp_efficiency` of 0.82 where seven on the full
+  split gave 0.884 to 1.012, 0.941 in the middle):
   the loop in one process using every core, in the precision ``auto`` picks on
   this machine; the train stage itself (``tasks.train.train``) on a local Ray,
   through Ray Train, in the same precision: one worker holding every core, and
