@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -248,19 +249,25 @@ def prestart(address: str | None) -> bool:
     return True
 
 
+POLL_S = 0.05
+
+
 def wait_ready(ref, timeout: float | None = None) -> bool:
     """Whether the Ray object ``ref`` is ready within ``timeout`` seconds (None: wait until it is).
 
-    Waits on a ``threading.Event`` that Ray sets when the object is ready, never inside Ray: a signal's
-    exception (Ctrl-C, Prefect's TerminationSignal on SIGTERM) raised while ``ray.wait`` or ``ray.get``
-    waits reaches the caller as a SystemError instead (measured with Ray 2.60: with a timeout, or from a wait
-    of a second or more), which a task's retry condition takes for a failure to retry. An event's wait ends
-    on the signal as ``time.sleep`` does, and otherwise only when the object is ready (it replaced looking
-    every 50 ms: 20 calls into Ray a second from the driver while it waited on a run's events).
+    Waits in ``time.sleep`` between looks, never inside Ray: a signal's exception (Ctrl-C, Prefect's
+    TerminationSignal on SIGTERM) raised while ``ray.wait`` or ``ray.get`` waits reaches the caller as a
+    SystemError instead (measured with Ray 2.60: with a timeout, or from a wait of a second or more), which a
+    task's retry condition takes for a failure to retry.
     """
-    ready = threading.Event()
-    ref.future().add_done_callback(lambda _: ready.set())
-    return ready.wait(timeout)
+    import ray
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not ray.wait([ref], timeout=0)[0]:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
 
 
 def wait_for_train_modules() -> None:
