@@ -7,10 +7,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: run test test-system-deps test-fast bench bench-startup bench-store clean
 
-# The venv is (re)built when it is missing or pyproject.toml changed.
-$(BIN)/.installed: pyproject.toml
+# Every install goes through the constraints file: the releases CI tested, on any machine.
+CONSTRAINTS := deploy/constraints.txt
+
+# The venv is (re)built when it is missing or pyproject.toml or the constraints changed.
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $@
 
 run: $(BIN)/.installed  ## train, evaluate and publish a classifier on the bundled digits
@@ -26,7 +29,7 @@ test-system-deps:
 
 # The tests cover both frameworks: they add the tensorflow extra to the venv.
 $(BIN)/.installed-test: $(BIN)/.installed
-	$(BIN)/pip install --quiet -e '.[dev,tensorflow]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,tensorflow]'
 	@touch $@
 
 test: $(BIN)/.installed-test test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
