@@ -14,10 +14,9 @@ draws it), seed CNN, global batch 64, one epoch, one process, this runs:
 * trainflow's TensorFlow loop (``python -m cluster.tf_loop``) on the same
   arrays, same model and batch, fp32 (skipped when TensorFlow is not installed);
 * on the full training split (50 000 images, 782 steps, as an epoch of a real
-  run; the subset's epoch is 79 steps, 2.9 s on the 2-core reference machine,
-  of which the first step alone took about 0.1 s against 35 ms for the others,
-  and a run on it gave a `ddp_efficiency` of 0.82 where seven on the full
-  split gave 0.884 to 1.012, 0.941 in the middle):
+  run; on the subset's 79 steps, the first step and a Ray run's start weigh
+  several percent, and its `ddp_efficiency` was lower and noisier: see
+  docs/performance.md):
   the loop in one process using every core, in the precision ``auto`` picks on
   this machine; the train stage itself (``tasks.train.train``) on a local Ray,
   through Ray Train, in the same precision: one worker holding every core, and
@@ -28,9 +27,8 @@ draws it), seed CNN, global batch 64, one epoch, one process, this runs:
 Each is a separate process, measured ``--repeats`` times in alternation; the
 best run of each counts. The processes without Ray get ``OMP_NUM_THREADS`` =
 the core count, as Ray sets it for each worker to its CPUs, so that both sides
-run alike (on the 2-core reference machine, 3 alternated runs each, the loop's
-best was within the machine's run-to-run spread either way: bf16 844 set and
-819 unset, fp32 467 and 475 images/s).
+run alike (set or unset, the loop's best was within the run-to-run spread: see
+docs/performance.md).
 Prints one JSON object; ratios are throughput ratios (higher is better):
 
     ratio_vs_floor        trainflow fp32 default / baseline memory loader

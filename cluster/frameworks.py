@@ -73,9 +73,9 @@ FRAMEWORKS: dict[str, Framework] = {
             packages=("torch",),
             options=frozenset({"precision=bf16", "channels_last"}),
             # Train runs the loop on a thread of its own, and glibc gives a thread a malloc arena of its own,
-            # whose 64 MiB heaps are unmapped whenever one falls empty, whatever keep_freed_memory set: on the
-            # 2-core machine, 1.2-2.5 million page faults in a 2-epoch run instead of 0.2 million. One arena
-            # (read by glibc as the process starts) keeps them.
+            # whose 64 MiB heaps are unmapped whenever one falls empty, whatever keep_freed_memory set, so a
+            # step's buffers were faulted in afresh (see docs/performance.md). One arena (read by glibc as the
+            # process starts) keeps them.
             env={"TRAINFLOW_FRAMEWORK": "torch", "MALLOC_ARENA_MAX": "1"}),
         Framework(
             name="tensorflow",

@@ -43,7 +43,7 @@ def _start(ctx: WorkerContext) -> tf.distribute.Strategy:
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     # at least two: a collective all-reduce waits on one inter-op thread while another runs its peer's half
-    # (with one, two CPU workers trained at a quarter to a half of the speed measured with two)
+    # (with one, two CPU workers trained several times slower: see docs/performance.md)
     tf.config.threading.set_inter_op_parallelism_threads(max(2, min(4, threads)))
     # one all-reduce per step for all gradients (packed), not one per variable: each costs a round trip
     options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=64 << 20)

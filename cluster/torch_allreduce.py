@@ -1,21 +1,20 @@
 """DDP's gradient all-reduce through shared memory, for CPU workers on one machine.
 
-Gloo sends every gradient bucket through loopback TCP. On the 2-core reference
-machine the seed CNN's 19 MB of fp32 gradients took about 21 ms per step that
-way, a sixth of the step. Workers on one machine can instead meet in a memory
+Gloo sends every gradient bucket through loopback TCP. For the seed CNN's 19 MB
+of fp32 gradients that was a large share of each step on a 2-core machine (see
+docs/performance.md). Workers on one machine can instead meet in a memory
 segment they all map (in ``/dev/shm``): each rank copies its bucket into its
 slot, waits until every rank has, and averages all the slots straight into its
 own gradients. So a bucket costs two passes over memory, no socket traffic and
 one meeting of the ranks.
 
 The meeting is where the time went next. Through a gloo barrier (a tiny
-all-reduce, handed between threads and sockets) it took 1.5-3 ms, twice a step.
-On x86-64, whose stores reach other cores in program order, the ranks meet on
-counters in the segment instead: each bumps its own and spins (yielding the
-core) until every other has caught up. Measured under torchrun, 2 ranks, bf16:
-the hook's share of a step fell from 10.4 to 5.1 ms, and the group went from
-889-964 to 1 012-1 079 images/s (one process using both cores: 1 107-1 154).
-Other machines keep the gloo barrier.
+all-reduce, handed between threads and sockets) it cost milliseconds, twice a
+step. On x86-64, whose stores reach other cores in program order, the ranks
+meet on counters in the segment instead: each bumps its own and spins
+(yielding the core) until every other has caught up. Under torchrun (2 ranks,
+bf16) that halved the hook's share of a step and raised the group's
+throughput (see docs/performance.md). Other machines keep the gloo barrier.
 
 Two sets of slots take turns, bucket by bucket: a rank writes into a set again
 only after every rank has come to the meeting of the bucket in between, which

@@ -223,7 +223,8 @@ def view_logits(model: nn.Module, x: torch.Tensor, views: str = "plain") -> torc
 def _inference_precision(checkpoint_dir: Path) -> prec.Precision:
     """bf16 + channels_last where the checkpoint trained in bf16 and this CPU computes it natively, else fp32.
 
-    (A recipe's test-time views multiply inference: fp32 took 100 s of a 10-minute CIFAR-10 run here.)
+    (A recipe's test-time views multiply inference; in fp32 they took a large share of a CIFAR-10 run on a
+    CPU: see docs/performance.md.)
     """
     trained = json.loads((checkpoint_dir / STATE_FILE).read_text()).get("precision") or {}
     return resolve_precision("auto" if trained.get("dtype") == "bf16" else "fp32", channels_last=False,

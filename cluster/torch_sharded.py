@@ -21,16 +21,15 @@ rank:
 
 No gradient passes through DDP's buckets, and each rank moves about a third of
 the bytes it moved before. Only a range's owner ever writes it, so the ranks
-cannot drift apart. Measured under torchrun, 2 ranks, bf16, seed CNN on the
-reference machine: 1 126 and 1 129 images/s against 1 035 and 1 046 with DDP
-and the hook, and 1 105 and 1 158 for one process using both cores.
+cannot drift apart. Under torchrun (2 ranks, bf16, seed CNN) this trained
+faster than DDP with the hook, about as fast as one process using both cores
+(see docs/performance.md).
 
 Step 3 runs chunk by chunk (:data:`CHUNK` elements), so that a chunk's
 gradients, weights and momentum are still in the cache from its averaging
 through its optimizer step (and its bf16 copy, below), instead of each pass
-streaming the whole range from memory. Same setting, 3 alternated runs: each
-rank's whole step (steps 1 to 4) took 5.5 to 8.1 ms of a 57 ms training step
-over whole ranges, 4.7 to 5.3 ms in chunks.
+streaming the whole range from memory. In the same setting this shortened
+each rank's whole step (steps 1 to 4) (see docs/performance.md).
 
 The first step runs the plain way: every rank averages every gradient and
 steps the whole optimizer, which makes its state there, shaped as the
@@ -41,8 +40,8 @@ state, current after every step, so checkpoints are the same files as without
 sharding.
 
 Under bf16 autocast, every rank would also cast every weight to bf16 for its
-forward pass and every weight's gradient back to fp32, each step: 3.0 and 3.9
-ms for the seed CNN on one core of the reference machine, of a 56 ms step. So
+forward pass and every weight's gradient back to fp32, each step: a noticeable
+share of the seed CNN's step on one core (see docs/performance.md). So
 the segment also holds a bf16 copy of the parameters, which each range's owner
 writes after stepping it, and the forward pass runs on that copy
 (:class:`LowPrecisionForward`); the gradients stay bf16 until their owner
@@ -69,8 +68,8 @@ from cluster.torch_allreduce import shared_segment, shared_slots
 
 __all__ = ["CHUNK", "LOW_PRECISION_LAYERS", "LowPrecisionForward", "ShardedStep", "attach"]
 
-# elements averaged and stepped at a time: about 4.5 MiB of gradients, weights, momentum and copies, which two
-# ranks' chunks share the reference machine's 32 MiB L3 cache with (2^17 to 2^19 measured alike, 2^20 slower)
+# elements averaged and stepped at a time: about 4.5 MiB of gradients, weights, momentum and copies per rank,
+# small enough for two ranks' chunks to stay in a server CPU's L3 cache (sizes measured: see docs/performance.md)
 CHUNK = 1 << 18
 # layers that autocast runs in its low precision, weights and bias alike (so their weights may be kept so)
 LOW_PRECISION_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -287,7 +286,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, 
     if meeting is None:
         return None
     slots, barrier = meeting
-    slots[rank].zero_()  # its pages are taken now, not in the first step (about 14 ms for the seed CNN)
+    slots[rank].zero_()  # its pages are taken now, not in the first step (see docs/performance.md)
     layers = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
     if not all(isinstance(m, LOW_PRECISION_LAYERS) for m in layers):
         low = None

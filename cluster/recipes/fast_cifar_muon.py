@@ -2,7 +2,7 @@
 learn through Muon (Keller Jordan's orthogonalised momentum, as in airbench94_muon), the rate decays linearly
 from the first step, there is no lookahead, and all but the last FULL_SIZE_EPOCHS see the images scaled down,
 growing from 5/8 to 7/8 of their side (progressive resizing): on a CPU, where the convolutions' arithmetic is
-the whole step, an epoch at 20 pixels costs a third of one at 32, at 24 about half.
+the whole step, an epoch costs about in proportion to the images' pixels (see docs/performance.md).
 
 Each piece is tested on its own in tests/cluster/test_fast_cifar_muon.py.
 """
