@@ -30,8 +30,8 @@ FIGURE_PATTERNS = [
     re.compile(p, re.IGNORECASE) for p in (
         rf"{_NUMBER}\s*(?:images|imgs?|samples|steps|tokens)/s\b",  # throughput
         rf"{_NUMBER}\s*(?:ms|µs)\b",  # step and call timings
-        rf"{_NUMBER}\s*(?:s|seconds?|minutes?)\b[^.;\n]{{0,60}}"
-        r"(?:\b(?:\d|two|four)[- ](?:cpu[- ])?cores?\b|reference machine)",  # wall times tied to a machine
+        (rf"{_NUMBER}\s*(?:s|seconds?|minutes?)\b[^.;\n]{{0,60}}"  # wall times tied to a machine
+         r"(?:\b(?:\d|two|four)[- ](?:cpu[- ])?cores?\b|reference machine)"),
         r"\b(?:ddp_efficiency\w*|ray_overhead|ratio_vs_\w+)`?\s*(?:of|was|=|:)?\s*\d\.\d",  # make bench's ratios
         r"\b0\.\d{3,}\s+(?:test\s+)?accuracy\b",  # a measured accuracy
     )
