@@ -4,7 +4,7 @@ The choice is a pure function of what the worker's hardware offers (the CPU's
 flags, the GPU's compute capability) and of what the framework implements, so
 it can be tested with any flags; :func:`cpu_flags` reads them on the worker,
 where the hardware is known (a GPU worker on another node may differ from the
-driver). Framework code (reading a GPU's capability) stays in the backends.
+driver). Framework code (reading a GPU's capability) stays in each framework's folder.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Kinds and their fields:
 - ``stage_finished``: name, seconds, skipped, note
 - ``training_started``: epochs, workers, batch_size
 - ``epoch_progress``: epoch, epochs, done, total, seconds (images of this epoch done so far, over all ranks)
-- ``epoch_finished``: epochs, metrics (an epoch's report, as ``cluster.worker.epoch_metrics`` makes it)
+- ``epoch_finished``: epochs, metrics (an epoch's report, as ``cluster.worker.context.epoch_metrics`` makes it)
 - ``note``: text (something a person should read: a resume, a reused run, a worker message)
 """
 

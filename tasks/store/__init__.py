@@ -1,11 +1,11 @@
-"""The artifact store: one small interface over where artifacts live, one module per backend.
+"""The artifact store: one small interface over where artifacts live, one module per kind of storage.
 
 Keys are ``/``-separated relative paths (``models/cnn/versions/3/model.pt``).
 Every write is atomic: a reader sees either the old object or the whole new
 one, never a partial file. Multi-file objects (prepared data, model versions)
 get their atomicity one level up, from a manifest written last.
 
-``open_store`` picks the backend by the location's scheme; boto3 is imported
+``open_store`` picks the implementation by the location's scheme; boto3 is imported
 only when an ``s3://`` store is opened.
 """
 

@@ -1,4 +1,4 @@
-"""The interface every store backend implements (see the package docstring for the contract)."""
+"""The interface every store implementation (folder, S3) implements (see the package docstring for the contract)."""
 
 from __future__ import annotations
 
