@@ -5,8 +5,8 @@ imports them, so the flow, the Prefect form and the CLI can list and check
 frameworks without loading any. The parts are loaded only where they run:
 the worker loop in Ray Train's workers, the Ray backend config (which imports
 no framework) where the trainer is built, ``predict`` in evaluation's Ray
-task, ``probabilities`` in ``trainflow predict``. Adding a framework means one backend module (model,
-loop, checkpoint, predict) and one entry here.
+task, ``probabilities`` in ``trainflow predict``. Adding a framework means one folder (model, loop,
+checkpoint, predict, Ray Train backend) and one entry here.
 """
 
 from __future__ import annotations
