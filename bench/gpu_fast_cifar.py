@@ -12,7 +12,7 @@ Needs only torch, numpy, Pillow and CIFAR-10's JPEG archives (``train.tar.gz``, 
    included), starts after a compilation warm-up on a throwaway model (``--compile``), and stops once the last
    step is done (CUDA synchronised); test accuracy (with the recipe's test-time views) is measured after.
    time_to_94 is that training time for a run that reached 94 %, else null.
-3. Runs the per-worker loop itself (``python -m cluster.torch_loop``) under ``torchrun`` with one rank per
+3. Runs the per-worker loop itself (``python -m cluster.pytorch.loop``) under ``torchrun`` with one rank per
    GPU (NCCL between ranks when there are two or more), checkpoints and test predictions included.
 
 Prints one JSON object (and writes it to ``--out``).
@@ -40,11 +40,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster import torch_backend as tb  # noqa: E402
+from cluster.pytorch import model as tb  # noqa: E402
 from cluster.config import TrainLoopConfig  # noqa: E402
 from cluster.data import META, SPLITS, Meta, prepared_fingerprint, split_files  # noqa: E402
 from cluster.recipes import fast_cifar  # noqa: E402
-from cluster.torch_loop import RecipeSteps  # noqa: E402
+from cluster.pytorch.loop import RecipeSteps  # noqa: E402
 from tasks.images import channel_stats, decode_image  # noqa: E402
 
 TARGET = 0.94
@@ -139,7 +139,7 @@ def run_torchrun(prepared: Path, cfg: TrainLoopConfig, epochs: int, work: Path) 
     ranks = max(1, torch.cuda.device_count())
     ckpt = work / "torchrun-checkpoints"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "-m", "cluster.torch_loop", "--data", str(prepared), "--checkpoints", str(ckpt), "--epochs", str(epochs),
+           "-m", "cluster.pytorch.loop", "--data", str(prepared), "--checkpoints", str(ckpt), "--epochs", str(epochs),
            "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--momentum", str(cfg.momentum),
            "--recipe", cfg.recipe, "--precision", "auto"]
     start = time.perf_counter()

@@ -8,10 +8,10 @@ draws it), seed CNN, global batch 64, one epoch, one process, this runs:
 * the baseline with ``--loader memory``: fp32 eager compute with no input
   pipeline at all, the floor;
 * the baseline with ``--loader folder``: the article's ImageFolder/DataLoader;
-* trainflow's loop (``python -m cluster.torch_loop``) on the prepared arrays,
+* trainflow's loop (``python -m cluster.pytorch.loop``) on the prepared arrays,
   in its default fp32 mode and in its fastest mode (bf16 autocast +
   channels_last);
-* trainflow's TensorFlow loop (``python -m cluster.tf_loop``) on the same
+* trainflow's TensorFlow loop (``python -m cluster.tf.loop``) on the same
   arrays, same model and batch, fp32 (skipped when TensorFlow is not installed);
 * on the full training split (50 000 images, 782 steps, as an epoch of a real
   run; on the subset's 79 steps, the first step and a Ray run's start weigh
@@ -83,7 +83,7 @@ def auto_precision() -> str:
     """What ``precision: auto`` trains in on this machine's CPU (the Ray stages' precision)."""
     import torch
 
-    from cluster.torch_backend import resolve_precision
+    from cluster.pytorch.model import resolve_precision
 
     return resolve_precision("auto", False, torch.device("cpu")).label
 
@@ -159,12 +159,12 @@ def main() -> None:
                                 "--limit", str(SUBSET)],
             "baseline_folder": [sys.executable, str(args.baseline), str(folders), "--loader", "folder",
                                 "--limit", str(SUBSET)],
-            **{name: [sys.executable, "-m", "cluster.torch_loop", "--data", str(data), "--epochs", "1", *extra]
+            **{name: [sys.executable, "-m", "cluster.pytorch.loop", "--data", str(data), "--epochs", "1", *extra]
                for name, extra in MODES.items()},
         }
         if importlib.util.find_spec("tensorflow") is not None:
-            commands[TENSORFLOW] = [sys.executable, "-m", "cluster.tf_loop", "--data", str(data), "--epochs", "1"]
-        loop_full = ["-m", "cluster.torch_loop", "--data", str(full), "--epochs", "1", *MODES[AUTO_MODE[auto]]]
+            commands[TENSORFLOW] = [sys.executable, "-m", "cluster.tf.loop", "--data", str(data), "--epochs", "1"]
+        loop_full = ["-m", "cluster.pytorch.loop", "--data", str(full), "--epochs", "1", *MODES[AUTO_MODE[auto]]]
         commands[ONE_PROCESS] = [sys.executable, *loop_full]
         commands.update({name: [*ray_stage, "--ray-stage", str(n)] for name, n in RAY_STAGES.items()})
         commands[TORCHRUN] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

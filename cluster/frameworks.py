@@ -68,8 +68,8 @@ FRAMEWORKS: dict[str, Framework] = {
         Framework(
             name="torch", summary="PyTorch DDP through Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU)",
             modules=("torch",), install="pip install trainflow",
-            train="cluster.torch_loop:train_on_ray", backend_config="cluster.torch_ray:backend_config",
-            predict="cluster.torch_backend:predict", probabilities="cluster.torch_backend:probabilities",
+            train="cluster.pytorch.loop:train_on_ray", backend_config="cluster.pytorch.ray_backend:backend_config",
+            predict="cluster.pytorch.model:predict", probabilities="cluster.pytorch.model:probabilities",
             packages=("torch",),
             options=frozenset({"precision=bf16", "channels_last"}),
             # Train runs the loop on a thread of its own, and glibc gives a thread a malloc arena of its own,
@@ -81,8 +81,8 @@ FRAMEWORKS: dict[str, Framework] = {
             name="tensorflow",
             summary="TensorFlow with tf.distribute.MultiWorkerMirroredStrategy, one Ray Train worker per TF worker",
             modules=("tensorflow", "keras"), install="pip install 'trainflow[tensorflow]'",
-            train="cluster.tf_loop:train_on_ray", backend_config="cluster.tf_ray:backend_config",
-            predict="cluster.tf_backend:predict", probabilities="cluster.tf_backend:probabilities",
+            train="cluster.tf.loop:train_on_ray", backend_config="cluster.tf.ray_backend:backend_config",
+            predict="cluster.tf.model:predict", probabilities="cluster.tf.model:probabilities",
             packages=("tensorflow", "keras"),
             # a user's global KERAS_BACKEND=torch would make `import keras` load torch into a TensorFlow worker
             env={"TRAINFLOW_FRAMEWORK": "tensorflow", "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}),

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.frameworks import FRAMEWORKS, get_framework
 from cluster.precision import PRECISIONS
 from cluster.recipes import RECIPES, get_recipe
-from cluster.runtime import resolve_address
+from cluster.execution.session import resolve_address
 from tasks import sources
 from tasks.preprocess import PreprocessConfig
 from tasks.sources import SOURCES

@@ -15,7 +15,7 @@ import time
 from prefect import flow
 from pydantic import BaseModel
 
-from cluster import runtime
+from cluster.execution import session as runtime
 from flows.artifacts import evaluation_artifacts, release_artifact
 from flows.params import PipelineParams, preflight
 from tasks.common import result_storage

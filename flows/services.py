@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.errors import UserError
-from cluster.runtime import LOCAL_SYSTEM_CONFIG
 
 PREFECT_HOST = "127.0.0.1"
 RAY_HOST = "127.0.0.2"  # `ray start` on 127.0.0.1 advertises the machine's outward address instead
@@ -168,8 +167,7 @@ def _start_ray(port: int, cpus: int | None, temp_dir: Path, token_file: Path, lo
     ray = str(Path(sys.executable).parent / "ray")
     command = [ray, "start", "--head", "--block", f"--node-ip-address={RAY_HOST}", f"--port={port}",
                f"--num-cpus={cpus or os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--dashboard-agent-listen-port={_free_port(RAY_HOST)}", f"--temp-dir={temp_dir / 'ray'}",
-               f"--system-config={json.dumps(LOCAL_SYSTEM_CONFIG)}"]
+               f"--dashboard-agent-listen-port={_free_port(RAY_HOST)}", f"--temp-dir={temp_dir / 'ray'}"]
     with open(log, "ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=temp_dir, env=env, start_new_session=True)

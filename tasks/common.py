@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cluster.data import file_sha256
 from cluster.errors import UserError
-from cluster.nodecache import node_cache_root
+from cluster.execution.nodecache import node_cache_root
 
 __all__ = ["cache_root", "file_sha256", "in_prefect_run", "result_storage", "retry_unless_user_error"]
 

@@ -19,9 +19,9 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from cluster.launch import StoredCheckpoint, predict
-from cluster.runtime import ray_session
-from cluster.worker import PREDICTIONS_FILE
+from cluster.execution.predict import StoredCheckpoint, predict
+from cluster.execution.session import ray_session
+from cluster.worker.checkpoint import PREDICTIONS_FILE
 from tasks.common import in_prefect_run
 from tasks.refs import ClassMetrics, Evaluation, PreparedData, TrainedModel
 from tasks.store import Store, open_store

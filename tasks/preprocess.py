@@ -28,8 +28,8 @@ from prefect import get_run_logger, task
 
 from cluster.data import META, SPLITS, Meta, data_files, prepared_fingerprint, split_files
 from cluster.errors import UserError
-from cluster.fanout import cluster_cpus, map_on_cluster
-from cluster.runtime import ray_session
+from cluster.execution.fanout import cluster_cpus, map_on_cluster
+from cluster.execution.session import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
 from tasks.images import channel_stats, decode_image, to_channels
 from tasks.ingest import scan_split

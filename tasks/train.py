@@ -22,9 +22,9 @@ from prefect.context import TaskRunContext
 
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
-from cluster.launch import Resources, check_framework, check_placement, fit
-from cluster.nodecache import StoredData
-from cluster.runtime import ray_session
+from cluster.execution.trainer import Resources, check_framework, check_placement, fit
+from cluster.execution.nodecache import StoredData
+from cluster.execution.session import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
 from tasks.events import emit
 from tasks.refs import EpochMetrics, PreparedData, TrainedModel, TrainingPrecision, WorkerPlacement

@@ -152,7 +152,7 @@ def ray_local(s3_server) -> Iterator[None]:
     Started after the S3 server so that its workers inherit the AWS environment,
     as a real cluster's workers have their own credentials.
     """
-    from cluster import runtime
+    from cluster.execution import session as runtime
 
     runtime.prestart(None)
     with runtime.ray_session(None):  # waits until Ray is up

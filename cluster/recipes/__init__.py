@@ -21,7 +21,7 @@ __all__ = ["MODELS", "RECIPES", "Recipe", "get_recipe"]
 # network name → framework → "module:Class" taking a ModelSpec; a checkpoint's state.json names its network,
 # so a published version is rebuilt (for predict) without knowing which recipe trained it
 MODELS: dict[str, dict[str, str]] = {
-    "seed_cnn": {"torch": "cluster.torch_backend:SeedCNN", "tensorflow": "cluster.tf_backend:build_model"},
+    "seed_cnn": {"torch": "cluster.pytorch.model:SeedCNN", "tensorflow": "cluster.tf.model:build_model"},
     "fast_net": {"torch": "cluster.recipes.fast_cifar:FastNet"},
 }
 

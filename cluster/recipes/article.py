@@ -18,7 +18,7 @@ def torch_parts(cfg: TrainLoopConfig) -> Any:
     """SGD (lr, momentum from ``cfg``), constant rate, mean cross-entropy."""
     import torch
 
-    from cluster.torch_backend import TorchParts
+    from cluster.pytorch.model import TorchParts
 
     def optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
         # fused: one kernel updates all parameters (the per-step cost every DDP rank pays in full is lower)
@@ -32,6 +32,6 @@ def tensorflow_parts(cfg: TrainLoopConfig) -> Any:
     """Keras's SGD (lr, momentum from ``cfg``) at a constant rate; the loop's loss is mean cross-entropy."""
     import keras
 
-    from cluster.tf_backend import TensorFlowParts
+    from cluster.tf.model import TensorFlowParts
 
     return TensorFlowParts(optimizer=lambda: keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum))

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from cluster.config import TrainLoopConfig
 from cluster.recipes.schedules import warmup_linear_decay
-from cluster.torch_backend import TorchParts
-from cluster.worker import ModelSpec
+from cluster.pytorch.model import TorchParts
+from cluster.worker.checkpoint import ModelSpec
 
 __all__ = ["FastNet", "Lookahead", "flip_and_translate", "init_whitening", "label_smoothed_loss",
            "mirrored", "optimizer", "patch_whitening", "torch_parts"]

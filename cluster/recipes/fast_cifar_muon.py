@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from cluster.config import TrainLoopConfig
 from cluster.recipes.fast_cifar import flip_and_translate, init_whitening, label_smoothed_loss
 from cluster.recipes.schedules import linear_decay
-from cluster.torch_backend import TorchParts
+from cluster.pytorch.model import TorchParts
 
 __all__ = ["Muon", "REFERENCE_LR", "muon_optimizer", "orthogonalized", "progressive", "side_in_epoch", "torch_parts"]
 

@@ -54,10 +54,10 @@ def test_compiled_and_eager_steps_agree(tmp_path):
     what the eager one does. Three recipe steps each from the same weights and batches, fp32 on the CPU."""
     import torch
 
-    from cluster import torch_backend as tb
+    from cluster.pytorch import model as tb
     from cluster.config import TrainLoopConfig
     from cluster.recipes import fast_cifar
-    from cluster.torch_loop import RecipeSteps
+    from cluster.pytorch.loop import RecipeSteps
     from tests.cluster.test_fast_cifar import spec
 
     cfg = TrainLoopConfig(data_dir=str(tmp_path), recipe="fast_cifar", epochs=1, batch_size=32, lr=0.4,

@@ -12,12 +12,12 @@ import torch.multiprocessing as mp
 
 
 def _rank_then_leave(rank: int, fn: Callable, *args) -> None:
-    """``fn`` on this rank, then leave without the interpreter's teardown, as ``cluster.torch_loop`` does.
+    """``fn`` on this rank, then leave without the interpreter's teardown, as ``cluster.pytorch.loop`` does.
 
     gloo's worker threads can outlive ``destroy_process_group`` and free the last collective's tensors while
     the interpreter finalizes, which aborts the process (``terminate called without an active exception``)
     after ``fn`` succeeded: 5 of 58 runs here of a rank that only made the collectives of
-    :func:`cluster.torch_allreduce.shared_segment`. An exception from ``fn`` still ends the rank as a failure.
+    :func:`cluster.pytorch.allreduce.shared_segment`. An exception from ``fn`` still ends the rank as a failure.
     """
     fn(rank, *args)
     sys.stdout.flush()

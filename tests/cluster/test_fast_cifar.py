@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster import torch_backend as tb
+from cluster.pytorch import model as tb
 from cluster.config import TrainLoopConfig
 from cluster.recipes import RECIPES, fast_cifar as fc, get_recipe
 from cluster.recipes.schedules import constant, warmup_linear_decay
-from cluster.torch_loop import LocalContext, train_loop
+from cluster.pytorch.loop import LocalContext, train_loop
 from tests.cluster.test_torch_loop import data_dir
 
 

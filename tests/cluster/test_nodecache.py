@@ -11,7 +11,7 @@ import pyarrow.fs
 import pytest
 
 from cluster.data import META, data_files, load_split
-from cluster.nodecache import StoredData, materialize
+from cluster.execution.nodecache import StoredData, materialize
 from tasks.store import open_store
 
 

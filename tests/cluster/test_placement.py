@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.errors import UserError
-from cluster.placement import Resources, placement_problem
+from cluster.execution.placement import Resources, placement_problem
 
 TWO_SMALL = [{"CPU": 1.0}, {"CPU": 1.0}]
 

@@ -97,7 +97,7 @@ def test_the_torch_wrapper_reads_this_machines_cpu():
     import torch
 
     from cluster.precision import BF16_CPU_FLAGS
-    from cluster.torch_backend import resolve_precision
+    from cluster.pytorch.model import resolve_precision
 
     chosen = resolve_precision("auto", False, torch.device("cpu"))
     assert chosen.dtype == ("bf16" if BF16_CPU_FLAGS & cpu_flags() else "fp32")
@@ -122,9 +122,9 @@ def test_bf16_channels_last_within_a_point_of_fp32_on_digits(digits, tmp_path):
     """Same seed, epochs, batches and learning rate; test accuracy of the final checkpoints, as evaluation sees it."""
     import torch
 
-    from cluster import torch_backend as tb
+    from cluster.pytorch import model as tb
     from cluster.data import load_split
-    from cluster.torch_loop import LocalContext, train_loop
+    from cluster.pytorch.loop import LocalContext, train_loop
 
     epochs, accuracy = 10, {}
     x_test, y_test = load_split(digits, "test")

@@ -31,7 +31,7 @@ PROBE = """
         out = {"node": ray.get_runtime_context().get_node_id(), "file": os.path.exists(path),
                "folder": sorted(os.listdir(os.path.dirname(path))) if os.path.isdir(os.path.dirname(path)) else None,
                "torch": importlib.util.find_spec("torch") is not None}
-        for name in ("cluster", "cluster.runtime"):
+        for name in ("cluster", "cluster.execution.session"):
             try:
                 out[name] = importlib.import_module(name).__file__
             except Exception as exc:
@@ -95,10 +95,10 @@ def test_hidden_node_sees_neither_the_checkout_nor_hidden_files_but_the_head_doe
     assert on_head["node"] == head.node_id and on_node["node"] == node.node_id  # the pins held
     assert on_head["file"] and on_head["folder"] == ["secret.txt"]
     assert on_head["cluster"] == str(CHECKOUT / "cluster" / "__init__.py")
-    assert on_head["cluster.runtime"] == str(CHECKOUT / "cluster" / "runtime.py")
+    assert on_head["cluster.execution.session"] == str(CHECKOUT / "cluster" / "runtime.py")
     assert not on_node["file"] and on_node["folder"] == []  # the folder is there, empty
     assert on_node["cluster"] == "ModuleNotFoundError: No module named 'cluster'"
-    assert on_node["cluster.runtime"].startswith("ModuleNotFoundError")
+    assert on_node["cluster.execution.session"].startswith("ModuleNotFoundError")
     assert on_node["torch"]  # the dependencies are there: only the project's own files are not
 
 
@@ -113,8 +113,8 @@ def test_py_modules_in_the_runtime_env_ship_the_package_to_the_hidden_node(two_n
     """)
 
     # Imported from the copy that Ray unpacked into that node's own folder, not from the checkout.
-    assert out["cluster.runtime"].startswith(str(node.temp_dir)), out
-    assert out["cluster.runtime"].endswith("/cluster/runtime.py")
+    assert out["cluster.execution.session"].startswith(str(node.temp_dir)), out
+    assert out["cluster.execution.session"].endswith("/cluster/runtime.py")
 
 
 @pytest.mark.timeout(300)

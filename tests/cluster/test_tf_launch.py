@@ -18,7 +18,8 @@ import pytest
 
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
-from cluster.launch import Resources, StoredCheckpoint, fit, predict
+from cluster.execution.predict import StoredCheckpoint, predict
+from cluster.execution.trainer import Resources, fit
 from tests.cluster.test_launch import in_place
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster import torch_allreduce
+from cluster.pytorch import allreduce as torch_allreduce
 from tests.cluster._ranks import run_ranks
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster import torch_backend as tb
+from cluster.pytorch import model as tb
 
 
 def spec_for(channels: int = 3, classes: int = 4, size: int = 16, mean=None, std=None) -> tb.ModelSpec:

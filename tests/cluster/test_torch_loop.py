@@ -15,7 +15,7 @@ from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
 from cluster.frameworks import get_framework
 from cluster.precision import BF16_CPU_FLAGS, cpu_flags
-from cluster.torch_loop import LocalContext, train_loop
+from cluster.pytorch.loop import LocalContext, train_loop
 from tasks.store import open_store
 
 
@@ -83,7 +83,7 @@ def test_a_training_process_keeps_the_memory_it_frees(prepared, tmp_path):
 import json
 from pathlib import Path
 from cluster.config import TrainLoopConfig
-from cluster.torch_loop import LocalContext, train_loop
+from cluster.pytorch.loop import LocalContext, train_loop
 
 before = faults_of_a_block()
 cfg = TrainLoopConfig(data_dir={data_dir(prepared)!r}, epochs=1, batch_size=32)
@@ -102,7 +102,7 @@ print(json.dumps([before, faults_of_a_block()]))
 # Prints the page faults of filling such a block, 4 times.
 THREAD_STEPS = """
 import json, resource, threading
-from cluster.worker import keep_freed_memory
+from cluster.worker.memory import keep_freed_memory
 
 keep_freed_memory()
 faults = []
@@ -155,7 +155,7 @@ def test_runs_under_torchrun_with_two_ranks(prepared, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-         "-m", "cluster.torch_loop", "--data", data_dir(prepared), "--epochs", "3", "--lr", "0.01",
+         "-m", "cluster.pytorch.loop", "--data", data_dir(prepared), "--epochs", "3", "--lr", "0.01",
          "--batch-size", "32", "--checkpoints", str(tmp_path / "ckpt")],
         capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster import torch_allreduce, torch_sharded
+from cluster.pytorch import allreduce as torch_allreduce
+from cluster.pytorch import sharded as torch_sharded
 from tests.cluster._ranks import run_ranks
 
 STEPS = 4

@@ -73,10 +73,10 @@ def test_bf16_channels_last_within_a_point_of_fp32_on_the_subset(subset_runs, tm
     """
     import torch
 
-    from cluster import torch_backend as tb
+    from cluster.pytorch import model as tb
     from cluster.config import TrainLoopConfig
     from cluster.data import load_split
-    from cluster.torch_loop import LocalContext, train_loop
+    from cluster.pytorch.loop import LocalContext, train_loop
 
     store, _ = subset_runs
     data = next((store / "prepared").glob("*/meta.json")).parent
@@ -108,8 +108,8 @@ def test_fast_recipe_beats_the_article_in_the_same_epochs_on_the_subset(subset_r
     import numpy as np
 
     from cluster.config import TrainLoopConfig
-    from cluster.torch_loop import LocalContext, train_loop
-    from cluster.worker import PREDICTIONS_FILE
+    from cluster.pytorch.loop import LocalContext, train_loop
+    from cluster.worker.checkpoint import PREDICTIONS_FILE
 
     store, _ = subset_runs
     data = str(next((store / "prepared").glob("*/meta.json")).parent)

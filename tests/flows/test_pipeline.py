@@ -126,8 +126,8 @@ def test_digits_flow_trains_publishes_and_skips_unchanged_stages_on_rerun(digits
 def test_predict_agrees_with_the_evaluation_of_the_published_model(digits_run, tmp_path):
     """`trainflow predict` on test-split digits (the raw 8x8 PNGs) gives the classes evaluation predicted."""
     from cluster.data import load_split
-    from cluster.launch import StoredCheckpoint, predict
-    from cluster.runtime import ray_session
+    from cluster.execution.predict import StoredCheckpoint, predict
+    from cluster.execution.session import ray_session
     from tasks import predict as predicting
     from tasks.ingest import ingest
     from tasks.preprocess import plan_splits, preprocess

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cluster.config import TrainLoopConfig
-from cluster.torch_loop import LocalContext, train_loop
+from cluster.pytorch.loop import LocalContext, train_loop
 from tests.conftest import write_class_folders
 from tasks.ingest import ingest
 from tasks.preprocess import PreprocessConfig, preprocess

@@ -10,8 +10,8 @@ from PIL import Image
 
 from tests.tasks._helpers import Trained, train_small_model
 from cluster.data import load_split
-from cluster.torch_backend import predict
-from cluster.worker import PREDICTIONS_FILE
+from cluster.pytorch.model import predict
+from cluster.worker.checkpoint import PREDICTIONS_FILE
 from tasks.evaluate import compute_metrics, confusion_png, evaluate, evaluate_task
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

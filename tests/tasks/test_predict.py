@@ -12,7 +12,7 @@ import pytest
 
 from cluster.data import load_split
 from cluster.errors import UserError
-from cluster.torch_backend import predict as checkpoint_predict
+from cluster.pytorch.model import predict as checkpoint_predict
 from flows.cli import main
 from tasks import predict
 from tasks.evaluate import compute_metrics, confusion_png

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from cluster.precision import Precision
-from cluster.worker import STATE_FILE, ModelSpec, read_state, write_state
+from cluster.worker.checkpoint import ModelSpec, STATE_FILE, read_state, write_state
 
 __all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "TensorFlowParts", "build_model", "load_checkpoint", "predict",
            "read_state", "save_checkpoint"]
@@ -38,7 +38,7 @@ class TensorFlowParts:
 
 
 def build_model(spec: ModelSpec) -> keras.Model:
-    """The source article's network, as ``cluster.torch_backend.SeedCNN``: conv64-conv128-conv256 (each + 2x2
+    """The source article's network, as ``cluster.pytorch.model.SeedCNN``: conv64-conv128-conv256 (each + 2x2
     max-pool), then fc1024-fc512-fc(classes), returning logits. Any image size >= 8, channel and class count."""
     layers = keras.layers
     inputs = keras.Input(shape=(spec.image_size, spec.image_size, spec.in_channels), name="pixels")

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
-from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.util import TrainingFramework
+
+
+def free_address() -> tuple[str, int]:
+    """This node's address and a port free on it, for the group's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return ray.util.get_node_ip_address(), probe.getsockname()[1]
+
 
 __all__ = ["TensorflowConfig", "backend_config"]
 
@@ -28,17 +35,13 @@ class TensorflowConfig(BackendConfig):
     def backend_cls(self):
         return _TensorflowBackend
 
-    @property
-    def framework(self):
-        return TrainingFramework.TENSORFLOW  # Train's run records then name TensorFlow's and Keras's versions
-
 
 def _set_tf_config(addresses: list[str], index: int) -> None:
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
 
 
 def _address() -> str:
-    host, port = get_address_and_port()
+    host, port = free_address()
     return f"{host}:{port}"
 
 

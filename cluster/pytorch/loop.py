@@ -1,11 +1,11 @@
 """The per-worker PyTorch training loop, independent of Ray.
 
-Ray (``cluster.launch``) supplies rank, world size, reporting and checkpoint
+Ray (``cluster.execution.worker_entry``) supplies rank, world size, reporting and checkpoint
 storage through a :class:`WorkerContext`; without Ray, :class:`LocalContext`
 does the same for one process or for each process under ``torchrun``::
 
-    python -m cluster.torch_loop --data DIR --epochs 2            # one process
-    torchrun --nproc-per-node 2 -m cluster.torch_loop --data DIR  # 2 ranks, no Ray
+    python -m cluster.pytorch.loop --data DIR --epochs 2            # one process
+    torchrun --nproc-per-node 2 -m cluster.pytorch.loop --data DIR  # 2 ranks, no Ray
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cluster import torch_allreduce, torch_sharded
-from cluster import torch_backend as tb
+from cluster.pytorch import allreduce as torch_allreduce
+from cluster.pytorch import sharded as torch_sharded
+from cluster.pytorch import model as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
 from cluster.frameworks import load
 from cluster.precision import PRECISIONS, Precision, agree, describe
 from cluster.recipes import RECIPES, get_recipe
-from cluster.worker import (LocalContext, ModelSpec, WorkerContext, epoch_metrics, keep_freed_memory,
-                            write_predictions)
+from cluster.worker.checkpoint import ModelSpec, write_predictions
+from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
+from cluster.worker.memory import keep_freed_memory
 
 __all__ = ["LocalContext", "RecipeSteps", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
 

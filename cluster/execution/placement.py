@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.errors import UserError
-from cluster.runtime import wait_ready
+from cluster.execution.session import wait_ready
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 LOG_EVERY_S = 30.0

@@ -10,13 +10,20 @@ imported only on the workers, where the loop needs it anyway.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
-from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.util import TrainingFramework
+
+
+def free_address() -> tuple[str, int]:
+    """This node's address and a port free on it, for the group's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return ray.util.get_node_ip_address(), probe.getsockname()[1]
+
 
 __all__ = ["ProcessGroupConfig", "backend_config"]
 
@@ -33,10 +40,6 @@ class ProcessGroupConfig(BackendConfig):
     @property
     def backend_cls(self):
         return _ProcessGroupBackend
-
-    @property
-    def framework(self):
-        return TrainingFramework.TORCH  # Train's run records then name torch's version
 
 
 def _join(master_addr: str, master_port: int, backend: str, timeout_s: int) -> None:
@@ -65,7 +68,7 @@ class _ProcessGroupBackend(Backend):
     share_cuda_visible_devices = True  # GPU workers on one node see each other's devices (NCCL needs it)
 
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
-        master_addr, master_port = worker_group.execute_single(0, get_address_and_port)
+        master_addr, master_port = worker_group.execute_single(0, free_address)
         worker_group.execute(_join, master_addr, master_port, backend_config.backend, backend_config.timeout_s)
 
     def on_shutdown(self, worker_group, backend_config: ProcessGroupConfig) -> None:

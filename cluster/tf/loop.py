@@ -6,10 +6,10 @@ Keras 3's ``model.fit`` fails under that strategy with more than one worker
 before any other TensorFlow work; each worker reads its own shard through
 ``distribute_datasets_from_function``; model and optimizer are built in the
 strategy's scope; one ``tf.function`` step calls ``strategy.run`` and scales
-the loss by the global batch. Ray (``cluster.launch``) supplies rank, world
+the loss by the global batch. Ray (``cluster.execution.worker_entry``) supplies rank, world
 size, reporting, checkpoints and ``TF_CONFIG``; without Ray::
 
-    python -m cluster.tf_loop --data DIR --epochs 2    # one process, one worker
+    python -m cluster.tf.loop --data DIR --epochs 2    # one process, one worker
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cluster import tf_backend as tfb
+from cluster.tf import model as tfb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_meta
 from cluster.frameworks import load
 from cluster.precision import describe, resolve
 from cluster.recipes import MODELS, get_recipe
-from cluster.worker import LocalContext, ModelSpec, WorkerContext, epoch_metrics, epoch_shard, write_predictions
+from cluster.worker.checkpoint import ModelSpec, write_predictions
+from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
+from cluster.worker.shards import epoch_shard
 
 __all__ = ["main", "train_loop", "train_on_ray"]
 
@@ -188,7 +190,7 @@ def run_epoch(steps: _Steps, train: tuple[np.ndarray, np.ndarray], val: tuple[np
 
 
 def train_on_ray(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
-    """The loop on a Ray Train worker: ``TF_CONFIG`` was set by ``cluster.tf_ray``'s backend."""
+    """The loop on a Ray Train worker: ``TF_CONFIG`` was set by ``cluster.tf.ray_backend``'s backend."""
     # TensorFlow's absl puts a handler on the root logger, which then prints every INFO record of Ray Train
     # (a line per report per rank) that the run's LoggingConfig(log_level="WARNING") meant to keep quiet
     logging.getLogger("ray.train").setLevel(logging.WARNING)

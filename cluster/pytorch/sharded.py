@@ -1,6 +1,6 @@
 """Data parallelism for CPU ranks on one machine: each rank averages and steps 1/W of the parameters.
 
-Under DDP, even with :mod:`cluster.torch_allreduce`'s shared-memory hook, every
+Under DDP, even with :mod:`cluster.pytorch.allreduce`'s shared-memory hook, every
 rank averages every gradient and then steps the whole model. For the seed CNN
 (5.1 M fp32 parameters) that is, per step and rank: DDP copying the gradients
 into its buckets, the hook copying the buckets into shared memory and averaging
@@ -64,7 +64,7 @@ from typing import NamedTuple
 import torch
 from torch.optim.sgd import sgd
 
-from cluster.torch_allreduce import shared_segment, shared_slots
+from cluster.pytorch.allreduce import shared_segment, shared_slots
 
 __all__ = ["CHUNK", "LOW_PRECISION_LAYERS", "LowPrecisionForward", "ShardedStep", "attach"]
 
@@ -268,7 +268,7 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, 
            counters: bool | None = None, low: torch.dtype | None = None) -> ShardedStep | None:
     """A :class:`ShardedStep` to use in ``optimizer``'s place, when the ranks can share ``model``; else None.
 
-    ``counters`` as in :func:`cluster.torch_allreduce.attach`. ``low``: the dtype the loop's autocast runs
+    ``counters`` as in :func:`cluster.pytorch.allreduce.attach`. ``low``: the dtype the loop's autocast runs
     linear and convolution layers in (None without autocast); when every parameter belongs to such a layer,
     the forward pass may run on shared copies of the weights in that dtype, through
     ``LowPrecisionForward(model, stepper)``. A collective: every rank calls it, with the same model and

@@ -7,7 +7,6 @@ training code later waits for it (:func:`ray_session`).
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from cluster.errors import UserError
+from cluster.execution import ray_internals
 
 Connection = Literal["started", "joined", "already"]  # a Ray started here, a running one joined, or one in use
 
@@ -46,42 +46,25 @@ class _Starter:
             self.error = exc
         finally:
             self.ready.set()
-        # On this machine's Ray, Ray Train's modules (1 s of imports, 2 s while everything else starts) load while
-        # the flow ingests and preprocesses, not when its train stage needs them. (Not for a cluster: a refused
-        # placement ends the run at once, and a process joins this thread before it exits.)
+        # Ray Train's modules load while the flow ingests and preprocesses, not when its train stage needs them
+        # (not for a cluster: a refused placement ends the run at once, and a process joins this thread before
+        # it exits)
         try:
             if self.error is None and self.address is None:
-                # and before them, the process for the next run's controller (see cluster.controller_host)
-                importlib.import_module("cluster.controller_host").stand_by()
-                importlib.import_module("cluster.trainer")
+                import ray.train.v2.api.data_parallel_trainer  # noqa: F401
         except Exception:
             pass  # the train stage imports it again, and raises there
         finally:
             self.trainer_loaded.set()
         self.release.wait()
-        if self.error is None:
-            importlib.import_module("cluster.controller_host").release_standby()
         if self.connection != "already":
             # Ray's exit handler would disconnect too, after a 0.5 s sleep; a Ray started here stops with it
             _stop_ray()
 
 
 _pending: _Starter | None = None
-_one_machine = False  # the Ray this process uses is on this machine alone: started here, or `trainflow up`'s
 _worker_logs = True
 _local_head: str | None = None  # `trainflow up`'s Ray head, used instead of starting one
-
-
-# For a Ray on this machine alone (started here, or by `trainflow up`):
-# - Ray starts one idle worker per CPU when the first driver connects. A run never used them (Train's
-#   controller and its workers each started a process of their own, as the session's logs showed): they only
-#   took the cores of a small machine while everything else started.
-# - Ray starts at most one worker process per CPU at a time, but a train run asks for one per Train worker (at
-#   most one per CPU) and one for Train's synchronisation actor at once, so the last worker's process started
-#   only when another had registered (0.5-0.7 s later on the 2-core reference machine). Warm runs' first step,
-#   3 alternated pairs: 10.50, 10.92 and 10.02 s before, 10.28, 9.49 and 9.71 with all of them started at once.
-LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False,
-                       "worker_maximum_startup_concurrency": (os.cpu_count() or 1) + 1}
 
 
 def use_local_head(address: str, token_file: str) -> None:
@@ -104,11 +87,6 @@ def show_worker_logs(shown: bool) -> None:
     """
     global _worker_logs
     _worker_logs = shown
-
-
-def one_machine() -> bool:
-    """True when the Ray this process uses is a one-machine Ray of its own: started here, or `trainflow up`'s."""
-    return _one_machine
 
 
 # This project's packages, shipped to the nodes of a cluster in the run's runtime_env; nodes need only the
@@ -145,20 +123,12 @@ def _no_token(address: str) -> UserError:
 
 
 def _check_token(address: str) -> None:
-    """Ask the cluster's GCS one cheap question with this process's token, and fail in one sentence if refused.
-
-    ``ray.init`` itself retries a refused token for about 20 s, printing a
-    warning a second, and then reports only that it could not connect.
-    """
+    """Ask the cluster's GCS one cheap question with this process's token, and fail in one sentence if refused."""
     import grpc
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
     from ray.exceptions import AuthenticationError
 
     try:
-        with init_grpc_channel(address) as channel:
-            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                gcs_service_pb2.GetClusterIdRequest(), timeout=10)
+        ray_internals.ask_gcs_cluster_id(address)
     except AuthenticationError:  # token mode on here, but no token to send
         raise _no_token(address) from None
     except grpc.RpcError as exc:
@@ -196,13 +166,6 @@ def connect(address: str | None) -> Connection:
     the cluster at ``address`` (``host:port``, ``auto`` or ``ray://…``) and
     ships this project's code in the job's runtime_env.
     """
-    # Ray Train propagates these from the driver's environment to its controller and workers. The controller
-    # collects reports (and so registers checkpoints) when it polls the workers: every 2 s by default. At 0.5 s
-    # the driver hears of an epoch sooner, and a crash right after a checkpoint was written is less likely to
-    # predate its registration (which would repeat that epoch too).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Train V2 also routes workers' print() through a logger, so each line reached the driver twice.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if address is None:
         # Must be set before ray is first imported: keeps a local Ray on 127.0.0.1.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -215,23 +178,19 @@ def connect(address: str | None) -> Connection:
         return "joined"
     # ERROR: without the dashboard, Ray Train's helper actors warn every few seconds that the
     # state API is unavailable; our workers print what matters (batch split, resume epoch).
-    global _one_machine
-    _one_machine = True
     if _local_head is not None:
         ray.init(address=_local_head, log_to_driver=_worker_logs, logging_config=ray.LoggingConfig(log_level="ERROR"))
         return "joined"
     ray.init(address="local", include_dashboard=False, log_to_driver=_worker_logs,
-             logging_config=ray.LoggingConfig(log_level="ERROR"), _system_config=LOCAL_SYSTEM_CONFIG)
+             logging_config=ray.LoggingConfig(log_level="ERROR"))
     return "started"
 
 
 def _stop_ray() -> None:
     """Shut down the Ray this process started, or disconnect from the one it joined."""
-    global _one_machine
     import ray
 
     ray.shutdown()
-    _one_machine = False
 
 
 def prestart(address: str | None) -> bool:

@@ -21,7 +21,7 @@ from cluster import precision as prec
 from cluster.frameworks import load
 from cluster.recipes import MODELS
 from cluster.recipes.schedules import constant
-from cluster.worker import STATE_FILE, ModelSpec, read_state, write_state
+from cluster.worker.checkpoint import ModelSpec, STATE_FILE, read_state, write_state
 
 __all__ = ["EXTRA_FILE", "MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "ModelSpec", "Normalizer", "SeedCNN", "TorchParts",
            "build_model", "eval_pass", "load_weights", "predict", "read_state", "resolve_precision", "save_checkpoint",

@@ -1,0 +1,1 @@
+"""What every framework's worker loop shares, none of it framework code and none of it Ray."""

@@ -1,0 +1,74 @@
+"""A checkpoint's framework-neutral parts: the model's spec and ``state.json``.
+
+``state.json`` says which framework wrote a checkpoint, which of its files are
+the model, and how far training got; the final checkpoint also holds the test
+split's predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cluster.data import Meta, load_split
+from cluster.precision import Precision
+
+STATE_FILE = "state.json"
+PREDICTIONS_FILE = "predictions.npz"  # the final checkpoint's test-split predictions (y_true, y_pred)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """What it takes to rebuild a model and feed it: shape, classes, normalisation."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    eval_views: str = "plain"  # the test-time augmentation its predictions average over (cluster.pytorch.model.VIEWS)
+
+    @classmethod
+    def from_meta(cls, name: str, meta: Meta, eval_views: str = "plain") -> ModelSpec:
+        return cls(name=name, in_channels=meta.channels, num_classes=len(meta.classes), image_size=meta.image_size,
+                   mean=meta.mean, std=meta.std, classes=meta.classes, eval_views=eval_views)
+
+
+def write_state(directory: Path, *, framework: str, versions: dict[str, str], model_files: list[str],
+                spec: ModelSpec, epoch: int, history: list[dict], workers: list[dict] | None = None,
+                precision: Precision | None = None) -> None:
+    """The checkpoint's ``state.json``; ``workers`` records where each rank of the group that trained this epoch ran,
+    ``precision`` what that group trained in (``auto`` as resolved on the workers).
+
+    ``loaded_frameworks`` says which frameworks the writing process had loaded: one, or something leaked.
+    """
+    loaded = sorted(name for name in ("tensorflow", "torch") if name in sys.modules)
+    state = {"framework": framework, "versions": versions, "model_files": model_files, "epoch": epoch,
+             "history": history, "spec": asdict(spec), "workers": workers or [], "loaded_frameworks": loaded,
+             "precision": precision.to_dict() if precision else None}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def write_predictions(directory: Path, data_dir: Path, predict: Callable[[Path, np.ndarray], np.ndarray]) -> None:
+    """Store the test split's predictions in a checkpoint, made by ``predict`` from the checkpoint's own files.
+
+    The loops call it for the final epoch's checkpoint only: evaluation then reads them, with the
+    same numbers its own prediction task would have made, instead of starting a process to make them.
+    """
+    x, y = load_split(data_dir, "test", mmap=True)
+    np.savez(directory / PREDICTIONS_FILE, y_true=np.asarray(y), y_pred=np.asarray(predict(directory, x)))
+
+
+def read_state(directory: Path) -> tuple[ModelSpec, int, list[dict]]:
+    """The spec, last finished epoch and metric history stored in a checkpoint."""
+    state = json.loads((directory / STATE_FILE).read_text())
+    raw = state["spec"]
+    spec = ModelSpec(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]), "classes": tuple(raw["classes"])})
+    return spec, state["epoch"], state["history"]
