@@ -52,9 +52,13 @@ def _reason(exc: BaseException, limit: int = 240) -> str:
 
 
 def _client(address: str) -> JobSubmissionClient:
+    from urllib.parse import urlsplit
+
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    if urlsplit(address).scheme not in ("http", "https"):  # Ray would read host:port as a GCS and wait for it
+        raise UserError(f"--address {address!r} is not a dashboard URL; give the head's http://HOST:8265.")
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
