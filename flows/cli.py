@@ -179,8 +179,8 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from prefect.exceptions import TerminationSignal
 
-    from cluster import runtime
-    from cluster.placement import check_placement
+    from cluster.execution import session as runtime
+    from cluster.execution.placement import check_placement
 
     resources = params.cluster.to_resources()
     runtime.show_worker_logs(args.verbose)
@@ -190,8 +190,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"trainflow: using `trainflow up`'s {found.describe()}", file=sys.stderr)
     try:
         with _console(args):  # from here on, Prefect's log lines (its temporary server's first) are the console's
-            # Ray takes seconds to start, and so does Prefect's temporary server: overlap them and our imports
-            prefect_ready = _start_temporary_prefect_server()
+            # Ray takes seconds to start: overlap that with our imports. (Without PREFECT_API_URL, Prefect itself
+            # starts its temporary server at the flow's first call to its API, and stops it at exit.)
             runtime.prestart(resources.ray_address)
             if resources.ray_address:  # an existing cluster answers at once: refuse a placement it can never hold
                 with runtime.ray_session(resources.ray_address):
@@ -200,7 +200,6 @@ def _run(args: argparse.Namespace) -> int:
 
             for name in ("prefect.flow_runs", "prefect.task_runs"):  # where Prefect's engines log run failures
                 logging.getLogger(name).addFilter(_NoUserErrorTraceback())
-            prefect_ready.join()
             summary = train_pipeline(params)
     except (KeyboardInterrupt, TerminationSignal):
         print("trainflow: stopped; a re-run with the same parameters resumes from the last checkpoint",
@@ -211,30 +210,6 @@ def _run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     print(summary.model_dump_json(indent=2) if args.json else format_summary(summary, wall))
     return 0
-
-
-def _start_temporary_prefect_server() -> threading.Thread:
-    """Start Prefect's temporary server on a thread, when the run will need one; join it before the flow starts.
-
-    (Prefect would start it at the flow's first call to its API, after this process's imports and Ray's start.)
-    """
-    def start() -> None:
-        from prefect.settings import PREFECT_API_URL
-
-        if not PREFECT_API_URL.value():
-            from prefect.server.api.server import SubprocessASGIServer
-
-            server = SubprocessASGIServer()
-            try:
-                server.start()
-            except Exception:
-                if server.server_process is None:
-                    return  # stopped by Prefect's exit handler while starting: the run ended early (a user error)
-                raise
-
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread
 
 
 def _interrupt(signum, frame) -> None:
@@ -252,7 +227,7 @@ def _console(args: argparse.Namespace):
 
 def _submit(args: argparse.Namespace, run_args: list[str]) -> int:
     """Check the run's options here, then hand them to ``trainflow run`` in a Ray job on the cluster."""
-    from cluster.jobs import submit_run
+    from cluster.execution.jobs import submit_run
     from flows.params import build_params
 
     run_parser = _add_run_options(argparse.ArgumentParser(prog="trainflow submit"))
