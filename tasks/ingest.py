@@ -141,7 +141,7 @@ def cache_generation(cache: Path) -> str:
     return marker.read_text()
 
 
-def _ingest_cache_key(_, inputs: dict) -> str:
+def ingest_cache_key(_, inputs: dict) -> str:
     """The source's stamp plus which local cache holds its copy: a wiped cache means ingesting again."""
     cache = cache_root(inputs.get("cache_dir")).resolve()
     return f"{source_stamp(inputs['source'])}|{cache}|{cache_generation(cache)}"
@@ -150,7 +150,7 @@ def _ingest_cache_key(_, inputs: dict) -> str:
 @task(
     name="ingest",
     task_run_name="ingest {source}",
-    cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_ingest_cache_key),
+    cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=ingest_cache_key),
     persist_result=True,
     retries=3,
     retry_delay_seconds=[2, 8, 30],

@@ -1,7 +1,7 @@
 """The GPU check script runs where it is meant to (torch, numpy and Pillow only) and says what it measured.
 
 On this CPU-only machine it runs small: two seeds of one epoch on a few hundred synthetic images at batch 32,
-eager, and two epochs of the per-worker loop under torchrun with one rank. The numbers it is for come from a GPU machine (issue 11).
+eager, and two epochs of the per-worker loop under torchrun with one rank. The numbers it is for come from a GPU machine (see docs/performance.md).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def test_bf16_channels_last_within_a_point_of_fp32_on_the_subset(subset_runs, tm
         torch.set_num_threads(threads)
     print(json.dumps({"test_accuracy": accuracy, "images_per_s": speed}))
     assert accuracy["fp32"] >= 0.2, accuracy  # chance is 0.1
-    # measured over seeds 0-2 (issue 10's note): bf16 - fp32 = 0.000, +0.005, +0.004 after two epochs
+    # measured over seeds 0-2: bf16 - fp32 = 0.000, +0.005, +0.004 after two epochs
     assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.01, accuracy
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from cluster.data import load_split
 from cluster.errors import UserError
 from tasks import sources
-from tasks.ingest import _ingest_cache_key, check_source, ingest, parse_source, source_stamp
+from tasks.ingest import ingest_cache_key, check_source, ingest, parse_source, source_stamp
 from tasks.preprocess import PreprocessConfig, preprocess_task
 from tasks.sources import SOURCES
 from tasks.store import FileStore
@@ -206,9 +206,9 @@ def test_tfds_stamp_and_fingerprint_follow_the_files(toy_raw, tfds_data: Path, t
     assert source_stamp(source) not in (before, rebuilt)
     assert source_stamp(f"{source}&download=true") != source_stamp(source)
     assert source_stamp(f"tfds:toy_shapes?data_dir={tfds_data / 'base'}") != source_stamp(source)
-    key = _ingest_cache_key(None, {"source": source, "cache_dir": str(tmp_path / "c")})
+    key = ingest_cache_key(None, {"source": source, "cache_dir": str(tmp_path / "c")})
     shard.write_bytes(shard.read_bytes())
-    assert _ingest_cache_key(None, {"source": source, "cache_dir": str(tmp_path / "c")}) != key
+    assert ingest_cache_key(None, {"source": source, "cache_dir": str(tmp_path / "c")}) != key
 
 
 @needs_tfds
