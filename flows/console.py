@@ -131,10 +131,12 @@ class _ToConsole(logging.Handler):
 @contextmanager
 def run_console(*, bars: bool, stream: TextIO = sys.stderr) -> Iterator[PlainConsole | BarConsole]:
     """Show the run's events on ``stream`` (bars or lines) and only warnings and errors of its logs."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
     console = BarConsole(stream) if bars else PlainConsole(stream)
     root = logging.getLogger()
     # Prefect logs to the console through a handler on the root logger; everything also goes to its API.
-    replaced = [h for h in root.handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    replaced = [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
     for handler in replaced:
         root.removeHandler(handler)
     ours = _ToConsole(console)

@@ -108,7 +108,7 @@ def project_runtime_env() -> dict:
     """
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor for the entrypoint
         return {}
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository: cluster/execution/session.py
     return {"py_modules": [str(root / name) for name in _PACKAGES if (root / name / "__init__.py").is_file()],
             "excludes": _NOT_SHIPPED}
 

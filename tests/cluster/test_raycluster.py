@@ -95,7 +95,7 @@ def test_hidden_node_sees_neither_the_checkout_nor_hidden_files_but_the_head_doe
     assert on_head["node"] == head.node_id and on_node["node"] == node.node_id  # the pins held
     assert on_head["file"] and on_head["folder"] == ["secret.txt"]
     assert on_head["cluster"] == str(CHECKOUT / "cluster" / "__init__.py")
-    assert on_head["cluster.execution.session"] == str(CHECKOUT / "cluster" / "runtime.py")
+    assert on_head["cluster.execution.session"] == str(CHECKOUT / "cluster" / "execution" / "session.py")
     assert not on_node["file"] and on_node["folder"] == []  # the folder is there, empty
     assert on_node["cluster"] == "ModuleNotFoundError: No module named 'cluster'"
     assert on_node["cluster.execution.session"].startswith("ModuleNotFoundError")
@@ -114,7 +114,7 @@ def test_py_modules_in_the_runtime_env_ship_the_package_to_the_hidden_node(two_n
 
     # Imported from the copy that Ray unpacked into that node's own folder, not from the checkout.
     assert out["cluster.execution.session"].startswith(str(node.temp_dir)), out
-    assert out["cluster.execution.session"].endswith("/cluster/runtime.py")
+    assert out["cluster.execution.session"].endswith("/cluster/execution/session.py")
 
 
 @pytest.mark.timeout(300)
