@@ -62,7 +62,7 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trainflow", description="Train image classifiers as a Prefect + Ray pipeline.")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_run_options(sub.add_parser("run", help="run the whole pipeline once, here"))
@@ -300,9 +300,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = _parser().parse_known_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     if extra and args.command != "submit":
-        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         if args.command == "presets":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flows.cli import _parser, overrides_from
+from flows.cli import build_parser, overrides_from
 from cluster.recipes import get_recipe
 from flows.params import PRESETS, DataParams, build_params
 from tasks.sources import SOURCES
@@ -59,11 +59,11 @@ def test_fields_that_do_not_go_together_are_refused(fields: dict, words: list[st
 
 
 def test_cli_options_reach_the_form():
-    args = _parser().parse_args(["run", "--dataset", "tfds:mnist", "--tfds-data-dir", "/data/tfds",
+    args = build_parser().parse_args(["run", "--dataset", "tfds:mnist", "--tfds-data-dir", "/data/tfds",
                                  "--tfds-download"])
     params = build_params("smoke", overrides_from(args))
     assert params.data.dataset == "tfds:mnist?data_dir=/data/tfds&download=true"
-    assert "tfds:<name>[/<config>][:<version>]" in _parser()._subparsers._group_actions[0].choices["run"].format_help()
+    assert "tfds:<name>[/<config>][:<version>]" in build_parser()._subparsers._group_actions[0].choices["run"].format_help()
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
