@@ -32,7 +32,11 @@ Event = tuple[str, Any]
 
 
 class RunEvents:
-    """The run's events, in the order they were put, until the caller takes them."""
+    """The run's events until the caller takes them.
+
+    An async actor may run calls that arrive together in any order: a put that waited for its answer comes
+    before the same caller's next one (the callback's reports), one that did not may not (rank 0's progress).
+    """
 
     def __init__(self) -> None:
         self._events: list[Event] = []

@@ -129,13 +129,15 @@ def test_a_signal_while_waiting_on_ray_raises_its_own_exception(ray_local):
 
 
 def test_events_are_taken_in_order_and_a_take_waits_for_the_next_one(ray_local):
-    """The run's event actor: puts come back in order, once; a take with nothing there returns as soon as an
-    event is put (here from another thread), and with nothing once its wait is over."""
+    """The run's event actor: each put comes back once, in the order of puts that waited for their answer (as
+    the Train callback's reports do; an async actor may run puts sent at once in any order); a take with nothing
+    there returns as soon as an event is put (here from another thread), and with nothing once its wait is over."""
     from cluster.execution.events import start_events
 
     events = start_events()
     try:
-        ray.get([events.put.remote("progress", {"done": n}) for n in (1, 2)])
+        for n in (1, 2):
+            ray.get(events.put.remote("progress", {"done": n}))
         assert ray.get(events.take.remote(0)) == [("progress", {"done": 1}), ("progress", {"done": 2})]
         threading.Timer(0.5, events.put.remote, ("message", "resumed")).start()
         start = time.monotonic()
