@@ -146,8 +146,7 @@ def _init_cluster(address: str) -> None:
     if ":" in address and not address.startswith("ray://"):  # host:port of a GCS ('auto' finds it itself)
         _check_token(address)
     try:
-        ray.init(address=address, runtime_env=project_runtime_env(), log_to_driver=_worker_logs,
-                 logging_config=ray.LoggingConfig(log_level="ERROR"))
+        _init_with_retry(address)
     except AuthenticationError:
         raise _no_token(address) from None
     except ConnectionError as exc:
@@ -156,6 +155,25 @@ def _init_cluster(address: str) -> None:
             if address.startswith("ray://") else ", or leave it empty to start Ray locally."
         raise UserError(f"ray_address={address!r}: cannot reach the Ray cluster ({' '.join(str(exc).split())[:200]}); "
                         f"check the address{token}") from None
+
+
+# The head's Ray Client proxy forks a server for each client, and that server dies at its start now and then
+# (ray-project/ray#63202, a few percent of connections); a second try gets a fresh one.
+RAY_CLIENT_START_FAILED = "Initialization failure from server"
+
+
+def _init_with_retry(address: str) -> None:
+    import ray
+
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address, runtime_env=project_runtime_env(), log_to_driver=_worker_logs,
+                     logging_config=ray.LoggingConfig(log_level="ERROR"))
+            return
+        except ConnectionError as exc:
+            if attempt == 2 or not address.startswith("ray://") or RAY_CLIENT_START_FAILED not in str(exc):
+                raise
+            ray.shutdown()  # whatever the failed start left behind
 
 
 def connect(address: str | None) -> Connection:
