@@ -30,7 +30,7 @@ from cluster.execution.placement import (LOG_EVERY_S, Resources, ResourcesUnavai
 from cluster.frameworks import Framework, get_framework, load
 
 if TYPE_CHECKING:
-    from ray.train import Result, RunConfig
+    from ray.train import Result
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 # Ray and Ray Train are imported where they are used: the flow imports this module, and Ray Train's modules
@@ -75,15 +75,14 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
     handlers = {"report": on_report, "failure": on_failure, "progress": on_progress, "message": on_message}
     session.wait_for_train_modules()
     import ray
-    from ray.train import ControllerError, RunConfig
+    from ray.train import ControllerError
 
     from cluster.execution.events import start_events
 
     events = start_events()
     try:
-        trainer = build_trainer(cfg, get_framework(cfg.framework), resources, data, events,
-                                RunConfig(name=run_name, storage_path=storage_path,
-                                          storage_filesystem=storage_filesystem))
+        trainer = build_trainer(cfg, get_framework(cfg.framework), resources, data, events, run_name=run_name,
+                                storage_path=storage_path, storage_filesystem=storage_filesystem)
         result = watch_fit(trainer, events, handlers, on_wait, start_timeout_s(resources))
     except ControllerError as error:
         if ray_internals.is_start_timeout(error):
@@ -111,9 +110,9 @@ def start_timeout_s(resources: Resources) -> float:
     return resources.wait_for_resources / (resources.max_failures + 1)
 
 
-def build_trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resources, data: StoredData, events,
-                  run: RunConfig) -> DataParallelTrainer:
-    """The run's trainer; ``run`` names it and its storage (the rest of its RunConfig is set here)."""
+def build_trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resources, data: StoredData, events, *,
+                  run_name: str, storage_path: str, storage_filesystem) -> DataParallelTrainer:
+    """The run's trainer, named ``run_name``, its checkpoints under ``storage_path``."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -127,7 +126,7 @@ def build_trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resourc
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},
                                      placement_strategy=resources.placement_strategy),
-        run_config=RunConfig(name=run.name, storage_path=run.storage_path, storage_filesystem=run.storage_filesystem,
+        run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              callbacks=[ForwardToEvents(events)], worker_runtime_env={"env_vars": framework.env},
                              failure_config=FailureConfig(max_failures=resources.max_failures,
                                                           controller_failure_limit=resources.max_failures),
