@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.docs.runblocks import process_table
+
 HEAD_IP = "127.0.0.2"
 CHECKOUT = Path(__file__).resolve().parents[1]
 PACKAGES = tuple(CHECKOUT / name for name in ("flows", "tasks", "cluster"))
@@ -428,30 +430,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _table() -> dict[int, tuple[int, int]]:
-    """Every running process now: pid -> (parent pid, start time); zombies count as gone."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # after "(comm)", which may hold spaces
-            if fields[0] not in ("Z", "X"):
-                table[int(entry.name)] = (int(fields[1]), int(fields[19]))
-    return table
-
-
 def running(pids: Iterable[int]) -> list[int]:
     """Those of ``pids`` that still run (a zombie, killed but not yet reaped, does not)."""
-    table = _table()
+    table = process_table()
     return sorted(pid for pid in pids if pid in table)
 
 
 def _descendants(pids: Iterable[int]) -> set[_Proc]:
     """The live processes among ``pids`` and all their descendants, as (pid, start time)."""
-    table = _table()
+    table = process_table()
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in table.items():
         children.setdefault(parent, []).append(pid)
@@ -469,7 +456,7 @@ def _marked(root: str) -> set[_Proc]:
     needle = f"{MARKER}={root}".encode()
     mine = {os.getpid(), os.getppid()}
     found = set()
-    for pid, (_, started) in _table().items():
+    for pid, (_, started) in process_table().items():
         try:
             if pid not in mine and needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                 found.add((pid, started))
@@ -487,7 +474,7 @@ def _wait_gone(procs: set[_Proc], timeout: float) -> None:
 
 def _still_running(procs: Iterable[_Proc]) -> set[_Proc]:
     """Those of ``procs`` that are still the same running process."""
-    table = _table()
+    table = process_table()
     return {(pid, started) for pid, started in procs if table.get(pid, (0, -1))[1] == started}
 
 

@@ -34,8 +34,11 @@ trap 'export -p > "$DOCS_STATE/env.sh"; pwd > "$DOCS_STATE/cwd"' EXIT
 """
 
 
-def _table() -> dict[int, int]:
-    """Every live process now: pid -> parent pid (zombies count as gone)."""
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every running process now: pid -> (parent pid, start time); zombies count as gone.
+
+    tests/raycluster.py uses it too: this module imports only the standard library, as it runs on its own.
+    """
     table = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -43,10 +46,15 @@ def _table() -> dict[int, int]:
                 stat = Path(f"/proc/{entry.name}/stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2:].split()  # after "(comm)", which may hold spaces
             if fields[0] not in ("Z", "X"):
-                table[int(entry.name)] = int(fields[1])
+                table[int(entry.name)] = (int(fields[1]), int(fields[19]))
     return table
+
+
+def _table() -> dict[int, int]:
+    """Every running process now: pid -> parent pid."""
+    return {pid: parent for pid, (parent, _) in process_table().items()}
 
 
 def descendants(pid: int) -> list[int]:
