@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 from cluster.pytorch import model as tb  # noqa: E402
 from cluster.config import TrainLoopConfig  # noqa: E402
-from cluster.data import META, SPLITS, Meta, prepared_fingerprint, split_files  # noqa: E402
+from cluster.data import Manifest, load_split, write_arrays  # noqa: E402
 from cluster.recipes import fast_cifar  # noqa: E402
 from cluster.pytorch.loop import RecipeSteps  # noqa: E402
-from tasks.images import channel_stats, decode_image  # noqa: E402
+from tasks.images import decode_image  # noqa: E402
 
 TARGET = 0.94
 LR_PER_1024 = 1.5  # fast_cifar's peak rate for the mean loss, scaled with the batch (airbench's 11.5 per 1024 images)
@@ -68,7 +68,7 @@ def read_archive(path: Path, limit: int | None) -> tuple[list[bytes], list[str]]
     return blobs, labels
 
 
-def prepare(archives: Path, out: Path, limit: int | None) -> Meta:
+def prepare(archives: Path, out: Path, limit: int | None) -> Manifest:
     """Both splits decoded (in parallel) into ``out`` in the prepared-data format; no validation split."""
     raw = {split: read_archive(archives / f"{split}.tar.gz", limit) for split in ("train", "test")}
     classes = sorted(set(raw["train"][1]))
@@ -78,16 +78,7 @@ def prepare(archives: Path, out: Path, limit: int | None) -> Meta:
             step = max(256, len(blobs) // (4 * (os.cpu_count() or 1)) + 1)
             x = np.concatenate(list(pool.map(_decode, [blobs[i:i + step] for i in range(0, len(blobs), step)])))
             arrays[split] = (x, np.array([classes.index(c) for c in labels], dtype=np.int64))
-    arrays["val"] = (np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64))
-    out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        for name, array in zip(split_files(split), arrays[split]):
-            np.save(out / name, array)
-    mean, std = channel_stats(arrays["train"][0])
-    meta = Meta(classes=tuple(classes), image_size=32, channels=3, mean=mean, std=std,
-                counts={s: len(arrays[s][1]) for s in SPLITS}, fingerprint=prepared_fingerprint(out))
-    (out / META).write_text(meta.to_json())
-    return meta
+    return write_arrays(out, arrays, tuple(classes))
 
 
 def _sync(device: torch.device) -> None:
@@ -178,8 +169,8 @@ def main() -> None:
         t0 = time.perf_counter()
         meta = prepare(args.archives, Path(tmp) / "prepared", args.limit)
         decode_seconds = time.perf_counter() - t0
-        spec = tb.ModelSpec.from_meta("fast_net", meta, eval_views="flip_shift")
-        data = {s: tuple(torch.from_numpy(np.load(Path(tmp) / "prepared" / f)).to(device) for f in split_files(s))
+        spec = tb.ModelSpec.from_manifest("fast_net", meta, eval_views="flip_shift")
+        data = {s: tuple(torch.from_numpy(a).to(device) for a in load_split(Path(tmp) / "prepared", s))
                 for s in ("train", "test")}
         cfg = TrainLoopConfig(data_dir=str(Path(tmp) / "prepared"), recipe="fast_cifar", epochs=args.epochs,
                               batch_size=args.batch_size, lr=LR_PER_1024 * args.batch_size / 1024, momentum=0.85,

@@ -1,32 +1,57 @@
-"""The prepared-data format, owned in one place: both the writer (preprocess)
-and the readers (training workers, evaluation) use these names.
+"""The prepared-data format, owned in one place: the writers (preprocess's decoding workers) and the
+readers (training workers, evaluation) use these names.
 
-A prepared dataset is a directory holding, per split (``train``, ``val``,
-``test``), ``<split>_x.npy`` (uint8, NHWC) and ``<split>_y.npy`` (int64), plus
-``meta.json``, written last, which lists classes, image size, channels,
-counts, the train-only per-channel mean/std and the fingerprint.
+A prepared dataset is a folder (or store prefix) of shards plus ``manifest.json``, written last. A
+shard is a run of one split's images: ``<split>/<index>.x.npy`` (uint8 NHWC) and
+``<split>/<index>.y.npy`` (int64 labels), at most :data:`SHARD_BYTES` of pixels, written by
+whichever process decoded it, straight into the store. The manifest lists classes, image size,
+channels, counts, the train-only per-channel mean and std (merged from each shard's sums), the
+shards (split, index, count, channels, sha256, which host wrote it) and the fingerprint: sha256 over
+the shards' digests in manifest order. A folder without its manifest is not a prepared dataset.
+
+A shard of an ``auto``-channel dataset holds one channel when all its images were grayscale; a
+reader widens it when the dataset as a whole is RGB (a gray pixel is the same value in R, G and B).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 SPLITS = ("train", "val", "test")
-META = "meta.json"
+MANIFEST = "manifest.json"
+FORMAT = "trainflow-prepared/2"
+SHARD_BYTES = 32 << 20  # pixels per shard: tens of MB, so any process holds a few shards, never a split
 
 
-def split_files(split: str) -> tuple[str, str]:
-    """File names of a split's images and labels."""
-    return f"{split}_x.npy", f"{split}_y.npy"
+def images_per_shard(image_size: int) -> int:
+    """How many images one shard holds at ``image_size`` (3 channels): a function of the size alone, so that
+    the same data prepares into the same shards on any machine."""
+    return max(1, SHARD_BYTES // (image_size * image_size * 3))
 
 
 @dataclass(frozen=True, kw_only=True)
-class Meta:
+class Shard:
+    split: str
+    index: int
+    count: int
+    channels: int  # as stored: 1 or 3
+    sha256: str  # over the x file's sha256 and the y file's, concatenated
+    writer: str  # the host (and Ray node, on a cluster) that decoded and wrote it
+
+    @property
+    def files(self) -> tuple[str, str]:
+        """The shard's (images, labels) file names, relative to the dataset's folder."""
+        return f"{self.split}/{self.index:05d}.x.npy", f"{self.split}/{self.index:05d}.y.npy"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
     classes: tuple[str, ...]
     image_size: int
     channels: int
@@ -34,36 +59,87 @@ class Meta:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fingerprint: str
+    shards: tuple[Shard, ...]
     skipped_images: int = 0  # undecodable files left out (skip_bad_images)
+    format: str = FORMAT
 
     def to_json(self) -> str:
-        return json.dumps({**self.__dict__, "classes": list(self.classes),
-                           "mean": list(self.mean), "std": list(self.std)}, indent=2)
+        fields = {**asdict(self), "classes": list(self.classes), "mean": list(self.mean), "std": list(self.std),
+                  "shards": [asdict(s) for s in self.shards]}
+        return json.dumps(fields, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Meta:
+    def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
-        return cls(**{**raw, "classes": tuple(raw["classes"]), "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"prepared data of format {raw.get('format')!r}, not {FORMAT!r}: prepare it again")
+        return cls(**{**raw, "classes": tuple(raw["classes"]), "mean": tuple(raw["mean"]), "std": tuple(raw["std"]),
+                      "shards": tuple(Shard(**s) for s in raw["shards"])})
+
+    def split_shards(self, split: str) -> list[Shard]:
+        return [s for s in self.shards if s.split == split]
+
+    def files(self) -> list[str]:
+        """Every shard file, in manifest order (the manifest itself not included)."""
+        return [name for shard in self.shards for name in shard.files]
 
 
-def read_meta(directory: Path) -> Meta:
-    return Meta.from_json((directory / META).read_text())
+@dataclass(frozen=True)
+class ChannelSums:
+    """Per-channel sums of uint8 pixel values and of their squares, and how many pixels: exact integers, so
+    that sums over parts (a dataset's shards) merge into exactly the sums over the whole."""
+
+    pixels: int
+    sums: tuple[int, ...]
+    squares: tuple[int, ...]
+
+    @classmethod
+    def of(cls, images: np.ndarray) -> ChannelSums:
+        flat = images.reshape(-1, images.shape[-1]).astype(np.int64)
+        return cls(len(flat), tuple(int(v) for v in flat.sum(axis=0)), tuple(int(v) for v in (flat * flat).sum(axis=0)))
+
+    def widened(self, channels: int) -> ChannelSums:
+        """The sums of the same images repeated into ``channels`` (a gray shard in an RGB dataset)."""
+        if len(self.sums) == channels:
+            return self
+        return ChannelSums(self.pixels, self.sums * channels, self.squares * channels)
+
+    def __add__(self, other: ChannelSums) -> ChannelSums:
+        return ChannelSums(self.pixels + other.pixels, tuple(a + b for a, b in zip(self.sums, other.sums)),
+                           tuple(a + b for a, b in zip(self.squares, other.squares)))
+
+    def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std on the 0..1 scale."""
+        n = max(self.pixels, 1)
+        mean = tuple(s / (255 * n) for s in self.sums)
+        var = [(q * n - s * s) / (255 * 255 * n * n) for s, q in zip(self.sums, self.squares)]  # exact until here
+        return mean, tuple(max(float(np.sqrt(v)), 1e-3) for v in var)  # a constant channel must not divide by zero
 
 
-def load_split(directory: Path, split: str, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A split's (images uint8 NHWC, labels int64).
-
-    With ``mmap`` the arrays are copy-on-write memory maps: workers on one node
-    then share the page cache's one copy instead of each holding its own.
-    """
-    x_name, y_name = split_files(split)
-    mode = "c" if mmap else None
-    return np.load(directory / x_name, mmap_mode=mode), np.load(directory / y_name, mmap_mode=mode)
+def read_manifest(directory: Path) -> Manifest:
+    return Manifest.from_json((directory / MANIFEST).read_text())
 
 
-def data_files() -> list[str]:
-    """Every array file of a prepared dataset, in fingerprint order."""
-    return [name for split in SPLITS for name in split_files(split)]
+def shard_bytes(x: np.ndarray, y: np.ndarray) -> tuple[bytes, bytes, str]:
+    """A shard's two files as bytes, and its digest (see :class:`Shard`)."""
+    files = []
+    for array in (np.ascontiguousarray(x, np.uint8), np.ascontiguousarray(y, np.int64)):
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        files.append(buffer.getvalue())
+    return files[0], files[1], shard_digest(*(hashlib.sha256(f).digest() for f in files))
+
+
+def shard_digest(x_sha256: bytes, y_sha256: bytes) -> str:
+    return hashlib.sha256(x_sha256 + y_sha256).hexdigest()
+
+
+def fingerprint(shards: list[Shard] | tuple[Shard, ...]) -> str:
+    """The dataset's fingerprint: sha256 over its shards' digests, in order."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(bytes.fromhex(shard.sha256))
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -75,9 +151,63 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepared_fingerprint(directory: Path) -> str:
-    """sha256 over the sha256 of each array file, in :func:`data_files` order: what ``meta.json`` records."""
-    digest = hashlib.sha256()
-    for name in data_files():
-        digest.update(bytes.fromhex(file_sha256(directory / name)))
-    return digest.hexdigest()
+def verify_shard(directory: Path, shard: Shard) -> bool:
+    """Whether a shard's files under ``directory`` are the bytes its manifest entry names."""
+    return shard_digest(*(bytes.fromhex(file_sha256(directory / name)) for name in shard.files)) == shard.sha256
+
+
+def widen(x: np.ndarray, channels: int) -> np.ndarray:
+    """A shard's images with the dataset's channel count: a one-channel (gray) shard repeated into RGB."""
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] != channels else x
+
+
+def load_shard(directory: Path, shard: Shard, channels: int, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's (images uint8 NHWC with ``channels``, labels int64)."""
+    mode = "c" if mmap else None
+    x_name, y_name = shard.files
+    x = np.load(directory / x_name, mmap_mode=mode)
+    return widen(x, channels), np.load(directory / y_name, mmap_mode=mode)
+
+
+def load_split(directory: Path, split: str, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A split's (images uint8 NHWC, labels int64), its shards in order: the whole split in memory.
+
+    With ``mmap`` and a one-shard split the arrays are copy-on-write memory maps: workers on one node
+    then share the page cache's one copy instead of each holding its own.
+    """
+    manifest = read_manifest(directory)
+    parts = [load_shard(directory, s, manifest.channels, mmap=mmap) for s in manifest.split_shards(split)]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        size = manifest.image_size
+        return np.zeros((0, size, size, manifest.channels), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def write_arrays(directory: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]], classes: tuple[str, ...],
+                 writer: str = "") -> Manifest:
+    """Arrays already in memory (uint8 NHWC images, int64 labels per split) as a prepared dataset in ``directory``:
+    for benchmarks and tests that make small datasets without the pipeline; the pipeline's workers write
+    their shards as they decode them instead."""
+    shards, sums = [], []
+    size, channels = next(iter(arrays.values()))[0].shape[2:]
+    step = images_per_shard(size)
+    for split in SPLITS:
+        x_all, y_all = arrays.get(split, (np.zeros((0, size, size, channels), np.uint8), np.zeros(0, np.int64)))
+        for index, start in enumerate(range(0, len(y_all), step)):
+            x, y = x_all[start:start + step], y_all[start:start + step]
+            x_bytes, y_bytes, digest = shard_bytes(x, y)
+            shard = Shard(split=split, index=index, count=len(y), channels=channels, sha256=digest, writer=writer)
+            for name, data in zip(shard.files, (x_bytes, y_bytes)):
+                (directory / name).parent.mkdir(parents=True, exist_ok=True)
+                (directory / name).write_bytes(data)
+            shards.append(shard)
+            if split == "train":
+                sums.append(ChannelSums.of(x))
+    mean, std = sum(sums[1:], sums[0]).stats()
+    manifest = Manifest(classes=tuple(classes), image_size=size, channels=channels, mean=mean, std=std,
+                        counts={s: sum(sh.count for sh in shards if sh.split == s) for s in SPLITS},
+                        shards=tuple(shards), fingerprint=fingerprint(shards))
+    (directory / MANIFEST).write_text(manifest.to_json())
+    return manifest

@@ -1,6 +1,7 @@
 """The ``trainflow`` command.
 
     trainflow run [--preset NAME] [--dataset ...] [--epochs N] [--workers N] [--gpu] [--force] ...
+    trainflow prepare [--preset NAME] [--dataset ...] [--image-size N] [--store ...] [--json]
     trainflow submit --address http://HEAD:8265 [run options]
     trainflow presets
     trainflow up [--prefect-port 4200] [--cpus N] | trainflow down
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trainflow", description="Train image classifiers as a Prefect + Ray pipeline.")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_run_options(sub.add_parser("run", help="run the whole pipeline once, here"))
+    _add_run_options(sub.add_parser("prepare", help="ingest and preprocess only: prepared data in the store, which "
+                                                    "runs with the same data options and store then reuse"),
+                     PREPARE_OPTIONS)
     submit = sub.add_parser("submit", help="run the pipeline as a Ray job on a cluster (takes run's options)")
     submit.add_argument("--address", required=True, help="the Ray head's dashboard, http://HEAD:8265")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
@@ -99,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _add_run_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
+PREPARE_OPTIONS = frozenset(["dataset", "tfds_data_dir", "image_size", "limit_train", "limit_test", "ray_address",
+                             "store", "skip_bad_images", "tfds_download", "shared_folder_store"])
+
+
+def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None = None) -> argparse.ArgumentParser:
+    """``trainflow run``'s options, or those of them named in ``only``."""
     run.add_argument("--preset", help="named parameter set (see `trainflow presets`)")
     from tasks.sources import forms  # the registry of sources: its forms are the choices
 
@@ -108,9 +117,11 @@ def _add_run_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     helps = {"dataset": forms(), "tfds_data_dir": "where prepared TFDS datasets are (default $TFDS_DATA_DIR)",
              "recipe": f"how the model learns: {' | '.join(RECIPES)} (default article)"}
     for option, (_, _, kind) in _OPTIONS.items():
-        run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind, help=helps.get(option))
+        if only is None or option in only:
+            run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind, help=helps.get(option))
     for flag, (_, _, help_text) in _FLAGS.items():
-        run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true", help=help_text)
+        if only is None or flag in only:
+            run.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true", help=help_text)
     run.add_argument("--json", action="store_true", help="print the summary as JSON (and progress as plain lines)")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="show Prefect's and Ray's own log lines instead of progress bars")
@@ -120,11 +131,11 @@ def _add_run_options(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def overrides_from(args: argparse.Namespace) -> dict:
     nested: dict[str, dict] = {}
     for option, (section, field, _) in _OPTIONS.items():
-        value = getattr(args, option)
+        value = getattr(args, option, None)
         if value is not None:
             nested.setdefault(section, {})[field] = value
     for flag, (section, field, _) in _FLAGS.items():
-        if getattr(args, flag):
+        if getattr(args, flag, False):
             nested.setdefault(section, {})[field] = True
     return nested
 
@@ -209,6 +220,37 @@ def _run(args: argparse.Namespace) -> int:
         runtime.shutdown()
     wall = time.perf_counter() - started
     print(summary.model_dump_json(indent=2) if args.json else format_summary(summary, wall))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Ingest and preprocess only, then print the prepared data's reference."""
+    from flows import services
+
+    if (found := services.running()) is not None:
+        services.use_prefect(found)
+    from flows.params import build_params, prepare_params, preflight_prepare
+
+    params = prepare_params(build_params(args.preset, overrides_from(args)))
+    preflight_prepare(params)
+    signal.signal(signal.SIGTERM, _interrupt)
+    from prefect.exceptions import TerminationSignal
+
+    try:
+        with _console(args):
+            from flows.pipeline import prepare_data
+
+            prepared = prepare_data(params)
+    except (KeyboardInterrupt, TerminationSignal):
+        print("trainflow: stopped; nothing was recorded as prepared", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    if args.json:
+        print(prepared.model_dump_json(indent=2))
+    else:
+        counts = ", ".join(f"{split} {n}" for split, n in prepared.counts.items())
+        print(f"prepared {prepared.uri}\n  {len(prepared.classes)} classes, {prepared.image_size} px, "
+              f"{prepared.channels} channel(s); {counts}; fingerprint {prepared.fingerprint[:16]}"
+              + ("; already in the store" if prepared.reused else ""))
     return 0
 
 
@@ -321,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             return _services(args)
         if args.command == "predict":
             return _predict(args)
+        if args.command == "prepare":
+            return _prepare(args)
         return _models(args) if args.command == "models" else _run(args)
     except UserError as exc:
         print(f"trainflow: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always

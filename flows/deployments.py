@@ -4,7 +4,8 @@
 ``PREFECT_API_URL`` and executes their runs until stopped:
 
 * ``train-pipeline/nightly``: retrains on a cron schedule (explicit time zone);
-* ``train-pipeline/on-demand``: no schedule; started from the UI or the API.
+* ``train-pipeline/on-demand``: no schedule; started from the UI or the API;
+* ``prepare-data/prepare``: ingest and preprocess only, into the store that later runs read.
 
 Both default to the ``digits-quickstart`` preset, so they run anywhere with
 no data to fetch; every parameter can be changed per run in the UI's form.
@@ -16,8 +17,8 @@ import os
 from datetime import datetime, timedelta, timezone
 
 from cluster.errors import UserError
-from flows.params import build_params
-from flows.pipeline import train_pipeline
+from flows.params import build_params, prepare_params
+from flows.pipeline import prepare_data, train_pipeline
 
 NIGHTLY_CRON = "0 3 * * *"
 TIMEZONE = "UTC"
@@ -33,7 +34,8 @@ def deployments(every_seconds: float | None = None, store: str | None = None) ->
     from prefect.schedules import Cron, Interval
 
     publish = {"publish": {"store": store}} if store else {}
-    defaults = {"params": build_params("digits-quickstart", publish).model_dump(mode="json")}
+    quickstart = build_params("digits-quickstart", publish)
+    defaults = {"params": quickstart.model_dump(mode="json")}
     made = [
         train_pipeline.to_deployment(
             name="nightly", schedule=Cron(NIGHTLY_CRON, timezone=TIMEZONE), parameters=defaults, tags=TAGS,
@@ -41,6 +43,9 @@ def deployments(every_seconds: float | None = None, store: str | None = None) ->
         train_pipeline.to_deployment(
             name="on-demand", parameters=defaults, tags=TAGS,
             description="Train, evaluate and publish once, with the parameters you set in the run form."),
+        prepare_data.to_deployment(
+            name="prepare", parameters={"params": prepare_params(quickstart).model_dump(mode="json")}, tags=TAGS,
+            description="Ingest and preprocess only, into the store: runs with the same data options then reuse it."),
     ]
     if every_seconds:
         made.append(train_pipeline.to_deployment(

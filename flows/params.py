@@ -171,6 +171,21 @@ class PipelineParams(_Section):
     publish: PublishParams = Field(default_factory=PublishParams, title="Publishing")
 
 
+class PrepareParams(_Section):
+    """``trainflow prepare``'s and the prepare-data flow's: the data options and where the prepared data goes."""
+
+    data: DataParams = Field(default_factory=DataParams, title="Data")
+    store: str = Field("./artifacts", title="Artifact store",
+                       description="A directory, file:// URI or s3://bucket/prefix: training runs with the same "
+                                   "store and data options find the prepared data there")
+    ray_address: str | None = Field(None, title="Ray address",
+                                    description="An existing cluster whose nodes decode a dataset in an object "
+                                                "store. Empty: $RAY_ADDRESS if set, else this machine's cores")
+    shared_folder_store: bool = Field(False, title="Folder store shared by every node",
+                                      description="Allow a folder store with a cluster: every node mounts it at the "
+                                                  "same path")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The article's recipe as is: SGD lr 0.001, momentum 0.9, batch 64, on every training image (no validation split).
     "article": {"data": {"val_fraction": 0.0}},
@@ -206,6 +221,33 @@ def build_params(preset: str | None = None, overrides: dict[str, Any] | None = N
     return PipelineParams.model_validate(_merge(PRESETS[preset] if preset else {}, overrides or {}))
 
 
+def prepare_params(params: PipelineParams) -> PrepareParams:
+    """The part of a pipeline's parameters that preparing its data takes."""
+    return PrepareParams(data=params.data, store=params.publish.store, ray_address=params.cluster.ray_address,
+                         shared_folder_store=params.cluster.shared_folder_store)
+
+
+def preflight_prepare(params: PrepareParams) -> None:
+    """Checks of the data and the store that need no server or cluster, run before either starts.
+
+    Raises:
+        UserError: for an unknown or missing dataset, an unusable store, or a folder store that the nodes
+            of an existing cluster cannot see.
+    """
+    from cluster.errors import UserError
+    from tasks.ingest import check_source
+    from tasks.store import open_store
+
+    check_source(params.data.dataset)
+    store = open_store(params.store)
+    address = resolve_address(params.ray_address)
+    if address and store.is_local and not params.shared_folder_store:
+        raise UserError(f"--store {params.store!r} is a folder on this machine, which the nodes of the Ray "
+                        f"cluster at {address!r} cannot see; use an s3:// store, or pass --shared-folder-store if "
+                        "every node mounts this folder at the same path.")
+    store.check()
+
+
 def preflight(params: PipelineParams) -> None:
     """Checks that need no server or cluster, run before either starts.
 
@@ -213,19 +255,8 @@ def preflight(params: PipelineParams) -> None:
         UserError: for an unknown or missing dataset, an unusable store, a folder store that the nodes
             of an existing cluster cannot see, or a framework that is not installed.
     """
-    from cluster.errors import UserError
-    from tasks.ingest import check_source
-    from tasks.store import open_store
-
-    check_source(params.data.dataset)
+    preflight_prepare(prepare_params(params))
     get_recipe(params.train.recipe).check(params.train.framework, params.data.image_size)
-    store = open_store(params.publish.store)
-    address = params.cluster.to_resources().ray_address
-    if address and store.is_local and not params.cluster.shared_folder_store:
-        raise UserError(f"--store {params.publish.store!r} is a folder on this machine, which the nodes of the Ray "
-                        f"cluster at {address!r} cannot see; use an s3:// store, or pass --shared-folder-store if "
-                        "every node mounts this folder at the same path.")
-    store.check()
     params.train.to_config().local_batch_size(params.cluster.num_workers)
-    if address is None:  # a local Ray runs this machine's packages; a cluster's nodes are asked once Ray is up
-        get_framework(params.train.framework).check_installed()
+    if params.cluster.to_resources().ray_address is None:  # a local Ray runs this machine's packages; a
+        get_framework(params.train.framework).check_installed()  # cluster's nodes are asked once Ray is up

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from cluster.execution import session as runtime
 from flows.artifacts import evaluation_artifacts, release_artifact
-from flows.params import PipelineParams, preflight
+from flows.params import PipelineParams, PrepareParams, preflight, preflight_prepare
 from tasks.common import result_storage
 from tasks.evaluate import evaluate_task, preload as preload_evaluation
 from tasks.events import emit
@@ -112,3 +112,16 @@ def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
                    store.uri, params.publish.model_name, params.publish.min_improvement)
     release_artifact(release)
     return RunSummary.build(stages, raw, prepared, model, evaluation, release)
+
+
+@flow(name="prepare-data", flow_run_name="{params.data.label} · {params.data.image_size} px", log_prints=True)
+def prepare_data(params: PrepareParams = PrepareParams()) -> PreparedData:
+    """Ingest and preprocess only: the prepared data in the store, where every training run with the same
+    store and data options finds it (its preprocess stage is then skipped)."""
+    preflight_prepare(params)
+    store = open_store(params.store)
+    stages: list[StageTime] = []
+    raw = _run(stages, "ingest", ingest_task.with_options(result_storage=result_storage(params.data.cache_dir)),
+               params.data.dataset, params.data.cache_dir)
+    return _run(stages, "preprocess", preprocess_task, raw, params.data.to_config(), store.uri,
+                runtime.resolve_address(params.ray_address))

@@ -12,6 +12,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from cluster.data import ChannelSums
+
 __all__ = ["GRAY_MODES", "channel_stats", "decode_image", "to_channels"]
 
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
@@ -40,6 +42,4 @@ def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 NHWC images, on the 0..1 scale."""
-    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    std = np.maximum(flat.std(axis=0), 1e-3)  # a constant channel must not divide by zero
-    return tuple(float(v) for v in flat.mean(axis=0)), tuple(float(v) for v in std)
+    return ChannelSums.of(images).stats()

@@ -1,10 +1,12 @@
-"""Stage 2, preprocess: decode every image exactly once into uint8 arrays.
+"""Stage 2, preprocess: decode every image exactly once into shards of uint8 pixels.
 
 Splits are cut here, seeded and stratified: a test split when the source has
-none, and a validation split from train. Decoding runs in parallel over the
-machine's cores. The output (see ``cluster.data``) goes to the store under
-``prepared/<key>/`` with ``meta.json`` written last, so a reader never sees a
-half-written dataset.
+none, and a validation split from train. Each split is cut into shards of a
+fixed number of images; worker processes (this machine's cores, or Ray tasks on
+a cluster's nodes for a dataset in an object store) each decode a shard and
+write it straight into the store under ``prepared/<key>/``, reporting back only
+its per-channel sums. The manifest (see ``cluster.data``) is written last, so a
+reader never sees a half-written dataset, and no process holds the whole of it.
 """
 
 from __future__ import annotations
@@ -17,21 +19,22 @@ import multiprocessing
 import os
 import random
 import signal
-import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
 
-from cluster.data import META, SPLITS, Meta, data_files, prepared_fingerprint, split_files
+from cluster.data import (FORMAT, MANIFEST, SPLITS, ChannelSums, Manifest, Shard, fingerprint, images_per_shard,
+                          shard_bytes)
 from cluster.errors import UserError
-from cluster.execution.fanout import cluster_cpus, map_on_cluster
+from cluster.execution.fanout import map_on_cluster
 from cluster.execution.session import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
-from tasks.images import channel_stats, decode_image, to_channels
+from tasks.images import decode_image, to_channels
 from tasks.ingest import scan_split
 from tasks.refs import PreparedData, RawData
 from tasks.store import Store, open_store
@@ -110,7 +113,6 @@ def count_train_images(raw: RawData, cfg: PreprocessConfig) -> int:
 
 
 Chunk = tuple[list[str], int, str | None]  # (files, image size, s3:// prefix the files are keys of, or None)
-MapChunks = Callable[[Callable[[Chunk], Any], list[Chunk]], list[Any]]
 
 
 def _decode_chunk(chunk: Chunk) -> tuple[np.ndarray, list[bool], list[tuple[int, str]]]:
@@ -146,140 +148,201 @@ def _default_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def decode_images(paths: list[str], size: int, *, origin: str | None = None, map_chunks: MapChunks = _map_here,
-                  parallelism: int | None = None) -> tuple[np.ndarray, bool, list[tuple[int, str]]]:
-    """Decode and resize images to (N, size, size, 3) uint8, in chunks mapped by ``map_chunks``.
+def decode_images(paths: list[str], size: int) -> tuple[np.ndarray, bool, list[tuple[int, str]]]:
+    """Decode and resize local images to one (N, size, size, 3) uint8 array, in chunks over this machine's cores:
+    for a handful of images held at once (``trainflow predict``'s), not a dataset.
 
-    ``paths`` are local files, or keys under the ``origin`` s3:// prefix. The
-    result does not depend on how the chunks were mapped. Returns the array,
-    whether every decodable image was grayscale, and the (index, description)
-    of each file that could not be decoded (its row is zeros).
+    Returns the array, whether every decodable image was grayscale, and the
+    (index, description) of each file that could not be decoded (its row is zeros).
     """
-    workers = parallelism or os.cpu_count() or 1
-    step = max(64, len(paths) // (workers * 4) + 1)
-    results = map_chunks(_decode_chunk, [(paths[i:i + step], size, origin) for i in range(0, len(paths), step)])
+    step = max(64, len(paths) // ((os.cpu_count() or 1) * 4) + 1)
+    results = _map_here(_decode_chunk, [(paths[i:i + step], size, None) for i in range(0, len(paths), step)])
     bad = [(c * step + i, what) for c, (_, _, chunk_bad) in enumerate(results) for i, what in chunk_bad]
     images = np.concatenate([r[0] for r in results]) if results else np.zeros((0, size, size, 3), np.uint8)
     return images, all(g for _, gray, _ in results for g in gray), bad
 
 
-Decode = Callable[[list[str], int], tuple[np.ndarray, bool, list[tuple[int, str]]]]
+@dataclass(frozen=True, kw_only=True)
+class ShardJob:
+    """One shard to decode and write: a run of one split's planned images."""
+
+    split: str
+    index: int
+    files: list[str]  # local paths, or keys under ``origin``
+    labels: list[int]
+    image_size: int
+    channels: str  # the PreprocessConfig's: auto, rgb or grayscale
+    skip_bad_images: bool
+    store: str  # the store's URI; the shard goes under ``prefix`` there
+    prefix: str
+    origin: str | None = None  # the s3:// prefix the files are keys of
 
 
-def cluster_decode(raw: RawData, log: Callable[[str], None]) -> Decode | None:
-    """Decode as Ray tasks over the connected cluster, each reading its files from the object store.
+@dataclass(frozen=True, kw_only=True)
+class ShardDone:
+    """What a decoding worker reports of its shard: never the pixels, only their sums."""
 
-    None when some file exists only on this machine (a dataset that is not a
-    copy of an s3:// prefix, or one unpacked from an archive there).
+    shard: Shard | None  # None when bad images stopped it (and nothing was written)
+    sums: ChannelSums | None
+    all_gray: bool
+    bad: list[str]
+
+
+def write_shard(job: ShardJob) -> ShardDone:
+    """Decode one shard's images, write its files straight into the store, and report its sums.
+
+    An ``auto``-channel shard of grayscale images is stored with one channel (see ``cluster.data``).
     """
-    if raw.mirror is None or not all(Path(d).is_relative_to(raw.mirror[0]) for d in raw.splits.values()):
-        return None
-    root, origin = raw.mirror
+    out, gray, failed = _decode_chunk((job.files, job.image_size, job.origin))
+    bad = [what for _, what in failed]
+    keep = np.ones(len(job.files), dtype=bool)
+    keep[[i for i, _ in failed]] = False
+    all_gray = all(gray)
+    if bad and not job.skip_bad_images:
+        return ShardDone(shard=None, sums=None, all_gray=all_gray, bad=bad)
+    channels = {"rgb": 3, "grayscale": 1}.get(job.channels, 1 if all_gray else 3)
+    x = to_channels(out[keep] if bad else out, channels)
+    y = np.asarray(job.labels, dtype=np.int64)[keep]
+    x_bytes, y_bytes, digest = shard_bytes(x, y)
+    shard = Shard(split=job.split, index=job.index, count=len(y), channels=channels, sha256=digest,
+                  writer=socket.gethostname())
+    store = open_store(job.store)
+    for name, data in zip(shard.files, (x_bytes, y_bytes)):
+        store.put_bytes(f"{job.prefix}/{name}", data)
+    return ShardDone(shard=shard, sums=ChannelSums.of(x), all_gray=all_gray, bad=bad)
 
-    def decode(paths: list[str], size: int) -> tuple[np.ndarray, bool, list[tuple[int, str]]]:
-        keys = [Path(p).relative_to(root).as_posix() for p in paths]
 
-        def map_chunks(fn, chunks):
-            results, nodes = map_on_cluster(fn, chunks)
-            log(f"decoded {len(paths)} images as {len(chunks)} Ray tasks on {nodes} node(s), read from {origin}")
-            return results
+def shard_jobs(raw: RawData, cfg: PreprocessConfig, store_uri: str, prefix: str) -> list[ShardJob]:
+    """The planned splits cut into shards of :func:`images_per_shard` images, in manifest order.
 
-        return decode_images(keys, size, origin=origin, map_chunks=map_chunks, parallelism=cluster_cpus())
-
-    return decode
-
-
-def prepare_arrays(raw: RawData, cfg: PreprocessConfig, decode: Decode = decode_images
-                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int, int]:
-    """Decode every planned image once; return arrays per split, the channel count and how many were skipped.
+    Files of a dataset that is a copy of an s3:// prefix are named by their keys there, so that
+    workers on any node read the originals.
 
     Raises:
-        UserError: when images cannot be decoded (listing up to ten) and ``cfg.skip_bad_images`` is off.
+        UserError: when the splits leave no training images.
     """
     plan = plan_splits(raw, cfg)
     if not plan["train"]:
         raise UserError(f"--dataset {raw.source!r} leaves no training images after the splits; add images.")
-    paths = [p for s in SPLITS for p, _ in plan[s]]
-    images, all_gray, bad = decode(paths, cfg.image_size)
-    if bad and not cfg.skip_bad_images:
-        raise UserError(f"{len(bad)} image(s) could not be decoded, e.g. {', '.join(w for _, w in bad[:10])}; "
-                        "remove or fix them, or set skip_bad_images (--skip-bad-images) to leave them out.")
-    channels = {"rgb": 3, "grayscale": 1}.get(cfg.channels, 1 if all_gray else 3)
-    images = to_channels(images, channels)
-    keep = np.ones(len(paths), dtype=bool)
-    keep[[i for i, _ in bad]] = False
-    arrays = {}
-    start = 0
-    for s in SPLITS:
-        n = len(plan[s])
-        mask = keep[start:start + n]
-        labels = np.array([y for _, y in plan[s]], dtype=np.int64)
-        arrays[s] = (images[start:start + n][mask], labels[mask])
-        start += n
-    if not len(arrays["train"][1]):
-        raise UserError(f"--dataset {raw.source!r}: every training image failed to decode; check the files.")
-    return arrays, channels, len(bad)
+    origin = None
+    if raw.mirror is not None and all(Path(d).is_relative_to(raw.mirror[0]) for d in raw.splits.values()):
+        root, origin = raw.mirror
+        plan = {s: [(Path(p).relative_to(root).as_posix(), y) for p, y in items] for s, items in plan.items()}
+    step = images_per_shard(cfg.image_size)
+    return [ShardJob(split=split, index=i // step, files=[p for p, _ in items[i:i + step]],
+                     labels=[y for _, y in items[i:i + step]], image_size=cfg.image_size, channels=cfg.channels,
+                     skip_bad_images=cfg.skip_bad_images, store=store_uri, prefix=prefix, origin=origin)
+            for split, items in plan.items() for i in range(0, len(items), step)]
 
 
-def prepared_from_meta(store: Store, prefix: str, meta: Meta, reused: bool) -> PreparedData:
-    return PreparedData(uri=store.child_uri(prefix), fingerprint=meta.fingerprint, classes=meta.classes,
-                        image_size=meta.image_size, channels=meta.channels, counts=meta.counts, mean=meta.mean,
-                        std=meta.std, skipped_images=meta.skipped_images, reused=reused)
+def _write_here(jobs: list[ShardJob]) -> Iterator[tuple[str, ShardDone]]:
+    """Write the shards with this machine's cores: a fork pool (children only run PIL and the store's client)."""
+    host = socket.gethostname()
+    if sum(len(j.files) for j in jobs) < _PARALLEL_THRESHOLD or (os.cpu_count() or 1) == 1:
+        yield from ((host, write_shard(job)) for job in jobs)
+        return
+    with multiprocessing.get_context("fork").Pool(os.cpu_count(), initializer=_default_sigterm) as pool:
+        yield from ((host, done) for done in pool.imap(write_shard, jobs))
 
 
-def write_prepared(arrays: dict[str, tuple[np.ndarray, np.ndarray]], meta_fields: dict, store_uri: str,
-                   prefix: str) -> PreparedData:
-    """Save the arrays to the store, fingerprint them, and write ``meta.json`` last."""
+def _write_on_cluster(jobs: list[ShardJob], log: Callable[[str], None]) -> Iterator[tuple[str, ShardDone]]:
+    """Write the shards as Ray tasks spread over the connected cluster's nodes, each reading from the store."""
+    results = map_on_cluster(write_shard, jobs)
+    log(f"decoded {sum(len(j.files) for j in jobs)} images into {len(jobs)} shards as Ray tasks on "
+        f"{len({node for node, _ in results})} node(s), read from {jobs[0].origin}")
+    yield from ((f"{done.shard.writer if done.shard else '?'} (Ray node {node[:12]})", done) for node, done in results)
+
+
+def _forget(store: Store, prefix: str) -> None:
+    """Remove what a failed preparation wrote: shards without a manifest are nobody's."""
+    for key in store.list(prefix):
+        store.delete(key)
+
+
+def write_prepared(raw: RawData, cfg: PreprocessConfig, store_uri: str, prefix: str, *, on_cluster: bool = False,
+                   log: Callable[[str], None] = lambda m: None) -> Manifest:
+    """Decode every planned image once into shards in the store, then write the manifest last.
+
+    Each worker writes its own shards; this process only merges their sums, so its memory does not
+    grow with the images' size or number.
+
+    Raises:
+        UserError: when images cannot be decoded (listing up to ten) and ``cfg.skip_bad_images`` is off, or when
+            every training image fails to decode; nothing is left in the store then.
+    """
+    jobs = shard_jobs(raw, cfg, store_uri, prefix)
     store = open_store(store_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        for split, (x, y) in arrays.items():
-            for name, array in zip(split_files(split), (x, y)):
-                np.save(Path(tmp) / name, array)
-        fingerprint = prepared_fingerprint(Path(tmp))
-        for name in data_files():
-            store.put_file(f"{prefix}/{name}", Path(tmp) / name)
-    meta = Meta(fingerprint=fingerprint, **meta_fields)
-    store.put_bytes(f"{prefix}/{META}", meta.to_json().encode())
-    return prepared_from_meta(store, prefix, meta, reused=False)
+    shards: list[Shard] = []
+    sums: list[ChannelSums] = []
+    bad: list[str] = []
+    all_gray = True
+    try:
+        written = _write_on_cluster(jobs, log) if on_cluster and jobs[0].origin else _write_here(jobs)
+        for writer, done in written:
+            bad += done.bad
+            if done.shard is not None:
+                all_gray &= done.all_gray
+                shards.append(replace(done.shard, writer=writer))
+                if done.shard.split == "train":
+                    sums.append(done.sums)
+        if bad and not cfg.skip_bad_images:
+            raise UserError(f"{len(bad)} image(s) could not be decoded, e.g. {', '.join(bad[:10])}; remove or fix them, "
+                            "or set skip_bad_images (--skip-bad-images) to leave them out.")
+        counts = {split: sum(s.count for s in shards if s.split == split) for split in SPLITS}
+        if not counts["train"]:
+            raise UserError(f"--dataset {raw.source!r}: every training image failed to decode; check the files.")
+    except BaseException:
+        _forget(store, prefix)
+        raise
+    channels = {"rgb": 3, "grayscale": 1}.get(cfg.channels, 1 if all_gray else 3)
+    mean, std = sum((s.widened(channels) for s in sums[1:]), sums[0].widened(channels)).stats()
+    manifest = Manifest(classes=raw.classes, image_size=cfg.image_size, channels=channels, counts=counts, mean=mean,
+                        std=std, shards=tuple(shards), fingerprint=fingerprint(shards), skipped_images=len(bad))
+    store.put_bytes(f"{prefix}/{MANIFEST}", manifest.to_json().encode())
+    return manifest
+
+
+def prepared_ref(store: Store, prefix: str, manifest: Manifest, reused: bool) -> PreparedData:
+    return PreparedData(uri=store.child_uri(prefix), fingerprint=manifest.fingerprint, classes=manifest.classes,
+                        image_size=manifest.image_size, channels=manifest.channels, counts=manifest.counts,
+                        mean=manifest.mean, std=manifest.std, skipped_images=manifest.skipped_images, reused=reused)
 
 
 def prepared_prefix(raw: RawData, cfg: PreprocessConfig) -> str:
-    """Where the prepared form of ``raw`` under ``cfg`` lives in a store: named by both, so it is content-addressed."""
-    return "prepared/" + hashlib.sha256(json.dumps([raw.fingerprint, asdict(cfg)], sort_keys=True).encode()
+    """Where the prepared form of ``raw`` under ``cfg`` lives in a store: named by both and the format's version,
+    so it is content-addressed."""
+    key = [raw.fingerprint, asdict(cfg), FORMAT]
+    return "prepared/" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()
                                         ).hexdigest()[:16]
 
 
 def preprocess(raw: RawData, cfg: PreprocessConfig, store_uri: str, ray_address: str | None = None,
                log: Callable[[str], None] = lambda m: None) -> PreparedData:
-    """Decode ``raw`` into prepared arrays in the store at ``store_uri``.
+    """Decode ``raw`` into prepared shards in the store at ``store_uri``.
 
-    When the store already holds them (its ``meta.json`` is written last, so it
+    When the store already holds them (its manifest is written last, so it
     means complete), they are returned as they are, with ``reused`` set. The
     check reads the store itself, so a wiped store is simply prepared again.
     With the ``ray_address`` of a cluster and a dataset in an object store,
-    the decoding runs as Ray tasks on the cluster's nodes; the arrays are the
-    same bytes either way.
+    the shards are decoded and written by Ray tasks on the cluster's nodes;
+    they are the same bytes either way.
     """
     store = open_store(store_uri)
     prefix = prepared_prefix(raw, cfg)
-    if store.exists(f"{prefix}/{META}"):
-        return prepared_from_meta(store, prefix, Meta.from_json(store.get_bytes(f"{prefix}/{META}").decode()), True)
-    decode = cluster_decode(raw, log) if ray_address else None
-    if decode is None:
-        arrays, channels, skipped = prepare_arrays(raw, cfg)
-    else:
+    if store.exists(f"{prefix}/{MANIFEST}"):
+        return prepared_ref(store, prefix, Manifest.from_json(store.get_bytes(f"{prefix}/{MANIFEST}").decode()), True)
+    if ray_address and raw.mirror is not None:
         with ray_session(ray_address):
-            arrays, channels, skipped = prepare_arrays(raw, cfg, decode)
-    mean, std = channel_stats(arrays["train"][0])
-    fields = dict(classes=raw.classes, image_size=cfg.image_size, channels=channels,
-                  counts={s: len(y) for s, (_, y) in arrays.items()}, mean=mean, std=std, skipped_images=skipped)
-    return write_prepared(arrays, fields, store_uri, prefix)
+            manifest = write_prepared(raw, cfg, store_uri, prefix, on_cluster=True, log=log)
+    else:
+        manifest = write_prepared(raw, cfg, store_uri, prefix, log=log)
+    return prepared_ref(store, prefix, manifest, reused=False)
 
 
 @task(name="preprocess", task_run_name="preprocess {raw.source}", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=retry_unless_user_error)
 def preprocess_task(raw: RawData, cfg: PreprocessConfig, store: str, ray_address: str | None = None) -> PreparedData:
-    """Prefect task: decode the raw images once into prepared arrays in ``store`` (or find them there).
+    """Prefect task: decode the raw images once into prepared shards in ``store`` (or find them there).
 
     ``ray_address``: a cluster this run trains on; an object-store dataset is then decoded on its nodes.
     """

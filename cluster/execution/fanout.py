@@ -12,21 +12,13 @@ def _on_node(fn: Callable[[Any], Any], item: Any) -> tuple[str, Any]:
     return ray.get_runtime_context().get_node_id(), fn(item)
 
 
-def cluster_cpus() -> int:
-    """CPUs of the connected cluster (every node, busy or not)."""
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def map_on_cluster(fn: Callable[[Any], Any], items: list[Any]) -> tuple[list[Any], int]:
+def map_on_cluster(fn: Callable[[Any], Any], items: list[Any]) -> list[tuple[str, Any]]:
     """``[fn(item) for item in items]``, each call a 1-CPU Ray task spread over the nodes.
 
     ``fn`` must be importable on every node (a module-level function of the
-    shipped packages). Returns the results in order and how many nodes ran them.
+    shipped packages). Returns, in order, the id of the node that ran each call and its result.
     """
     import ray
 
     task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_retries=2)(_on_node)
-    done = ray.get([task.remote(fn, item) for item in items])
-    return [result for _, result in done], len({node for node, _ in done})
+    return ray.get([task.remote(fn, item) for item in items])

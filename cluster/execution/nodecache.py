@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.data import META, data_files, prepared_fingerprint
+from cluster.data import MANIFEST, Manifest, fingerprint, verify_shard
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,12 +53,12 @@ def materialize(data: StoredData, cache: Path | None = None) -> Path:
         return Path(data.path)
     root = (cache or node_cache_root()) / "prepared"
     dest = root / data.fingerprint
-    if (dest / META).is_file():  # complete copies are renamed into place, so META means whole
+    if (dest / MANIFEST).is_file():  # complete copies are renamed into place, so a manifest means whole
         return dest
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{data.fingerprint}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if not (dest / META).is_file():
+        if not (dest / MANIFEST).is_file():
             _download(data, dest)
     return dest
 
@@ -67,14 +67,22 @@ def _download(data: StoredData, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir(parents=True)
     try:
-        for name in [*data_files(), META]:
-            with data.filesystem.open_input_stream(f"{data.path.rstrip('/')}/{name}") as src, \
-                    open(tmp / name, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        actual = prepared_fingerprint(tmp)
-        if actual != data.fingerprint:
-            raise OSError(f"prepared data at {data.path} is corrupt: fingerprint {actual[:16]}… "
-                          f"but {data.fingerprint[:16]}… was recorded; run preprocess again with a fresh store.")
+        base = data.path.rstrip("/")
+        with data.filesystem.open_input_stream(f"{base}/{MANIFEST}") as src:
+            text = src.read().decode()
+        manifest = Manifest.from_json(text)
+        if fingerprint(manifest.shards) != data.fingerprint:
+            raise OSError(f"prepared data at {data.path} has fingerprint {fingerprint(manifest.shards)[:16]}… but "
+                          f"{data.fingerprint[:16]}… was recorded; run preprocess again with a fresh store.")
+        for shard in manifest.shards:
+            for name in shard.files:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                with data.filesystem.open_input_stream(f"{base}/{name}") as src, open(tmp / name, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            if not verify_shard(tmp, shard):
+                raise OSError(f"prepared data at {data.path} is corrupt: {shard.files[0]} and its labels do not "
+                              "match the manifest's digest; run preprocess again with a fresh store.")
+        (tmp / MANIFEST).write_text(text)
         os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,7 @@ from cluster.pytorch import allreduce as torch_allreduce
 from cluster.pytorch import sharded as torch_sharded
 from cluster.pytorch import model as tb
 from cluster.config import TrainLoopConfig
-from cluster.data import load_split, read_meta
+from cluster.data import load_split, read_manifest
 from cluster.frameworks import load
 from cluster.precision import PRECISIONS, Precision, agree, describe
 from cluster.recipes import RECIPES, get_recipe
@@ -74,7 +74,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     data_dir = Path(cfg.data_dir)
     recipe = get_recipe(cfg.recipe)
     parts: tb.TorchParts = load(recipe.parts["torch"])(cfg)
-    spec = ModelSpec.from_meta(recipe.model, read_meta(data_dir), eval_views=parts.eval_views)
+    spec = ModelSpec.from_manifest(recipe.model, read_manifest(data_dir), eval_views=parts.eval_views)
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
     x_train, y_train = map(to_device, load_split(data_dir, "train", mmap=True))
     x_val, y_val = map(to_device, load_split(data_dir, "val", mmap=True))

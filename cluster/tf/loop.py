@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from cluster.tf import model as tfb
 from cluster.config import TrainLoopConfig
-from cluster.data import load_split, read_meta
+from cluster.data import load_split, read_manifest
 from cluster.frameworks import load
 from cluster.precision import describe, resolve
 from cluster.recipes import MODELS, get_recipe
@@ -64,7 +64,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     data_dir = Path(cfg.data_dir)
     recipe = get_recipe(cfg.recipe)
     parts: tfb.TensorFlowParts = load(recipe.parts["tensorflow"])(cfg)
-    spec = ModelSpec.from_meta(recipe.model, read_meta(data_dir))
+    spec = ModelSpec.from_manifest(recipe.model, read_manifest(data_dir))
     x_train, y_train = load_split(data_dir, "train", mmap=True)
     x_val, y_val = (a[ctx.rank::ctx.world_size] for a in load_split(data_dir, "val", mmap=True))
     keras.utils.set_random_seed(cfg.seed)  # identical initial weights on every rank

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.data import Meta, load_split
+from cluster.data import Manifest, load_split
 from cluster.precision import Precision
 
 STATE_FILE = "state.json"
@@ -36,7 +36,7 @@ class ModelSpec:
     eval_views: str = "plain"  # the test-time augmentation its predictions average over (cluster.pytorch.model.VIEWS)
 
     @classmethod
-    def from_meta(cls, name: str, meta: Meta, eval_views: str = "plain") -> ModelSpec:
+    def from_manifest(cls, name: str, meta: Manifest, eval_views: str = "plain") -> ModelSpec:
         return cls(name=name, in_channels=meta.channels, num_classes=len(meta.classes), image_size=meta.image_size,
                    mean=meta.mean, std=meta.std, classes=meta.classes, eval_views=eval_views)
 

@@ -1,8 +1,8 @@
 """The ``folder:`` source: class folders in a directory, a tar archive, or under an s3:// prefix.
 
 ``folder:<path>`` names a directory or ``.tar``/``.tar.gz`` holding class
-folders, or ``train/`` and ``test/`` splits of class folders (each split may
-itself be an archive, e.g. ``train.tar.gz``); an ``s3://bucket/prefix`` holding
+folders, or ``train/`` and ``test/`` (or ``val/``) splits of class folders (each split
+may itself be an archive, e.g. ``train.tar.gz``); an ``s3://bucket/prefix`` holding
 either is downloaded first. Archives are unpacked into a content-addressed
 cache, so one archive is never unpacked twice.
 """
@@ -135,6 +135,9 @@ def _as_dir(path: Path, cache: Path) -> Path:
     return _descend(safe_extract(path, cache) if is_archive(path) else path)
 
 
+HELD_OUT_NAMES = ("val", "validation")  # what other layouts call the held-out split, when there is no test/
+
+
 def _split_entry(root: Path, split: str) -> Path | None:
     for name in (split, *(split + suffix for suffix in ARCHIVE_SUFFIXES)):
         if (root / name).exists():
@@ -147,6 +150,7 @@ def locate_splits(location: str, cache: Path) -> dict[str, Path]:
 
     Returns ``{"train": dir, "test": dir}`` for split layouts, ``{"train": dir}``
     when only a train split exists, and ``{"all": dir}`` for plain class folders.
+    Without ``test/``, an ImageNet-style ``val/`` (or ``validation/``) beside ``train/`` is the test split.
     """
     path = download_s3(location, cache) if location.startswith("s3://") else Path(location).expanduser()
     if not path.exists():
@@ -155,6 +159,8 @@ def locate_splits(location: str, cache: Path) -> dict[str, Path]:
     entries = {split: _split_entry(root, split) for split in SPLITS}
     if entries["train"] is None:
         return {"all": root}
+    for name in HELD_OUT_NAMES:
+        entries["test"] = entries["test"] or _split_entry(root, name)
     return {split: _as_dir(entry, cache) for split, entry in entries.items() if entry is not None}
 
 
@@ -170,7 +176,7 @@ SOURCE = Source(
     name="folder",
     form="folder:<directory, .tar.gz or s3://bucket/prefix>",
     description="your images at 'Dataset path'",
-    location_help="a directory of class folders (optionally train/ and test/), a .tar/.tar.gz of one, or an "
+    location_help="a directory of class folders (optionally train/ and test/ or val/), a .tar/.tar.gz of one, or an "
                   "s3://bucket/prefix holding either",
     needs_location=True,
     check=check,

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.fs
 import pytest
 
-from cluster.data import META, data_files, load_split
+from cluster.data import MANIFEST, load_split, read_manifest
 from cluster.execution.nodecache import StoredData, materialize
 from tasks.store import open_store
 
@@ -36,16 +36,17 @@ def test_fetches_once_per_node_and_verifies(prepared, tmp_path):
     assert len(set(results)) == 1 and len(results) == 4
     local = results[0]
     assert local.parent == tmp_path / "node" / "prepared"
-    assert sorted(p.name for p in local.iterdir()) == sorted([*data_files(), META])
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert files == sorted([*read_manifest(local).files(), MANIFEST])
     assert [p.name for p in local.parent.iterdir() if p.is_dir()] == [local.name]  # one copy, no leftovers
-    before = {p.name: p.stat().st_mtime_ns for p in local.iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in local.rglob("*")}
     assert materialize(data, tmp_path / "node") == local
-    assert {p.name: p.stat().st_mtime_ns for p in local.iterdir()} == before  # not fetched again
+    assert {p: p.stat().st_mtime_ns for p in local.rglob("*")} == before  # not fetched again
 
 
 def test_a_corrupt_copy_is_refused_and_leaves_nothing(prepared, tmp_path):
     data = stored(prepared, tmp_path)
-    train_x = Path(data.path) / "train_x.npy"
+    train_x = Path(data.path) / read_manifest(Path(data.path)).split_shards("train")[0].files[0]
     raw = bytearray(train_x.read_bytes())
     raw[-1] ^= 0xFF
     train_x.write_bytes(bytes(raw))
@@ -59,6 +60,13 @@ def test_in_place_data_is_not_copied(prepared, tmp_path):
     in_place = StoredData(filesystem=None, path=data.path, fingerprint=data.fingerprint)
     assert materialize(in_place, tmp_path / "node") == Path(data.path)
     assert not (tmp_path / "node").exists()
+
+
+def test_a_manifest_of_other_data_is_refused(prepared, tmp_path):
+    data = stored(prepared, tmp_path)
+    other = StoredData(filesystem=data.filesystem, path=data.path, fingerprint="0" * 64)
+    with pytest.raises(OSError, match="fingerprint"):
+        materialize(other, tmp_path / "node")
 
 
 def test_splits_load_as_shared_memory_maps(prepared, tmp_path):

@@ -51,7 +51,7 @@ def test_cifar10_subset_two_epochs_well_above_chance_in_both_frameworks(subset_r
     # auto: bf16 + channels_last for torch where this CPU computes bf16 natively; TensorFlow trains in fp32
     assert summaries["torch"]["precision"] == ("bf16 + channels_last" if BF16_CPU_FLAGS & cpu_flags() else "fp32")
     assert summaries["tensorflow"]["precision"] == "fp32"
-    meta = json.loads(next((store / "prepared").glob("*/meta.json")).read_text())
+    meta = json.loads(next((store / "prepared").glob("*/manifest.json")).read_text())
     assert meta["counts"]["train"] + meta["counts"]["val"] == 5000
     assert meta["channels"] == 3 and meta["image_size"] == 32
     assert len(meta["classes"]) == 10 and "airplane" in meta["classes"]
@@ -79,7 +79,7 @@ def test_bf16_channels_last_within_a_point_of_fp32_on_the_subset(subset_runs, tm
     from cluster.pytorch.loop import LocalContext, train_loop
 
     store, _ = subset_runs
-    data = next((store / "prepared").glob("*/meta.json")).parent
+    data = next((store / "prepared").glob("*/manifest.json")).parent
     x_test, y_test = load_split(data, "test")
     accuracy, speed = {}, {}
     threads = torch.get_num_threads()
@@ -112,7 +112,7 @@ def test_fast_recipe_beats_the_article_in_the_same_epochs_on_the_subset(subset_r
     from cluster.worker.checkpoint import PREDICTIONS_FILE
 
     store, _ = subset_runs
-    data = str(next((store / "prepared").glob("*/meta.json")).parent)
+    data = str(next((store / "prepared").glob("*/manifest.json")).parent)
     recipes = {"article": {"lr": 0.01, "batch_size": 64},  # the subset's tuned rate (see above), the article's batch
                "fast_cifar": {"lr": 0.375, "batch_size": 256, "momentum": 0.85}}  # airbench's 1.5 at 1024, x 256 / 1024
     accuracy: dict[str, float] = {}

@@ -58,19 +58,24 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     archive = make_tar(mixed_image_set(tmp_path / "mixed"), tmp_path / "mixed.tar.gz")
     store = tmp_path / "store"
     mark = {"TRAINFLOW_TEST_RUN": str(tmp_path)}  # inherited by every process the run starts
-    out = trainflow("run", "--dataset", f"folder:{archive}", "--workers", "1", "--epochs", "6", "--lr", "0.01",
-                    "--image-size", "16", "--batch-size", "16", "--skip-bad-images", "--store", str(store), "--json",
-                    env=mark)
+    data_options = ["--dataset", f"folder:{archive}", "--image-size", "16", "--skip-bad-images", "--store", str(store)]
+    prepared = trainflow("prepare", *data_options, "--json")  # prepare once; the run then finds it in the store
+    assert prepared.returncode == 0, prepared.stderr[-4000:]
+    ref = json.loads(prepared.stdout[prepared.stdout.index("{"):])
+    assert ref["uri"].startswith((store / "prepared").as_uri()) and ref["skipped_images"] == 1 and not ref["reused"]
+    out = trainflow("run", *data_options, "--workers", "1", "--epochs", "6", "--lr", "0.01", "--batch-size", "16",
+                    "--json", env=mark)
     assert out.returncode == 0, out.stderr[-4000:]
     # it stopped what it started (its Ray, Prefect's temporary server), though it exits without Python's teardown
     _, left = psutil.wait_procs(started_with(mark), timeout=10)
     assert not left, [" ".join(p.cmdline()[:3]) for p in left]
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert [s["name"] for s in summary["stages"]] == ["ingest", "preprocess", "train", "evaluate", "publish"]
+    assert summary["stages"][1]["skipped"] and summary["stages"][1]["note"].startswith("reused")  # prepare's
     assert (summary["ignored_files"], summary["skipped_images"]) == (1, 1)  # notes.txt, cut.jpg
     assert summary["accuracy"] > 0.8
     assert summary["version"] == 1 and summary["promoted"]
-    meta = json.loads(next((store / "prepared").glob("*/meta.json")).read_text())
+    meta = json.loads(next((store / "prepared").glob("*/manifest.json")).read_text())
     assert meta["channels"] == 3 and meta["image_size"] == 16  # mixed set: kept as RGB
     assert sum(meta["counts"].values()) == 120 and meta["counts"]["test"] == summary["test_size"]
     # not a terminal: plain lines, one per stage and one per epoch, and none of Ray's own lines

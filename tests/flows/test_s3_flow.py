@@ -54,7 +54,7 @@ def test_flow_on_s3_then_registry_commands(s3_server, tmp_path):
     assert summary["accuracy"] > 0.85 and (summary["version"], summary["promoted"]) == (1, True)
     stored = keys(s3_server, prefix)
     assert "models/seed-cnn/champion.json" in stored and "models/seed-cnn/versions/1/manifest.json" in stored
-    assert any(k.startswith("prepared/") and k.endswith("meta.json") for k in stored)
+    assert any(k.startswith("prepared/") and k.endswith("/manifest.json") for k in stored)
     assert any(k.startswith("checkpoints/") and k.endswith("/model.keras") for k in stored)  # Ray wrote to S3
     assert "models/seed-cnn/versions/1/model.keras" in stored
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,7 +35,7 @@ def served(prefect_server, tmp_path_factory):
                                cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     deadline = time.monotonic() + 120
-    while len(deployments(prefect_server)) < 3:
+    while len(deployments(prefect_server)) < 4:
         assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
         time.sleep(1)
     yield store
@@ -73,6 +74,22 @@ def test_on_demand_run_through_the_api_completes_with_artifacts(prefect_server, 
     assert (served / "models" / "seed-cnn" / "champion.json").exists()
     checkpoints = {p.name for p in (served / "checkpoints").glob("*/checkpoint_*/*")}
     assert {"torch": "model.pt", "tensorflow": "model.keras"}[framework] in checkpoints
+
+
+@pytest.mark.slow
+def test_prepare_deployment_writes_prepared_data_into_the_store(prefect_server, served):
+    deployment = deployments(prefect_server)["prepare"]
+    params = deployment["parameters"]["params"]
+    assert params["store"] == str(served) and params["data"]["kind"] == "digits"
+    params = {**params, "data": {**params["data"], "image_size": 10}}
+    response = api("POST", f"{prefect_server}/deployments/{deployment['id']}/create_flow_run",
+                   json={"parameters": {"params": params}})
+    assert response.status_code == 201, response.text
+    run = wait_for_run(prefect_server, response.json()["id"])
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert run["name"] == "digits · 10 px"
+    manifests = list((served / "prepared").glob("*/manifest.json"))
+    assert any(json.loads(m.read_text())["image_size"] == 10 for m in manifests)
 
 
 @pytest.mark.slow

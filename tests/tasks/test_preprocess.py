@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.data import META, load_split, read_meta, split_files
+import cluster.data
+from cluster.data import MANIFEST, load_split, read_manifest, verify_shard
 from cluster.errors import UserError
 from tests.conftest import write_class_folders
 from tasks import preprocess as pp
@@ -194,7 +195,7 @@ def test_undecodable_image_is_a_user_error_naming_it(tmp_path: Path, content):
         preprocess(raw, PreprocessConfig(image_size=8), str(tmp_path / "store"))
     assert "1 image(s)" in str(info.value) and "0000.png" not in str(info.value)
     assert "skip_bad_images" in str(info.value)
-    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob(META))
+    assert not (tmp_path / "store").exists() or not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
 
 def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path: Path):
@@ -248,10 +249,13 @@ def test_preprocess_end_to_end(tmp_path: Path, channels_in: int, expected_channe
     prepared = preprocess(raw, cfg, store.uri)
     directory = _prepared_dir(store, prepared.uri)
     assert directory.is_relative_to(store.root / "prepared")
-    meta_path = directory / META
+    meta_path = directory / MANIFEST
     assert meta_path.is_file()
-    npys = sorted(directory.glob("*.npy"))
-    assert sorted(p.name for p in npys) == sorted(n for s in ("train", "val", "test") for n in split_files(s))
+    npys = sorted(directory.rglob("*.npy"))
+    meta = read_manifest(directory)
+    assert [p.relative_to(directory).as_posix() for p in npys] == sorted(meta.files())
+    assert meta.files() == [f"{s}/00000.{a}.npy" for s in ("train", "val", "test") for a in "xy"]  # one shard each
+    assert all(verify_shard(directory, shard) for shard in meta.shards)
     assert all(meta_path.stat().st_mtime_ns >= p.stat().st_mtime_ns for p in npys)
 
     assert prepared.channels == expected_channels and prepared.image_size == 16
@@ -274,7 +278,6 @@ def test_preprocess_end_to_end(tmp_path: Path, channels_in: int, expected_channe
     assert prepared.mean != pytest.approx(channel_stats(x_all)[0], abs=1e-12)  # train only, not everything
     assert len(prepared.mean) == expected_channels
 
-    meta = read_meta(directory)
     assert meta.fingerprint == prepared.fingerprint
     assert meta.counts == prepared.counts and meta.channels == expected_channels
     assert json.loads(meta_path.read_text())["classes"] == list(CLASSES3)
@@ -327,4 +330,56 @@ def test_preprocess_task_fn(tmp_path: Path):
     store = FileStore(tmp_path / "store")
     prepared = preprocess_task.fn(raw, PreprocessConfig(image_size=8), store.uri)
     assert sum(prepared.counts.values()) == 10
-    assert store.exists(f"{store.key_of(prepared.uri)}/{META}")
+    assert store.exists(f"{store.key_of(prepared.uri)}/{MANIFEST}")
+
+
+def test_shards_written_by_the_pool_are_the_one_shard_dataset_cut_in_runs(tmp_path: Path, monkeypatch):
+    """A dataset prepared into many shards (in parallel, each written by the process that decoded it) reads
+    back as the same pixels, labels and statistics as with one shard per split; only the layout differs."""
+    root = write_class_folders(tmp_path / "ds", classes=3, per_class=(pp._PARALLEL_THRESHOLD // 3) + 10, size=12)
+    gray = write_class_folders(tmp_path / "ds_gray", classes=3, per_class=1, size=12, channels=1)
+    for i, image in enumerate(sorted(gray.rglob("*.png"))):  # a few grayscale images among the RGB ones
+        image.rename(root / f"class_{i}" / f"gray_{i}.png")
+    raw = ingest(f"folder:{root}", tmp_path / "cache")
+    cfg = PreprocessConfig(image_size=8, seed=1)
+    one = preprocess(raw, cfg, str(tmp_path / "one"))
+    monkeypatch.setattr(cluster.data, "SHARD_BYTES", 8 * 8 * 3 * 100)  # 100 images a shard
+    many = preprocess(raw, cfg, str(tmp_path / "many"))
+    dirs = {name: _prepared_dir(FileStore(tmp_path / name), ref.uri) for name, ref in (("one", one), ("many", many))}
+    shards = read_manifest(dirs["many"]).split_shards("train")
+    assert len(shards) == -(-many.counts["train"] // 100) and {s.count for s in shards[:-1]} == {100}
+    assert [s.index for s in shards] == list(range(len(shards)))
+    for split in ("train", "val", "test"):
+        for a, b in zip(load_split(dirs["one"], split), load_split(dirs["many"], split)):
+            assert a.dtype == b.dtype and np.array_equal(a, b), split
+    assert (many.mean, many.std, many.counts, many.channels) == (one.mean, one.std, one.counts, one.channels)
+    assert many.fingerprint != one.fingerprint  # the fingerprint covers the layout: other shards, other data
+
+
+def test_a_gray_shard_in_an_rgb_dataset_is_widened_on_read(tmp_path: Path, monkeypatch):
+    gray = write_class_folders(tmp_path / "ds" / "class_0", classes=1, per_class=6, size=8, channels=1)
+    rgb = write_class_folders(tmp_path / "ds" / "class_1", classes=1, per_class=6, size=8)
+    for folder in (gray, rgb):  # flatten class_N/class_0/*.png into class_N/*.png
+        for image in folder.rglob("*.png"):
+            image.rename(folder / image.name)
+    raw = ingest(f"folder:{tmp_path / 'ds'}", tmp_path / "cache")
+    monkeypatch.setattr(cluster.data, "SHARD_BYTES", 8 * 8 * 3 * 2)  # 2 images a shard: some shards all gray
+    prepared = preprocess(raw, PreprocessConfig(image_size=8, val_fraction=0.0), str(tmp_path / "store"))
+    directory = _prepared_dir(FileStore(tmp_path / "store"), prepared.uri)
+    stored = {s.channels for s in read_manifest(directory).shards}
+    assert prepared.channels == 3 and stored == {1, 3}
+    x, y = load_split(directory, "train")
+    assert x.shape[1:] == (8, 8, 3)
+    assert np.array_equal(x[y == 0][..., 0], x[y == 0][..., 2])  # gray images: R = G = B
+    mean, std = channel_stats(x)
+    assert prepared.mean == pytest.approx(mean, abs=1e-12) and prepared.std == pytest.approx(std, abs=1e-12)
+
+
+def test_a_val_folder_beside_train_is_the_test_split(tmp_path: Path):
+    write_class_folders(tmp_path / "ds" / "train", classes=2, per_class=8)
+    write_class_folders(tmp_path / "ds" / "val", classes=2, per_class=3)
+    raw = ingest(f"folder:{tmp_path / 'ds'}", tmp_path / "cache")
+    assert sorted(raw.splits) == ["test", "train"] and raw.counts == {"train": 16, "test": 6}
+    assert raw.splits["test"] == str(tmp_path / "ds" / "val")
+    prepared = preprocess(raw, PreprocessConfig(image_size=8), str(tmp_path / "store"))
+    assert prepared.counts["test"] == 6 and prepared.counts["train"] + prepared.counts["val"] == 16
