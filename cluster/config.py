@@ -30,6 +30,7 @@ class TrainLoopConfig:
     precision: str = "auto"  # resolved on each worker, where the hardware is known (cluster.precision)
     channels_last: bool = False  # auto turns it on with bf16
     use_gpu: bool = False
+    in_memory_mb: int = 2048  # a training split up to this many MB of pixels is held in memory; larger ones stream
 
     def __post_init__(self) -> None:
         framework = get_framework(self.framework)
@@ -42,6 +43,8 @@ class TrainLoopConfig:
             raise UserError(f"lr={self.lr} is out of range; choose a learning rate in (0, 10].")
         if not 0 <= self.momentum < 1:
             raise UserError(f"momentum={self.momentum} must be in [0, 1).")
+        if self.in_memory_mb < 0:
+            raise UserError(f"in_memory_mb={self.in_memory_mb} must be 0 (always stream) or more.")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision={self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
         asked = {"precision=bf16": self.precision == "bf16", "channels_last": self.channels_last}

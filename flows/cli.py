@@ -43,9 +43,11 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "recipe": ("train", "recipe", str),
     "precision": ("train", "precision", str),
     "seed": ("train", "seed", int),
+    "in_memory_mb": ("train", "in_memory_mb", int),
     "workers": ("cluster", "num_workers", int),
     "cpus_per_worker": ("cluster", "cpus_per_worker", int),
     "max_failures": ("cluster", "max_failures", int),
+    "node_cache_gb": ("cluster", "node_cache_gb", float),
     "ray_address": ("cluster", "ray_address", str),
     "placement_strategy": ("cluster", "placement_strategy", str),
     "wait_for_resources": ("cluster", "wait_for_resources", float),
@@ -150,6 +152,8 @@ def format_summary(summary, wall_seconds: float) -> str:
         f"  wall time       {wall_seconds:8.1f} s   (training epochs {summary.training_seconds:.1f} s, "
         f"{summary.epochs_trained} epoch(s) run on {summary.nodes} node(s) in {summary.precision}"
         + (f", resumed after epoch {summary.resumed_from_epoch})" if summary.resumed_from_epoch else ")"),
+        *([f"  restarts        Ray restarted the worker group {len(summary.restarts)} time(s), resuming after "
+           f"epoch(s) {', '.join(map(str, summary.restarts))} (0: from scratch)"] if summary.restarts else []),
         f"  test accuracy   {summary.accuracy:8.4f}   macro F1 {summary.f1_macro:.4f} on {summary.test_size} images",
         f"  data            {summary.ignored_files} non-image file(s) ignored, "
         f"{summary.skipped_images} undecodable image(s) skipped",

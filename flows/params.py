@@ -117,6 +117,9 @@ class TrainParams(_Section):
                     "AVX-512 BF16 or AMX, GPUs of compute capability 8.0+), else fp32; TensorFlow: always fp32. "
                     "The release's lineage and the run summary say which was used")
     channels_last: bool = Field(False, title="Channels-last memory format", description="auto turns it on with bf16")
+    in_memory_mb: int = Field(2048, ge=0, le=1 << 20, title="Training data held in memory up to (MB)",
+                              description="PyTorch: a training split of more decoded pixels streams from its shards, "
+                                          "batch by batch, in an order drawn from the seed and epoch; 0 streams always")
     force: bool = Field(False, title="Retrain even if finished",
                         description="Off: a finished run with the same data and parameters is reused, an unfinished "
                                     "one resumes. On: train again from epoch 0 under a new run")
@@ -124,7 +127,8 @@ class TrainParams(_Section):
     def to_config(self) -> TrainLoopConfig:
         return TrainLoopConfig(data_dir="", framework=self.framework, recipe=self.recipe, epochs=self.epochs,
                                batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed,
-                               precision=self.precision, channels_last=self.channels_last)
+                               precision=self.precision, channels_last=self.channels_last,
+                               in_memory_mb=self.in_memory_mb)
 
 
 class ClusterParams(_Section):
@@ -144,6 +148,9 @@ class ClusterParams(_Section):
     shared_folder_store: bool = Field(False, title="Folder store shared by every node",
                                       description="Allow a folder store on a cluster: every node mounts it at the "
                                                   "same path")
+    node_cache_gb: float = Field(100.0, gt=0, le=1e6, title="Node cache per dataset (GB)",
+                                 description="Training shards a node keeps of one dataset from an object store; a "
+                                             "bigger training split streams from the store, re-read each epoch")
     max_failures: int = Field(2, ge=0, le=100, title="Worker-group restarts",
                               description="Ray restarts from the last checkpoint this many times")
 
@@ -151,7 +158,8 @@ class ClusterParams(_Section):
         """Ray's side of these parameters; an empty address falls back to ``RAY_ADDRESS`` (read now)."""
         return Resources(num_workers=self.num_workers, use_gpu=self.use_gpu, cpus_per_worker=self.cpus_per_worker,
                          ray_address=resolve_address(self.ray_address), max_failures=self.max_failures,
-                         placement_strategy=self.placement_strategy, wait_for_resources=self.wait_for_resources)
+                         placement_strategy=self.placement_strategy, wait_for_resources=self.wait_for_resources,
+                         node_cache_gb=self.node_cache_gb)
 
 
 class PublishParams(_Section):

@@ -44,6 +44,7 @@ class RunSummary(BaseModel):
     ignored_files: int  # non-image files in the dataset's folders
     skipped_images: int  # undecodable images left out (skip_bad_images)
     resumed_from_epoch: int
+    restarts: list[int] = []  # each restart of the worker group by Ray in this run: the epoch it resumed after (0: none)
     epochs_trained: int
     training_seconds: float
     nodes: int  # Ray nodes the final worker group spanned (0 for a reused run that predates the record)
@@ -64,6 +65,7 @@ class RunSummary(BaseModel):
                    test_size=evaluation.test_size, ignored_files=raw.ignored_files,
                    skipped_images=prepared.skipped_images,
                    resumed_from_epoch=0 if model.reused else model.resumed_from_epoch, epochs_trained=len(trained),
+                   restarts=[] if model.reused else list(model.restarts),
                    training_seconds=sum(m.epoch_seconds for m in trained), nodes=model.node_count,
                    run_id=model.run_id, precision=model.precision.label if model.precision else "unrecorded",
                    model_name=release.name, version=release.version, promoted=release.promoted,

@@ -99,6 +99,7 @@ def version_files(model: TrainedModel, evaluation: Evaluation, prepared: Prepare
         "framework": model.framework, "framework_versions": state.get("versions", {}),
         "data_fingerprint": prepared.fingerprint, "prepared_uri": prepared.uri, "run_id": model.run_id,
         "checkpoint_uri": model.checkpoint_uri, "workers": [w.model_dump() for w in model.workers],
+        "worker_group_restarts": [{"resumed_after_epoch": epoch} for epoch in model.restarts],
         "precision": model.precision.model_dump() if model.precision else None,  # auto as the workers resolved it
         "parameters": params, "packages": package_versions(model.framework),
         "python": platform.python_version(), "git_commit": git_commit(),

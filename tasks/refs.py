@@ -95,6 +95,7 @@ class TrainedModel(_Ref):
     num_workers: int
     resumed_from_epoch: int = 0
     reused: bool = False
+    restarts: tuple[int, ...] = ()  # each time Ray restarted the worker group in this run: the epoch it resumed after
     workers: tuple[WorkerPlacement, ...] = ()
     precision: TrainingPrecision | None = None  # None: a checkpoint written before precision was recorded
 

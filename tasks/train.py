@@ -78,25 +78,27 @@ def latest_checkpoint(store: Store, run_prefix: str) -> tuple[str, dict] | None:
 
 
 def to_trained_model(store: Store, checkpoint_key: str, state: dict, run_id: str, workers: int,
-                     resumed_from: int, reused: bool) -> TrainedModel:
+                     resumed_from: int, reused: bool, restarts: tuple[int, ...] = ()) -> TrainedModel:
     return TrainedModel(
         checkpoint_uri=store.child_uri(checkpoint_key), framework=state.get("framework", "torch"),
         model=state["spec"]["name"],
         run_id=run_id, history=tuple(EpochMetrics(**m) for m in state["history"]), num_workers=workers,
-        resumed_from_epoch=resumed_from, reused=reused,
+        resumed_from_epoch=resumed_from, reused=reused, restarts=restarts,
         workers=tuple(WorkerPlacement(**w) for w in state.get("workers", ())),
         precision=TrainingPrecision(**state["precision"]) if state.get("precision") else None)
 
 
-def stored_data(store: Store, prepared: PreparedData) -> StoredData:
+def stored_data(store: Store, prepared: PreparedData, node_cache_gb: float | None = None) -> StoredData:
     """How a worker on any node finds ``prepared``: through the store's filesystem, never a driver path.
 
     A folder store is read in place (it is this machine's, or the user declared it shared by every
-    node); from an object store each node fetches its own verified copy.
+    node); from an object store each node fetches its own verified copy, of the training shards at
+    most ``node_cache_gb`` (the rest stream from the store as the workers read them).
     """
     filesystem = store.ray_filesystem()
     return StoredData(filesystem=filesystem, path=store.ray_storage_path(store.key_of(prepared.uri)),
-                      fingerprint=prepared.fingerprint)
+                      fingerprint=prepared.fingerprint,
+                      cache_limit=None if node_cache_gb is None else int(node_cache_gb * 1e9))
 
 
 def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store_uri: str,
@@ -118,21 +120,22 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
         return to_trained_model(store, found[0], found[1], run_id, resources.num_workers, found[1]["epoch"], True)
     cfg = replace(cfg, use_gpu=resources.use_gpu)
     reported: list[int] = []
+    starts: list[int] = []  # the epoch each worker group started after: the first, then Ray's restarts
 
     def report(metrics: dict) -> None:
         reported.append(metrics["epoch"])
         on_report(metrics)
 
     with ray_session(resources.ray_address):
-        final = fit(cfg, resources, data=stored_data(store, prepared), run_name=run_id,
+        final = fit(cfg, resources, data=stored_data(store, prepared, resources.node_cache_gb), run_name=run_id,
                     storage_path=store.ray_storage_path("checkpoints"), storage_filesystem=store.ray_filesystem(),
                     on_report=report, on_failure=on_failure, on_wait=on_wait, on_progress=on_progress,
-                    on_message=on_message)
+                    on_message=on_message, on_start=starts.append)
     key = f"{run_prefix}/{Path(final).name}"
     state = json.loads(store.get_bytes(f"{key}/state.json"))
     # where Ray actually resumed: the epoch before the first one this call heard of
     resumed_from = reported[0] - 1 if reported else state["epoch"]
-    return to_trained_model(store, key, state, run_id, resources.num_workers, resumed_from, False)
+    return to_trained_model(store, key, state, run_id, resources.num_workers, resumed_from, False, tuple(starts[1:]))
 
 
 def format_epoch(m: dict, epochs: int) -> str:
@@ -188,6 +191,8 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
         on_message(f"reused finished run {model.run_id}: its inputs and parameters are unchanged")
     elif model.resumed_from_epoch:
         on_message(f"resumed run {model.run_id} after epoch {model.resumed_from_epoch}")
+    for epoch in model.restarts:
+        log.warning("Ray restarted the worker group %s", f"after epoch {epoch}" if epoch else "from scratch")
     if model.workers:
         log.info("the last worker group ran on %d node(s): %s", model.node_count,
                  ", ".join(f"rank {w.rank} on {w.node_ip or w.hostname} ({w.device})" for w in model.workers))

@@ -33,6 +33,7 @@ class Resources:
     max_failures: int = 2
     placement_strategy: str = "PACK"
     wait_for_resources: float = 300.0
+    node_cache_gb: float = 100.0  # training shards a node keeps of one dataset; past it they stream from the store
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker < 1:
@@ -42,6 +43,8 @@ class Resources:
         if self.placement_strategy not in STRATEGIES:
             raise UserError(f"placement_strategy={self.placement_strategy!r} is unknown; "
                             f"choose one of {', '.join(STRATEGIES)}.")
+        if self.node_cache_gb <= 0:
+            raise UserError(f"node_cache_gb={self.node_cache_gb} must be more than 0.")
         if self.wait_for_resources <= 0:
             raise UserError(f"wait_for_resources={self.wait_for_resources} must be more than 0 seconds.")
 

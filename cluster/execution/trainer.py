@@ -51,7 +51,7 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
         storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None,
         on_failure: Callable[[dict[int, str]], None] = lambda e: None,
         on_wait: Callable[[str], None] = lambda m: None, on_progress: Callable[[dict], None] = lambda p: None,
-        on_message: Callable[[str], None] = lambda m: None) -> str:
+        on_message: Callable[[str], None] = lambda m: None, on_start: Callable[[int], None] = lambda e: None) -> str:
     """Train ``cfg.framework``'s loop on a Ray Train worker group and wait for it.
 
     Each worker fetches ``data`` onto its own node. Re-running with the same
@@ -62,7 +62,8 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
     ``resources.max_failures`` times), ``on_wait`` every 30 s while the
     group waits for resources, ``on_progress`` with {epoch, done, total, seconds}
     (images of the epoch done so far, over all ranks) a few times a second, and
-    ``on_message`` with what the workers say (a resume). Returns the path of the
+    ``on_message`` with what the workers say (a resume), and ``on_start`` with the last
+    epoch done (0: none) each time a worker group starts. Returns the path of the
     final checkpoint in storage.
 
     Raises:
@@ -72,7 +73,8 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
     cfg.local_batch_size(resources.num_workers)  # raises before any worker starts
     check_placement(resources)
     wait_for_placement(resources, on_wait)
-    handlers = {"report": on_report, "failure": on_failure, "progress": on_progress, "message": on_message}
+    handlers = {"report": on_report, "failure": on_failure, "progress": on_progress, "message": on_message,
+                "start": on_start}
     session.wait_for_train_modules()
     import ray
     from ray.train import ControllerError

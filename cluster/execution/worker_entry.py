@@ -18,7 +18,8 @@ import ray
 import ray.train
 
 from cluster.config import TrainLoopConfig
-from cluster.execution.nodecache import materialize
+from cluster.data import Shard, load_shard, read_manifest
+from cluster.execution.nodecache import ShardCache, StoredData, fits, materialize
 from cluster.frameworks import get_framework, load
 
 PROGRESS_EVERY_S = 0.5
@@ -32,8 +33,9 @@ class RayWorkerContext:
     ``device`` is the framework's business: its Ray entry point sets it before training.
     """
 
-    def __init__(self, events) -> None:
+    def __init__(self, events, shards: ShardCache | None = None) -> None:
         context = ray.train.get_context()
+        self.shards = shards
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device: object = "cpu"
@@ -54,10 +56,18 @@ class RayWorkerContext:
     def say(self, text: str) -> None:
         self.put("message", text)
 
+    def started(self, epoch: int) -> None:
+        self.put("start", epoch)
+
     def placement(self) -> dict:
         return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
                 "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
                 "device": str(self.device)}
+
+    def open_shard(self, directory: Path, shard: Shard, channels: int):
+        if self.shards is None:
+            return load_shard(directory, shard, channels, mmap=True)
+        return self.shards.open(shard, channels)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -75,5 +85,9 @@ class RayWorkerContext:
 def run_worker(config: dict) -> None:
     """A Ray Train worker's first lines: rebuild the typed config, fetch the data onto this node, train."""
     cfg = TrainLoopConfig.from_dict(config["loop"])
-    cfg = replace(cfg, data_dir=str(materialize(config["data"])))
-    load(get_framework(cfg.framework).train)(cfg, RayWorkerContext(config["events"]))
+    data: StoredData = config["data"]
+    directory = materialize(data)
+    streamed = not data.in_place and not fits(data, read_manifest(directory))  # training shards fetched as read
+    cfg = replace(cfg, data_dir=str(directory))
+    load(get_framework(cfg.framework).train)(cfg, RayWorkerContext(config["events"], ShardCache(data) if streamed
+                                                                    else None))

@@ -27,13 +27,14 @@ from cluster.pytorch import allreduce as torch_allreduce
 from cluster.pytorch import sharded as torch_sharded
 from cluster.pytorch import model as tb
 from cluster.config import TrainLoopConfig
-from cluster.data import load_split, read_manifest
+from cluster.data import Manifest, Shard, load_split, read_manifest
 from cluster.frameworks import load
 from cluster.precision import PRECISIONS, Precision, agree, describe
 from cluster.recipes import RECIPES, get_recipe
 from cluster.worker.checkpoint import ModelSpec, write_predictions
 from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
 from cluster.worker.memory import keep_freed_memory
+from cluster.worker.stream import Piece, epoch_pieces, read_whole, steps_per_epoch, stream_batches
 
 __all__ = ["LocalContext", "RecipeSteps", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
 
@@ -74,9 +75,10 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     data_dir = Path(cfg.data_dir)
     recipe = get_recipe(cfg.recipe)
     parts: tb.TorchParts = load(recipe.parts["torch"])(cfg)
-    spec = ModelSpec.from_manifest(recipe.model, read_manifest(data_dir), eval_views=parts.eval_views)
+    manifest = read_manifest(data_dir)
+    spec = ModelSpec.from_manifest(recipe.model, manifest, eval_views=parts.eval_views)
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
-    x_train, y_train = map(to_device, load_split(data_dir, "train", mmap=True))
+    train = TrainSplit(data_dir, manifest, cfg, ctx)
     x_val, y_val = map(to_device, load_split(data_dir, "val", mmap=True))
     val_shard = slice(ctx.rank, None, ctx.world_size)
     x_val, y_val = x_val[val_shard], y_val[val_shard]
@@ -86,7 +88,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = tb.build_model(spec)
     if parts.init is not None:  # from the same leading images on every rank
-        parts.init(model, normalize(x_train[:tb.INIT_IMAGES]).float().cpu())
+        parts.init(model, normalize(to_device(train.leading(tb.INIT_IMAGES))).float().cpu())
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
     optimizer = parts.optimizer(model, ctx.device)
@@ -97,6 +99,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             tb.load_weights(Path(tmp), model, optimizer, averager)
             _, start_epoch, history = tb.read_state(Path(tmp))
             ctx.say(f"resuming from the checkpoint of epoch {start_epoch}")
+    ctx.started(start_epoch)
     net, stepper, all_reduce = model, optimizer, None
     bf16 = precision.dtype == "bf16"
     if ctx.world_size > 1:  # ranks sharing memory step a share of the model each; others run DDP
@@ -116,15 +119,16 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     if ctx.rank == 0:
         print(f"recipe {recipe.name} ({recipe.model}); global batch {cfg.batch_size} = {ctx.world_size} workers x "
               f"{local_batch} per worker" + (f" (gradients averaged through {all_reduce})" if all_reduce else "")
-              + f"; {len(y_train)} training images; {describe(precision)}", flush=True)
+              + f"; {train.count} training images{' streamed from their shards' if train.streamed else ''}; "
+              + describe(precision), flush=True)
 
     steps = RecipeSteps(parts, stepper, averager, autocast, local_batch,
-                        total=cfg.epochs * -(-(len(y_train) // ctx.world_size) // local_batch))
+                        total=cfg.epochs * steps_per_epoch(train.shards, ctx.world_size, local_batch))
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         # Randomness is a function of (seed, epoch, rank): a resumed epoch draws exactly what the
         # interrupted one would have (shuffle, augmentation), so no RNG state needs saving.
         torch.manual_seed((cfg.seed * 100_003 + epoch) * 4_099 + ctx.rank)
-        metrics = run_epoch(net, steps, (x_train, y_train), (x_val, y_val), normalize, autocast, cfg, epoch, ctx)
+        metrics = run_epoch(net, steps, train, (x_val, y_val), normalize, autocast, cfg, epoch, ctx)
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -168,24 +172,76 @@ class RecipeSteps:
         return loss
 
 
-def run_epoch(net, steps: RecipeSteps, train, val, normalize, autocast, cfg: TrainLoopConfig, epoch: int,
+class TrainSplit:
+    """The training split as the loop reads it: on the device whole when its pixels fit ``cfg.in_memory_mb``
+    (indexed by a permutation per epoch), else streamed from its shards batch by batch (``cluster.worker.stream``),
+    each batch copied to the device as it is used."""
+
+    def __init__(self, data_dir: Path, manifest: Manifest, cfg: TrainLoopConfig, ctx: WorkerContext) -> None:
+        self.directory, self.manifest, self.seed, self.ctx = data_dir, manifest, cfg.seed, ctx
+        self.shards = manifest.split_shards("train")
+        self.count = manifest.counts["train"]
+        pixels = self.count * manifest.image_size ** 2 * manifest.channels
+        self.streamed = pixels > cfg.in_memory_mb << 20
+        self.pinned = ctx.device.type == "cuda"
+        if not self.streamed:
+            x, y = read_whole(self.open, self.shards)
+            self.x, self.y = (torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device) for a in (x, y))
+
+    def open(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+        return self.ctx.open_shard(self.directory, shard, self.manifest.channels)
+
+    def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.open(piece.shard)
+        return np.ascontiguousarray(x[piece.start:piece.stop]), np.ascontiguousarray(y[piece.start:piece.stop])
+
+    def leading(self, n: int) -> np.ndarray:
+        """The split's first ``n`` images, in manifest order (the same on every rank)."""
+        if not self.streamed:
+            return self.x[:n].cpu().numpy()
+        parts, left = [], n
+        for shard in self.shards:
+            if left <= 0:
+                break
+            parts.append(self.read(Piece(shard, 0, min(left, shard.count), 0))[0])
+            left -= len(parts[-1])
+        return np.concatenate(parts)
+
+    def batches(self, epoch: int, batch: int):
+        """This rank's ``(images, labels, indices)`` batches of ``epoch``, on the device."""
+        ctx = self.ctx
+        if not self.streamed:
+            idx = _epoch_indices(self.count, self.seed, epoch, ctx).to(ctx.device)
+            for i in range(0, len(idx), batch):
+                j = idx[i:i + batch]
+                yield self.x[j], self.y[j], j
+            return
+        pieces = epoch_pieces(self.shards, self.seed, epoch, ctx.rank, ctx.world_size)
+        for x, y, idx in stream_batches(pieces, self.read, batch, self.seed, epoch, ctx.rank):
+            tensors = [torch.from_numpy(a) for a in (x, y, idx)]
+            if self.pinned:  # page-locked: the copy to the GPU runs beside the step
+                tensors = [t.pin_memory() for t in tensors]
+            yield tuple(t.to(ctx.device, non_blocking=self.pinned) for t in tensors)
+
+
+def run_epoch(net, steps: RecipeSteps, train: TrainSplit, val, normalize, autocast, cfg: TrainLoopConfig, epoch: int,
               ctx: WorkerContext) -> dict:
-    """One pass over this rank's shard, then validation; metrics are summed over all ranks."""
-    x_train, y_train = train
+    """One pass over this rank's share of the training split, then validation; metrics are summed over all ranks."""
     t0 = time.perf_counter()
-    idx = _epoch_indices(len(y_train), cfg.seed, epoch, ctx).to(ctx.device)
-    per_epoch = -(-len(idx) // steps.local_batch)
+    per_rank = train.count // ctx.world_size
+    per_epoch = -(-per_rank // steps.local_batch)
     loss_sum = torch.zeros((), device=ctx.device)
-    for k, i in enumerate(range(0, len(idx), steps.local_batch)):
-        j = idx[i:i + steps.local_batch]
-        loss_sum += steps.take(net, normalize(x_train[j]), y_train[j], (epoch - 1) * per_epoch + k, j, epoch)
-        ctx.progress(epoch, (i + len(j)) * ctx.world_size, len(idx) * ctx.world_size, time.perf_counter() - t0)
+    seen = 0
+    for k, (x, y, j) in enumerate(train.batches(epoch, steps.local_batch)):
+        loss_sum += steps.take(net, normalize(x), y, (epoch - 1) * per_epoch + k, j, epoch)
+        seen += len(y)
+        ctx.progress(epoch, seen * ctx.world_size, per_rank * ctx.world_size, time.perf_counter() - t0)
     train_loss_sum = loss_sum.item()  # one host sync per epoch, not per step
     seconds = time.perf_counter() - t0
     model = net.module if hasattr(net, "module") else net
-    val_loss, correct, seen = tb.eval_pass(model, *val, normalize, autocast)
+    val_loss, correct, seen_val = tb.eval_pass(model, *val, normalize, autocast)
     return epoch_metrics(epoch, seconds, _all_sum(
-        [train_loss_sum, float(len(idx)), val_loss, float(correct), float(seen)], ctx))
+        [train_loss_sum, float(per_rank), val_loss, float(correct), float(seen_val)], ctx))
 
 
 def train_on_ray(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:

@@ -34,6 +34,7 @@ from cluster.recipes import MODELS, get_recipe
 from cluster.worker.checkpoint import ModelSpec, write_predictions
 from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
 from cluster.worker.shards import epoch_shard
+from cluster.worker.stream import read_whole
 
 __all__ = ["main", "train_loop", "train_on_ray"]
 
@@ -64,8 +65,10 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     data_dir = Path(cfg.data_dir)
     recipe = get_recipe(cfg.recipe)
     parts: tfb.TensorFlowParts = load(recipe.parts["tensorflow"])(cfg)
-    spec = ModelSpec.from_manifest(recipe.model, read_manifest(data_dir))
-    x_train, y_train = load_split(data_dir, "train", mmap=True)
+    manifest = read_manifest(data_dir)
+    spec = ModelSpec.from_manifest(recipe.model, manifest)
+    x_train, y_train = read_whole(lambda shard: ctx.open_shard(data_dir, shard, manifest.channels),
+                                  manifest.split_shards("train"))
     x_val, y_val = (a[ctx.rank::ctx.world_size] for a in load_split(data_dir, "val", mmap=True))
     keras.utils.set_random_seed(cfg.seed)  # identical initial weights on every rank
     with strategy.scope():
@@ -79,6 +82,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
                 tfb.load_checkpoint(Path(tmp), model, optimizer)
             _, start_epoch, history = tfb.read_state(Path(tmp))
             ctx.say(f"resuming from the checkpoint of epoch {start_epoch}")
+    ctx.started(start_epoch)
     local_batch = cfg.local_batch_size(ctx.world_size)
     steps = _Steps(strategy, model, optimizer, ctx.world_size)
     workers = steps.placements(ctx)

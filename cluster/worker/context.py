@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
+from cluster.data import Shard, load_shard
+
 
 class WorkerContext(Protocol):
     rank: int
@@ -35,6 +39,12 @@ class WorkerContext(Protocol):
     def say(self, text: str) -> None:
         """Something the person running this should read (rank 0's is shown)."""
 
+    def open_shard(self, directory: Path, shard: Shard, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """A training shard's (images, labels) as memory maps: from ``directory``, or fetched onto this node."""
+
+    def started(self, epoch: int) -> None:
+        """Called once per start of the worker group, after restoring, with the last epoch done (0: none)."""
+
 
 @dataclass
 class LocalContext:
@@ -45,6 +55,7 @@ class LocalContext:
     world_size: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", 1)))
     device: object = "cpu"
     reports: list[dict] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         self.reports.append(metrics)
@@ -64,6 +75,12 @@ class LocalContext:
     def placement(self) -> dict:
         return {"rank": self.rank, "node_id": None, "node_ip": None, "hostname": socket.gethostname(),
                 "device": str(self.device)}
+
+    def open_shard(self, directory: Path, shard: Shard, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        return load_shard(directory, shard, channels, mmap=True)
+
+    def started(self, epoch: int) -> None:
+        self.starts.append(epoch)
 
     def restore(self, into: Path) -> bool:
         done = sorted(self.checkpoint_root.glob("epoch_*")) if self.checkpoint_root.is_dir() else []

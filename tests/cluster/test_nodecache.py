@@ -73,3 +73,34 @@ def test_splits_load_as_shared_memory_maps(prepared, tmp_path):
     local = materialize(stored(prepared, tmp_path), tmp_path / "node")
     x, y = load_split(local, "train", mmap=True)
     assert isinstance(x, np.memmap) and x.dtype == np.uint8 and x.ndim == 4 and len(x) == len(y)
+
+
+def test_a_dataset_bigger_than_the_cache_limit_streams_its_training_shards_through_a_bounded_cache(tmp_path,
+                                                                                                   monkeypatch):
+    import cluster.data
+    from cluster.data import load_split, write_arrays
+    from cluster.execution.nodecache import ShardCache
+
+    rng = np.random.default_rng(0)
+    arrays = {s: (rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int64))
+              for s, n in (("train", 100), ("val", 10), ("test", 20))}
+    monkeypatch.setattr(cluster.data, "SHARD_BYTES", 4 * 4 * 3 * 10)  # 10 images a shard
+    manifest = write_arrays(tmp_path / "remote", arrays, ("a", "b", "c"))
+    shard_bytes = 4 * 4 * 3 * 10 + 10 * 8 + 2 * 128  # pixels, labels, two .npy headers
+    data = StoredData(filesystem=pyarrow.fs.LocalFileSystem(), path=str(tmp_path / "remote"),
+                      fingerprint=manifest.fingerprint, cache_limit=3 * shard_bytes)
+    local = materialize(data, tmp_path / "node")
+    assert local.name.endswith("-streamed")
+    assert not (local / "train").exists() and load_split(local, "test")[0].shape == (20, 4, 4, 3)
+
+    cache = ShardCache(data, tmp_path / "node")
+    train = manifest.split_shards("train")
+    for shard in [*train, *train[:2]]:  # every shard once, then the first two again: fetched anew
+        x, y = cache.open(shard, 3)
+        start = shard.index * 10
+        assert np.array_equal(x, arrays["train"][0][start:start + 10])
+        assert np.array_equal(y, arrays["train"][1][start:start + 10])
+        held = [p for p in cache.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        assert len(held) <= 3 and shard.sha256 in {p.name for p in held}  # the limit, the newest kept
+    unlimited = StoredData(filesystem=data.filesystem, path=data.path, fingerprint=data.fingerprint)
+    assert materialize(unlimited, tmp_path / "node").name == manifest.fingerprint  # a whole copy, kept apart

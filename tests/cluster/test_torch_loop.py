@@ -170,3 +170,38 @@ def test_runs_under_torchrun_with_two_ranks(prepared, tmp_path):
         saved = torch.load(path, weights_only=True)
         tensors = saved.values() if name == "model.pt" else [t for s in saved["state"].values() for t in s.values()]
         assert path.stat().st_size < 1.05 * sum(t.numel() * t.element_size() for t in tensors) + 65536
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> str:
+    """The `prepared` fixture's kind of dataset, cut into shards of 40 images."""
+    import cluster.data
+    from tasks.ingest import ingest
+    from tasks.preprocess import PreprocessConfig, preprocess
+    from tests.conftest import write_class_folders
+
+    root = tmp_path_factory.mktemp("sharded")
+    write_class_folders(root / "images", classes=3, per_class=80, size=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cluster.data, "SHARD_BYTES", 16 * 16 * 3 * 40)
+        ref = preprocess(ingest(f"folder:{root / 'images'}", root / "cache"), PreprocessConfig(image_size=16),
+                         str(root / "store"))
+    return data_dir((str(root / "store"), ref))
+
+
+def test_a_streamed_split_learns_and_a_resumed_run_ends_bit_identical(sharded, tmp_path):
+    import torch
+
+    from cluster.data import read_manifest
+
+    assert len(read_manifest(Path(sharded)).split_shards("train")) > 4
+    cfg = TrainLoopConfig(data_dir=sharded, epochs=4, lr=0.01, batch_size=16, in_memory_mb=0, precision="fp32")
+    whole = train_loop(cfg, LocalContext(tmp_path / "whole"))
+    assert whole[-1]["train_loss"] < 0.5 * whole[0]["train_loss"] and whole[-1]["val_accuracy"] > 0.9
+    train_loop(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 2}), LocalContext(tmp_path / "parts"))
+    resumed = train_loop(cfg, LocalContext(tmp_path / "parts"))
+    numbers = lambda history: [(m["train_loss"], m["val_loss"], m["val_accuracy"]) for m in history]  # noqa: E731
+    assert numbers(resumed) == numbers(whole)
+    weights = [torch.load(tmp_path / run / "epoch_0004" / "model.pt", weights_only=True) for run in ("whole", "parts")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -318,8 +318,14 @@ def test_cancelling_the_flow_run_stops_training_on_the_cluster(cluster, served_o
     assert stopped < 30
 
 
-@pytest.mark.timeout(300)
-def test_preprocessing_on_the_cluster_reads_s3_and_gives_the_local_fingerprint(cluster, s3_server, tmp_path):
+@pytest.mark.timeout(600)
+def test_both_nodes_write_shards_from_s3_and_a_node_cache_smaller_than_the_data_trains_alike(cluster, s3_server,
+                                                                                            tmp_path, monkeypatch):
+    """Preprocessing on the cluster reads the images from S3 on both nodes, each writing its own shards (the
+    local fingerprint, the writers in the manifest); training with a node cache smaller than the training split
+    re-reads its shards from S3 each epoch and learns exactly what a run holding them all learns."""
+    import cluster.data
+    from cluster.data import Manifest
     from tasks.ingest import ingest
     from tasks.preprocess import PreprocessConfig, preprocess
     from tests.conftest import write_class_folders
@@ -328,20 +334,41 @@ def test_preprocessing_on_the_cluster_reads_s3_and_gives_the_local_fingerprint(c
     client = s3_server.client()
     for path in sorted(images.rglob("*.png")):
         client.upload_file(str(path), s3_server.bucket, f"shards/{path.relative_to(images).as_posix()}")
-    source = f"folder:s3://{s3_server.bucket}/shards"
+    source, store = f"folder:s3://{s3_server.bucket}/shards", f"s3://{s3_server.bucket}/sharded-store"
+    small_shards = "import cluster.data; cluster.data.SHARD_BYTES = 16 * 16 * 3 * 50"  # 50 images a shard
+    monkeypatch.setattr(cluster.data, "SHARD_BYTES", 16 * 16 * 3 * 50)
     here = preprocess(ingest(source, tmp_path / "cache"), PreprocessConfig(image_size=16), str(tmp_path / "store"))
     there = cluster.run_driver(f"""
+        {small_shards}
         from pathlib import Path
         from tasks.ingest import ingest
         from tasks.preprocess import PreprocessConfig, preprocess
         raw = ingest({source!r}, Path("driver-cache"))
-        prepared = preprocess(raw, PreprocessConfig(image_size=16), "s3://{s3_server.bucket}/sharded-store",
-                              {cluster.gcs_address!r}, print)
+        prepared = preprocess(raw, PreprocessConfig(image_size=16), {store!r}, {cluster.gcs_address!r}, print)
         print("FINGERPRINT=" + prepared.fingerprint)
     """, timeout=240, env=s3_server.env())
     assert there.returncode == 0, there.stdout[-2000:] + there.stderr[-4000:]
     assert f"FINGERPRINT={here.fingerprint}" in there.stdout
-    assert re.search(r"decoded 450 images as \d+ Ray tasks on 2 node\(s\), read from s3://", there.stdout), there.stdout
+    assert re.search(r"decoded 450 images into 10 shards as Ray tasks on 2 node\(s\), read from s3://", there.stdout), \
+        there.stdout
+    key = next(k["Key"] for k in client.list_objects_v2(Bucket=s3_server.bucket, Prefix="sharded-store/prepared/")
+               ["Contents"] if k["Key"].endswith("/manifest.json"))
+    manifest = Manifest.from_json(client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read().decode())
+    assert len({shard.writer for shard in manifest.shards}) == 2  # one per node, each naming its Ray node
+    assert {shard.writer.split("Ray node ")[1].rstrip(")") for shard in manifest.shards} == \
+        {n.node_id[:12] for n in cluster.alive_nodes()}
+
+    train = ["run", "--dataset", source, "--image-size", "16", "--store", store, "--ray-address", cluster.gcs_address,
+             "--workers", "2", "--placement-strategy", "SPREAD", "--epochs", "3", "--lr", "0.01", "--in-memory-mb", "0",
+             "--json"]
+    summaries = []
+    for extra in (["--node-cache-gb", "0.0001"], ["--force"]):  # 100 kB of the 250 kB of training shards; all
+        run = trainflow(cluster, *train, *extra)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+        summaries.append(json.loads(run.stdout[run.stdout.index("{\n"):]))
+    assert [s["stages"][1]["skipped"] for s in summaries] == [True, True]  # the driver's shards, reused
+    assert summaries[0]["nodes"] == 2 and summaries[0]["accuracy"] > 0.6
+    assert summaries[0]["accuracy"] == summaries[1]["accuracy"]
 
 
 @pytest.mark.timeout(600)

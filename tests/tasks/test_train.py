@@ -16,7 +16,8 @@ BASE = TrainLoopConfig(data_dir="/here")
 # A different value for every field; a new TrainLoopConfig field fails this test until it is listed here
 # and either changes the identity or is declared speed/placement-only in NOT_IDENTITY.
 OTHER = {"data_dir": "/elsewhere", "framework": "tensorflow", "recipe": "fast_cifar", "epochs": 11, "batch_size": 32,
-         "lr": 0.01, "momentum": 0.5, "seed": 1, "precision": "bf16", "channels_last": True, "use_gpu": True}
+         "lr": 0.01, "momentum": 0.5, "seed": 1, "precision": "bf16", "channels_last": True, "use_gpu": True,
+         "in_memory_mb": 0}
 
 
 def test_every_config_field_is_classified():
