@@ -79,6 +79,29 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["TRAINFLOW_CACHE_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_prefect_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One Prefect server for every `trainflow` process the session's flow and end-to-end tests start.
+
+    Without PREFECT_API_URL each run starts Prefect's temporary server and waits for it (about 5 s of a
+    2-core machine's time per run, over dozens of runs). The tests of that temporary server, and the docs'
+    commands run as a new user would, take PREFECT_API_URL out of their runs' environment.
+    """
+    wanted = any(Path(item.path).parent.name in ("flows", "e2e") for item in request.session.items)
+    if not wanted or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from tests.prefectserver import start_prefect_server, stop
+
+    api, process = start_prefect_server(tmp_path_factory.mktemp("prefect-session"))
+    os.environ["PREFECT_API_URL"] = api
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        stop(process)
+
+
 def pattern_image(label: int, size: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:
     """A noisy image whose class is easy to learn: stripes of a class-specific orientation and colour."""
     yy, xx = np.mgrid[0:size, 0:size]

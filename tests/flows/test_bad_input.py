@@ -4,9 +4,10 @@ Each case asserts: exit code 2, one `trainflow: error:` line naming the input
 and the fix, no traceback anywhere, and a store exactly as it was before (a
 store that already holds a champion, so "nothing published, pointer unchanged"
 is checked, not assumed). Cases caught by the preflight take a few seconds;
-those caught inside the flow (by ingest, or before preprocess writes) start
-Prefect's temporary server and so take about fifteen: they are marked slow, and
-`make test-fast` keeps the preflight cases and the champion store's real run.
+those caught inside the flow (by ingest, or before preprocess writes) start a
+flow run (on the session's Prefect server) and local Ray, and so take longer:
+they are marked slow, and `make test-fast` keeps the preflight cases and the
+champion store's real run.
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ from tests.flows.test_console import ray_noise
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def trainflow(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def trainflow(*args: str, timeout: int = 600, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """`trainflow ARGS` in a subprocess, with this process's environment updated by ``env`` (None removes)."""
+    merged = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+                          cwd=ROOT, timeout=timeout, env={k: v for k, v in merged.items() if v is not None})
 
 
 def mixed_image_set(root: Path) -> Path:
@@ -57,9 +59,10 @@ def started_with(env: dict[str, str]) -> list[psutil.Process]:
 def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     archive = make_tar(mixed_image_set(tmp_path / "mixed"), tmp_path / "mixed.tar.gz")
     store = tmp_path / "store"
-    mark = {"TRAINFLOW_TEST_RUN": str(tmp_path)}  # inherited by every process the run starts
+    # inherited by every process the run starts; no PREFECT_API_URL: the run starts (and stops) its own server
+    mark = {"TRAINFLOW_TEST_RUN": str(tmp_path), "PREFECT_API_URL": None}
     data_options = ["--dataset", f"folder:{archive}", "--image-size", "16", "--skip-bad-images", "--store", str(store)]
-    prepared = trainflow("prepare", *data_options, "--json")  # prepare once; the run then finds it in the store
+    prepared = trainflow("prepare", *data_options, "--json", env=mark)  # once; the run then finds it in the store
     assert prepared.returncode == 0, prepared.stderr[-4000:]
     ref = json.loads(prepared.stdout[prepared.stdout.index("{"):])
     assert ref["uri"].startswith((store / "prepared").as_uri()) and ref["skipped_images"] == 1 and not ref["reused"]
@@ -67,7 +70,7 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
                     "--json", env=mark)
     assert out.returncode == 0, out.stderr[-4000:]
     # it stopped what it started (its Ray, Prefect's temporary server), though it exits without Python's teardown
-    _, left = psutil.wait_procs(started_with(mark), timeout=10)
+    _, left = psutil.wait_procs(started_with({"TRAINFLOW_TEST_RUN": str(tmp_path)}), timeout=10)
     assert not left, [" ".join(p.cmdline()[:3]) for p in left]
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert [s["name"] for s in summary["stages"]] == ["ingest", "preprocess", "train", "evaluate", "publish"]
