@@ -69,6 +69,31 @@ def serve_all(every_seconds: float | None = None, store: str | None = None) -> N
         if not PREFECT_API_URL.value():
             raise UserError("PREFECT_API_URL is not set; start a server (prefect server start) and export "
                             "PREFECT_API_URL=http://127.0.0.1:4200/api.")
-    from prefect import serve
+    import asyncio
 
-    serve(*deployments(every_seconds, store))
+    from prefect.runner import Runner
+
+    made = deployments(every_seconds, store)
+    runner = Runner(pause_on_shutdown=True)  # what prefect.serve makes
+    for deployment in made:
+        runner.add_deployment(deployment)
+    try:
+        asyncio.run(_run_until_stopped(runner, [f"{d.flow_name}/{d.name}" for d in made]))
+    except KeyboardInterrupt:
+        print("trainflow: stopped serving; the deployments' schedules are paused until served again", flush=True)
+
+
+async def _run_until_stopped(runner, names: list[str]) -> None:
+    """The runner's loop; says the deployments are served once the runner has started, not before.
+
+    ``prefect.serve`` prints that as the runner begins to start, and a Ctrl-C in the moments after,
+    while the runner connects, is lost (the run goes on; only a second one stops it).
+    """
+    import asyncio
+
+    loop = asyncio.create_task(runner.start())
+    while not runner.started and not loop.done():
+        await asyncio.sleep(0.05)
+    if runner.started:
+        print("Your deployments are being served and polling for scheduled runs:", *names, sep="\n  ", flush=True)
+    await loop
