@@ -324,7 +324,6 @@ def test_both_nodes_write_shards_from_s3_and_a_node_cache_smaller_than_the_data_
     """Preprocessing on the cluster reads the images from S3 on both nodes, each writing its own shards (the
     local fingerprint, the writers in the manifest); training with a node cache smaller than the training split
     re-reads its shards from S3 each epoch and learns exactly what a run holding them all learns."""
-    import cluster.data
     from cluster.data import Manifest
     from tasks.ingest import ingest
     from tasks.preprocess import PreprocessConfig, preprocess
@@ -336,7 +335,7 @@ def test_both_nodes_write_shards_from_s3_and_a_node_cache_smaller_than_the_data_
         client.upload_file(str(path), s3_server.bucket, f"shards/{path.relative_to(images).as_posix()}")
     source, store = f"folder:s3://{s3_server.bucket}/shards", f"s3://{s3_server.bucket}/sharded-store"
     small_shards = "import cluster.data; cluster.data.SHARD_BYTES = 16 * 16 * 3 * 50"  # 50 images a shard
-    monkeypatch.setattr(cluster.data, "SHARD_BYTES", 16 * 16 * 3 * 50)
+    monkeypatch.setattr("cluster.data.SHARD_BYTES", 16 * 16 * 3 * 50)  # (the name `cluster` is the fixture's)
     here = preprocess(ingest(source, tmp_path / "cache"), PreprocessConfig(image_size=16), str(tmp_path / "store"))
     there = cluster.run_driver(f"""
         {small_shards}
