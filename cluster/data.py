@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,6 +170,22 @@ def load_shard(directory: Path, shard: Shard, channels: int, *, mmap: bool = Fal
     return widen(x, channels), np.load(directory / y_name, mmap_mode=mode)
 
 
+def split_shards(directory: Path, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A split's shards one at a time, as (images, labels) memory maps: for passes that need one shard at once."""
+    manifest = read_manifest(directory)
+    for shard in manifest.split_shards(split):
+        yield load_shard(directory, shard, manifest.channels, mmap=True)
+
+
+def predict_split(directory: Path, split: str, predict: Callable[[np.ndarray], np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, ``predict(images)``) over a split, a shard at a time: memory bounded by a shard."""
+    pairs = [(np.asarray(y), np.asarray(predict(x))) for x, y in split_shards(directory, split)]
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate([y for y, _ in pairs]), np.concatenate([p for _, p in pairs])
+
+
 def load_split(directory: Path, split: str, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A split's (images uint8 NHWC, labels int64), its shards in order: the whole split in memory.
 
@@ -205,7 +222,7 @@ def write_arrays(directory: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray
             shards.append(shard)
             if split == "train":
                 sums.append(ChannelSums.of(x))
-    mean, std = sum(sums[1:], sums[0]).stats()
+    mean, std = sum(sums, ChannelSums(0, (0,) * channels, (0,) * channels)).stats()
     manifest = Manifest(classes=tuple(classes), image_size=size, channels=channels, mean=mean, std=std,
                         counts={s: sum(sh.count for sh in shards if sh.split == s) for s in SPLITS},
                         shards=tuple(shards), fingerprint=fingerprint(shards))

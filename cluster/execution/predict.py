@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.data import load_split
+from cluster.data import predict_split
 from cluster.execution.nodecache import StoredData, materialize
 from cluster.frameworks import get_framework, load
 
@@ -44,8 +44,8 @@ def predict_on_node(framework: str, checkpoint: StoredCheckpoint, data: StoredDa
     """The task's body: fetch the checkpoint and the split here, predict with the framework's own code."""
     from ray.train import Checkpoint
 
-    x, y = load_split(materialize(data), split)
+    directory = materialize(data)
     with tempfile.TemporaryDirectory() as tmp:
         Checkpoint(checkpoint.path, filesystem=checkpoint.filesystem).to_directory(tmp)
-        predicted = load(get_framework(framework).predict)(Path(tmp), x)
-    return np.asarray(y), np.asarray(predicted)
+        framework_predict = load(get_framework(framework).predict)
+        return predict_split(directory, split, lambda images: framework_predict(Path(tmp), images))

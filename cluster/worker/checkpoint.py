@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.data import Manifest, load_split
+from cluster.data import Manifest, predict_split
 from cluster.precision import Precision
 
 STATE_FILE = "state.json"
@@ -62,8 +62,8 @@ def write_predictions(directory: Path, data_dir: Path, predict: Callable[[Path, 
     The loops call it for the final epoch's checkpoint only: evaluation then reads them, with the
     same numbers its own prediction task would have made, instead of starting a process to make them.
     """
-    x, y = load_split(data_dir, "test", mmap=True)
-    np.savez(directory / PREDICTIONS_FILE, y_true=np.asarray(y), y_pred=np.asarray(predict(directory, x)))
+    y_true, y_pred = predict_split(data_dir, "test", lambda images: predict(directory, images))
+    np.savez(directory / PREDICTIONS_FILE, y_true=y_true, y_pred=y_pred)
 
 
 def read_state(directory: Path) -> tuple[ModelSpec, int, list[dict]]:

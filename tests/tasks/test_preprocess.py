@@ -383,3 +383,19 @@ def test_a_val_folder_beside_train_is_the_test_split(tmp_path: Path):
     assert raw.splits["test"] == str(tmp_path / "ds" / "val")
     prepared = preprocess(raw, PreprocessConfig(image_size=8), str(tmp_path / "store"))
     assert prepared.counts["test"] == 6 and prepared.counts["train"] + prepared.counts["val"] == 16
+
+
+def test_a_split_predicted_a_shard_at_a_time_is_the_whole_split_predicted(tmp_path: Path, monkeypatch):
+    from cluster.data import predict_split, write_arrays
+
+    rng = np.random.default_rng(0)
+    arrays = {"test": (rng.integers(0, 256, (25, 2, 2, 3), dtype=np.uint8), np.arange(25, dtype=np.int64))}
+    monkeypatch.setattr(cluster.data, "SHARD_BYTES", 2 * 2 * 3 * 10)  # 10 images a shard: 3 shards
+    manifest = write_arrays(tmp_path, arrays, ("a", "b"))
+    assert len(manifest.split_shards("test")) == 3
+    seen = []
+    predict = lambda x: seen.append(len(x)) or x[:, 0, 0, 0].astype(np.int64)  # noqa: E731
+    y_true, y_pred = predict_split(tmp_path, "test", predict)
+    assert seen == [10, 10, 5]
+    assert np.array_equal(y_true, arrays["test"][1]) and np.array_equal(y_pred, arrays["test"][0][:, 0, 0, 0])
+    assert [a.tolist() for a in predict_split(tmp_path, "val", predict)] == [[], []]
