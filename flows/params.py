@@ -118,7 +118,7 @@ class TrainParams(_Section):
                     "The release's lineage and the run summary say which was used")
     channels_last: bool = Field(False, title="Channels-last memory format", description="auto turns it on with bf16")
     in_memory_mb: int = Field(2048, ge=0, le=1 << 20, title="Training data held in memory up to (MB)",
-                              description="PyTorch: a training split of more decoded pixels streams from its shards, "
+                              description="A training split of more decoded pixels streams from its shards, "
                                           "batch by batch, in an order drawn from the seed and epoch; 0 streams always")
     force: bool = Field(False, title="Retrain even if finished",
                         description="Off: a finished run with the same data and parameters is reused, an unfinished "

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", required=True, help="a prepared-data directory (see cluster.data)")
     ap.add_argument("--checkpoints", default=None, help="checkpoint folder (default: a temporary one)")
     for name, kind, default in (("epochs", int, 1), ("batch-size", int, 64), ("lr", float, 0.001),
-                                ("seed", int, 0)):
+                                ("seed", int, 0), ("in-memory-mb", int, 2048)):
         ap.add_argument(f"--{name}", type=kind, default=default)
     # fp32 unless asked: the benchmarks compare this default against their fp32 baselines
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = TrainLoopConfig(data_dir=args.data, recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr, momentum=args.momentum, seed=args.seed, precision=args.precision,
-                          channels_last=args.channels_last, use_gpu=torch.cuda.is_available())
+                          channels_last=args.channels_last, use_gpu=torch.cuda.is_available(),
+                          in_memory_mb=args.in_memory_mb)
     ctx = LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-")))
     if cfg.use_gpu:
         ctx.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -34,7 +35,7 @@ from cluster.recipes import MODELS, get_recipe
 from cluster.worker.checkpoint import ModelSpec, write_predictions
 from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
 from cluster.worker.shards import epoch_shard
-from cluster.worker.stream import read_whole
+from cluster.worker.stream import epoch_pieces, read_whole, stream_batches
 
 __all__ = ["main", "train_loop", "train_on_ray"]
 
@@ -67,8 +68,12 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     parts: tfb.TensorFlowParts = load(recipe.parts["tensorflow"])(cfg)
     manifest = read_manifest(data_dir)
     spec = ModelSpec.from_manifest(recipe.model, manifest)
-    x_train, y_train = read_whole(lambda shard: ctx.open_shard(data_dir, shard, manifest.channels),
-                                  manifest.split_shards("train"))
+    shards = manifest.split_shards("train")
+    n_train = manifest.counts["train"]
+    open_shard = lambda shard: ctx.open_shard(data_dir, shard, manifest.channels)  # noqa: E731
+    streamed = n_train * manifest.image_size ** 2 * manifest.channels > cfg.in_memory_mb << 20
+    if not streamed:
+        x_train, y_train = read_whole(open_shard, shards)
     x_val, y_val = (a[ctx.rank::ctx.world_size] for a in load_split(data_dir, "val", mmap=True))
     keras.utils.set_random_seed(cfg.seed)  # identical initial weights on every rank
     with strategy.scope():
@@ -91,12 +96,18 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
                         device_type="cpu" if ctx.device == "cpu" else "cuda")
     if ctx.rank == 0:
         print(f"global batch {cfg.batch_size} = {ctx.world_size} workers x {local_batch} per worker; "
-              f"{len(y_train)} training images; {describe(precision)}", flush=True)
+              f"{n_train} training images{' streamed from their shards' if streamed else ''}; "
+              f"{describe(precision)}", flush=True)
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         keras.utils.set_random_seed((cfg.seed * 100_003 + epoch) * 4_099 + ctx.rank)
-        shard = epoch_shard(len(y_train), cfg.seed, epoch, ctx.rank, ctx.world_size)
-        metrics = run_epoch(steps, (x_train[shard], y_train[shard]), (x_val, y_val), local_batch, epoch, ctx)
+        if streamed:
+            pieces = epoch_pieces(shards, cfg.seed, epoch, ctx.rank, ctx.world_size)
+            batches = partial(_streamed, pieces, open_shard, local_batch, cfg.seed, epoch, ctx.rank, manifest)
+        else:
+            shard = epoch_shard(n_train, cfg.seed, epoch, ctx.rank, ctx.world_size)
+            batches = partial(_in_memory, x_train[shard], y_train[shard], local_batch)
+        metrics = run_epoch(steps, batches, n_train // ctx.world_size, (x_val, y_val), local_batch, epoch, ctx)
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -166,21 +177,35 @@ class _Steps:
         return [json.loads(bytes(row).rstrip(b"\0")) for row in summed]
 
 
-def run_epoch(steps: _Steps, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-              local_batch: int, epoch: int, ctx: WorkerContext) -> dict:
-    """One pass over this rank's shard, then validation; metrics are summed over all ranks."""
-    x_shard, y_shard = train
+def _in_memory(x: np.ndarray, y: np.ndarray, batch: int, context: tf.distribute.InputContext) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).prefetch(2)
+
+
+def _streamed(pieces, open_shard, batch: int, seed: int, epoch: int, rank: int, manifest,
+              context: tf.distribute.InputContext) -> tf.data.Dataset:
+    """This rank's batches of the epoch read from the shards as they are used (``cluster.worker.stream``)."""
+    def read(piece):
+        x, y = open_shard(piece.shard)
+        return np.ascontiguousarray(x[piece.start:piece.stop]), np.ascontiguousarray(y[piece.start:piece.stop])
+
+    size, channels = manifest.image_size, manifest.channels
+    signature = (tf.TensorSpec((None, size, size, channels), tf.uint8), tf.TensorSpec((None,), tf.int64))
+    return tf.data.Dataset.from_generator(
+        lambda: ((x, y) for x, y, _ in stream_batches(pieces, read, batch, seed, epoch, rank)),
+        output_signature=signature).prefetch(2)
+
+
+def run_epoch(steps: _Steps, batches, per_rank: int, val: tuple[np.ndarray, np.ndarray], local_batch: int,
+              epoch: int, ctx: WorkerContext) -> dict:
+    """One pass over this rank's ``per_rank`` images, batched by ``batches`` (a dataset function: the data is this
+    worker's already, rank = TF task index, so TensorFlow shards nothing), then validation; metrics are summed
+    over all ranks."""
     t0 = time.perf_counter()
-
-    def shard_batches(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        # the shard is this worker's already (rank = TF task index): no further sharding by TensorFlow
-        return tf.data.Dataset.from_tensor_slices((x_shard, y_shard)).batch(local_batch).prefetch(2)
-
     loss_sum = tf.zeros((), tf.float32)
-    total = len(y_shard) * ctx.world_size
-    for i, batch in enumerate(steps.strategy.distribute_datasets_from_function(shard_batches)):
+    total = per_rank * ctx.world_size
+    for i, batch in enumerate(steps.strategy.distribute_datasets_from_function(batches)):
         loss_sum += steps.train(batch)
-        ctx.progress(epoch, min((i + 1) * local_batch, len(y_shard)) * ctx.world_size, total,
+        ctx.progress(epoch, min((i + 1) * local_batch, per_rank) * ctx.world_size, total,
                      time.perf_counter() - t0)
     train_loss_sum = float(loss_sum.numpy())  # one host sync per epoch, not per step
     seconds = time.perf_counter() - t0
@@ -190,7 +215,7 @@ def run_epoch(steps: _Steps, train: tuple[np.ndarray, np.ndarray], val: tuple[np
         batch_loss, batch_correct = steps.evaluate(x_val[i:i + 512], y_val[i:i + 512])
         val_loss, correct = val_loss + float(batch_loss), correct + float(batch_correct)
     return epoch_metrics(epoch, seconds, steps.sum_over_workers(
-        [train_loss_sum, float(len(y_shard)), val_loss, correct, float(len(y_val))]))
+        [train_loss_sum, float(per_rank), val_loss, correct, float(len(y_val))]))
 
 
 def train_on_ray(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
@@ -206,11 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="a prepared-data directory (see cluster.data)")
     ap.add_argument("--checkpoints", default=None, help="checkpoint folder (default: a temporary one)")
-    for name, kind, default in (("epochs", int, 1), ("batch-size", int, 64), ("lr", float, 0.001), ("seed", int, 0)):
+    for name, kind, default in (("epochs", int, 1), ("batch-size", int, 64), ("lr", float, 0.001), ("seed", int, 0),
+                                ("in-memory-mb", int, 2048)):
         ap.add_argument(f"--{name}", type=kind, default=default)
     args = ap.parse_args(argv)
     cfg = TrainLoopConfig(data_dir=args.data, framework="tensorflow", epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, seed=args.seed)
+                          lr=args.lr, seed=args.seed, in_memory_mb=args.in_memory_mb)
     train_loop(cfg, LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-"))))
 
 

@@ -84,3 +84,28 @@ def test_tensorflow_only_options_are_refused():
         TrainLoopConfig(data_dir="", framework="tensorflow", precision="bf16")
     with pytest.raises(UserError, match="framework='jax' is unknown; choose one of torch, tensorflow"):
         TrainLoopConfig(data_dir="", framework="jax")
+
+
+@pytest.mark.slow
+def test_tensorflow_streams_a_sharded_split_and_learns(tmp_path):
+    """The loop without Ray, in a process of TensorFlow alone, streaming the training split from its shards."""
+    import cluster.data
+    from tasks.ingest import ingest
+    from tasks.preprocess import PreprocessConfig, preprocess
+    from tests.conftest import write_class_folders
+    from tests.cluster.test_torch_loop import data_dir
+
+    write_class_folders(tmp_path / "images", classes=3, per_class=80, size=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cluster.data, "SHARD_BYTES", 16 * 16 * 3 * 40)  # 40 images a shard
+        ref = preprocess(ingest(f"folder:{tmp_path / 'images'}", tmp_path / "cache"), PreprocessConfig(image_size=16),
+                         str(tmp_path / "store"))
+    out = subprocess.run([sys.executable, "-m", "cluster.tf.loop", "--data", data_dir((str(tmp_path / "store"), ref)),
+                          "--epochs", "6", "--lr", "0.01", "--batch-size", "16", "--in-memory-mb", "0",
+                          "--checkpoints", str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "streamed from their shards" in out.stdout
+    history = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [m["epoch"] for m in history] == list(range(1, 7))
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"] and history[-1]["val_accuracy"] > 0.9
