@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.data import load_shard, write_arrays  # noqa: E402
-from cluster.worker.stream import epoch_pieces, stream_batches  # noqa: E402
+from cluster.worker.stream import epoch_pieces, read_piece, stream_batches  # noqa: E402
 
 BATCH = 256
 
@@ -44,8 +44,7 @@ def hand_epoch(directory: Path, manifest, epoch: int, rank: int = 0, world: int 
     shards = manifest.split_shards("train")
 
     def read(piece):
-        x, y = load_shard(directory, piece.shard, 3, mmap=True)
-        return np.ascontiguousarray(x[piece.start:piece.stop]), np.ascontiguousarray(y[piece.start:piece.stop])
+        return read_piece(lambda shard: load_shard(directory, shard, 3, mmap=True), piece)
 
     yield from ((x, i) for x, _, i in stream_batches(epoch_pieces(shards, 0, epoch, rank, world), read, BATCH, 0,
                                                       epoch, rank))

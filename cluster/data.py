@@ -80,6 +80,10 @@ class Manifest:
     def split_shards(self, split: str) -> list[Shard]:
         return [s for s in self.shards if s.split == split]
 
+    def pixel_bytes(self, split: str) -> int:
+        """A split's decoded pixels, in bytes: what holding it whole in memory takes."""
+        return self.counts[split] * self.image_size ** 2 * self.channels
+
     def files(self) -> list[str]:
         """Every shard file, in manifest order (the manifest itself not included)."""
         return [name for shard in self.shards for name in shard.files]

@@ -188,6 +188,11 @@ class ShardDone:
     bad: list[str]
 
 
+def channel_count(mode: str, all_gray: bool) -> int:
+    """Channels that ``mode`` (PreprocessConfig.channels) keeps: 3 for rgb, 1 for grayscale, auto: 1 if all gray."""
+    return {"rgb": 3, "grayscale": 1}.get(mode, 1 if all_gray else 3)
+
+
 def write_shard(job: ShardJob) -> ShardDone:
     """Decode one shard's images, write its files straight into the store, and report its sums.
 
@@ -200,7 +205,7 @@ def write_shard(job: ShardJob) -> ShardDone:
     all_gray = all(gray)
     if bad and not job.skip_bad_images:
         return ShardDone(shard=None, sums=None, all_gray=all_gray, bad=bad)
-    channels = {"rgb": 3, "grayscale": 1}.get(job.channels, 1 if all_gray else 3)
+    channels = channel_count(job.channels, all_gray)
     x = to_channels(out[keep] if bad else out, channels)
     y = np.asarray(job.labels, dtype=np.int64)[keep]
     x_bytes, y_bytes, digest = shard_bytes(x, y)
@@ -294,7 +299,7 @@ def write_prepared(raw: RawData, cfg: PreprocessConfig, store_uri: str, prefix: 
     except BaseException:
         _forget(store, prefix)
         raise
-    channels = {"rgb": 3, "grayscale": 1}.get(cfg.channels, 1 if all_gray else 3)
+    channels = channel_count(cfg.channels, all_gray)
     mean, std = sum((s.widened(channels) for s in sums[1:]), sums[0].widened(channels)).stats()
     manifest = Manifest(classes=raw.classes, image_size=cfg.image_size, channels=channels, counts=counts, mean=mean,
                         std=std, shards=tuple(shards), fingerprint=fingerprint(shards), skipped_images=len(bad))

@@ -89,11 +89,7 @@ def stored_manifest(data: StoredData) -> Manifest:
 
 def fits(data: StoredData, manifest: Manifest) -> bool:
     """Whether a node keeps all of ``data``'s training shards (else it streams them through a :class:`ShardCache`)."""
-    return data.cache_limit is None or train_bytes(manifest) <= data.cache_limit
-
-
-def train_bytes(manifest: Manifest) -> int:
-    return sum(s.count for s in manifest.split_shards("train")) * manifest.image_size ** 2 * manifest.channels
+    return data.cache_limit is None or manifest.pixel_bytes("train") <= data.cache_limit
 
 
 def _fetch_shard(data: StoredData, shard: Shard, into: Path) -> None:

@@ -34,7 +34,7 @@ from cluster.recipes import RECIPES, get_recipe
 from cluster.worker.checkpoint import ModelSpec, write_predictions
 from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
 from cluster.worker.memory import keep_freed_memory
-from cluster.worker.stream import Piece, epoch_pieces, read_whole, steps_per_epoch, stream_batches
+from cluster.worker.stream import Piece, epoch_pieces, read_piece, read_whole, steps_per_epoch, stream_batches
 
 __all__ = ["LocalContext", "RecipeSteps", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
 
@@ -181,8 +181,7 @@ class TrainSplit:
         self.directory, self.manifest, self.seed, self.ctx = data_dir, manifest, cfg.seed, ctx
         self.shards = manifest.split_shards("train")
         self.count = manifest.counts["train"]
-        pixels = self.count * manifest.image_size ** 2 * manifest.channels
-        self.streamed = pixels > cfg.in_memory_mb << 20
+        self.streamed = manifest.pixel_bytes("train") > cfg.in_memory_mb << 20
         self.pinned = ctx.device.type == "cuda"
         if not self.streamed:
             x, y = read_whole(self.open, self.shards)
@@ -192,8 +191,7 @@ class TrainSplit:
         return self.ctx.open_shard(self.directory, shard, self.manifest.channels)
 
     def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-        x, y = self.open(piece.shard)
-        return np.ascontiguousarray(x[piece.start:piece.stop]), np.ascontiguousarray(y[piece.start:piece.stop])
+        return read_piece(self.open, piece)
 
     def leading(self, n: int) -> np.ndarray:
         """The split's first ``n`` images, in manifest order (the same on every rank)."""

@@ -34,6 +34,13 @@ class Piece:
     offset: int
 
 
+def read_piece(open_shard: Callable[[Shard], tuple[np.ndarray, np.ndarray]], piece: Piece
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """A piece's images and labels, copied out of its shard (opened by ``open_shard``, e.g. as memory maps)."""
+    x, y = open_shard(piece.shard)
+    return np.ascontiguousarray(x[piece.start:piece.stop]), np.ascontiguousarray(y[piece.start:piece.stop])
+
+
 def epoch_pieces(shards: list[Shard], seed: int, epoch: int, rank: int, world_size: int) -> list[Piece]:
     """The runs of shards rank ``rank`` reads in ``epoch``, in reading order."""
     offsets = np.concatenate([[0], np.cumsum([s.count for s in shards])])
