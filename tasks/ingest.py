@@ -1,11 +1,12 @@
-"""Stage 1, ingest: make a dataset's raw image files available on local disk, and describe them.
+"""Stage 1, ingest: make a dataset's raw image files readable (on local disk, or in place in an object store),
+and describe them.
 
 A dataset is named by one string, ``<source>`` or ``<source>:<location>``;
 the sources (digits, folder, cifar10, tfds) live in ``tasks.sources``, one
 module each, behind one registry. This module owns what every source shares:
 scanning class folders and fingerprinting them by content (sha256 over the
-sorted list of image files, each with the sha256 of its bytes), and the
-Prefect task with its cache key.
+sorted list of image files, each with the sha256 of its bytes; a dataset read
+in place from S3 by its listing), and the Prefect task with its cache key.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tasks import sources
 from tasks.common import cache_root, file_sha256, retry_unless_user_error
 from tasks.refs import RawData
 from tasks.sources.base import IMAGE_SUFFIXES, SPLITS
-from tasks.sources.folder import ARCHIVE_SUFFIXES, is_archive, locate_splits, safe_extract
+from tasks.sources.folder import ARCHIVE_SUFFIXES, is_archive, locate_splits, safe_extract, scan_s3
 
 # names other modules and tests import from here
 __all__ = ["ARCHIVE_SUFFIXES", "IMAGE_SUFFIXES", "SPLITS", "check_source", "file_sha256", "fingerprint", "ingest",
@@ -61,8 +62,14 @@ def source_stamp(source: str) -> str:
     return sources.stamp(source)
 
 
-def scan_split(directory: Path) -> tuple[dict[str, list[Path]], int]:
-    """Image files per class folder of ``directory``, and how many non-images were ignored."""
+def scan_split(directory: Path | str) -> tuple[dict[str, list[Path]] | dict[str, list[str]], int]:
+    """Image files per class folder of ``directory``, and how many non-images were ignored.
+
+    An s3:// prefix is listed instead: its images are s3:// URIs.
+    """
+    if str(directory).startswith("s3://"):
+        return scan_s3(str(directory))
+    directory = Path(directory)
     files: dict[str, list[Path]] = {}
     ignored = 0
     for class_dir in sorted(d for d in directory.iterdir() if d.is_dir() and not d.name.startswith(".")):
@@ -116,12 +123,12 @@ def ingest(source: str, cache: Path) -> RawData:
         raise UserError(f"--dataset {source!r} has only the class {classes[0]!r}; a classifier needs at least two.")
     return RawData(
         source=source,
-        fingerprint=fingerprint(scanned),
+        fingerprint=made.fingerprint or fingerprint(scanned),
         splits={split: str(d) for split, d in split_dirs.items()},
         classes=classes,
         counts={split: sum(map(len, by_class.values())) for split, by_class in scanned.items()},
         ignored_files=ignored,
-        mirror=made.mirror,
+        origin=made.origin,
     )
 
 

@@ -20,9 +20,9 @@ import os
 import random
 import signal
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,10 +37,12 @@ from tasks.common import in_prefect_run, retry_unless_user_error
 from tasks.images import decode_image, to_channels
 from tasks.ingest import scan_split
 from tasks.refs import PreparedData, RawData
+from tasks.sources.folder import listing_fingerprint, s3_rows
 from tasks.store import Store, open_store
 
 Item = tuple[str, int]  # (image path, class index)
 _PARALLEL_THRESHOLD = 2000  # below this, a process pool costs more than it saves
+_FETCH_THREADS = 8  # objects read ahead from an object store by each decoding process
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +97,7 @@ def plan_splits(raw: RawData, cfg: PreprocessConfig) -> dict[str, list[Item]]:
     """Decide which file goes to which split, before decoding anything."""
     items: dict[str, list[Item]] = {}
     for split, directory in raw.splits.items():
-        by_class, _ = scan_split(Path(directory))
+        by_class, _ = scan_split(directory)
         items[split] = [(str(p), raw.classes.index(c)) for c in raw.classes for p in by_class[c]]
     if "all" in items:
         items["train"], items["test"] = stratified_split(items.pop("all"), cfg.test_fraction, cfg.seed)
@@ -116,19 +118,34 @@ Chunk = tuple[list[str], int, str | None]  # (files, image size, s3:// prefix th
 
 
 def _decode_chunk(chunk: Chunk) -> tuple[np.ndarray, list[bool], list[tuple[int, str]]]:
-    """Decode one chunk: local paths, or keys under an s3:// prefix read from the object store."""
+    """Decode one chunk: local paths, or keys under an s3:// prefix, which a few threads fetch from the object
+    store ahead of the decoding."""
     files, size, origin = chunk
-    source = open_store(origin) if origin else None
     out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     gray: list[bool] = []
     bad: list[tuple[int, str]] = []
-    for i, name in enumerate(files):
-        try:
-            out[i], is_gray = decode_image(io.BytesIO(source.get_bytes(name)) if source else name, size)
-            gray.append(is_gray)
-        except Exception as exc:  # PIL raises many types for bad files
-            bad.append((i, f"{f'{origin}/' if origin else ''}{name} ({type(exc).__name__})"))
+    with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
+        sources = pool.map(_fetcher(open_store(origin)), files) if origin else iter(files)
+        for i, name in enumerate(files):
+            try:
+                source = next(sources)
+                if isinstance(source, Exception):
+                    raise source
+                out[i], is_gray = decode_image(source, size)
+                gray.append(is_gray)
+            except Exception as exc:  # PIL raises many types for bad files
+                bad.append((i, f"{f'{origin}/' if origin else ''}{name} ({type(exc).__name__})"))
     return out, gray, bad
+
+
+def _fetcher(store: Store) -> Callable[[str], io.BytesIO | Exception]:
+    """Reads one object as a file for Pillow, or returns (to be raised in order) what reading it raised."""
+    def fetch(key: str) -> io.BytesIO | Exception:
+        try:
+            return io.BytesIO(store.get_bytes(key))
+        except Exception as exc:
+            return exc
+    return fetch
 
 
 def _map_here(fn: Callable[[Chunk], Any], chunks: list[Chunk]) -> list[Any]:
@@ -220,19 +237,21 @@ def write_shard(job: ShardJob) -> ShardDone:
 def shard_jobs(raw: RawData, cfg: PreprocessConfig, store_uri: str, prefix: str) -> list[ShardJob]:
     """The planned splits cut into shards of :func:`images_per_shard` images, in manifest order.
 
-    Files of a dataset that is a copy of an s3:// prefix are named by their keys there, so that
-    workers on any node read the originals.
+    Files of a dataset read in place from an s3:// prefix are named by their keys there, so that
+    workers on any node read them.
 
     Raises:
-        UserError: when the splits leave no training images.
+        UserError: when the splits leave no training images, or an object-store dataset changed since ingest.
     """
+    if raw.origin and listing_fingerprint(s3_rows(raw.origin)) != raw.fingerprint:
+        raise UserError(f"--dataset {raw.source!r} changed since it was ingested (its listing differs); run again "
+                        "once it is complete.")
     plan = plan_splits(raw, cfg)
     if not plan["train"]:
         raise UserError(f"--dataset {raw.source!r} leaves no training images after the splits; add images.")
-    origin = None
-    if raw.mirror is not None and all(Path(d).is_relative_to(raw.mirror[0]) for d in raw.splits.values()):
-        root, origin = raw.mirror
-        plan = {s: [(Path(p).relative_to(root).as_posix(), y) for p, y in items] for s, items in plan.items()}
+    origin = raw.origin
+    if origin:
+        plan = {s: [(p[len(origin) + 1:], y) for p, y in items] for s, items in plan.items()}
     step = images_per_shard(cfg.image_size)
     return [ShardJob(split=split, index=i // step, files=[p for p, _ in items[i:i + step]],
                      labels=[y for _, y in items[i:i + step]], image_size=cfg.image_size, channels=cfg.channels,
@@ -336,7 +355,7 @@ def preprocess(raw: RawData, cfg: PreprocessConfig, store_uri: str, ray_address:
     prefix = prepared_prefix(raw, cfg)
     if store.exists(f"{prefix}/{MANIFEST}"):
         return prepared_ref(store, prefix, Manifest.from_json(store.get_bytes(f"{prefix}/{MANIFEST}").decode()), True)
-    if ray_address and raw.mirror is not None:
+    if ray_address and raw.origin:
         with ray_session(ray_address):
             manifest = write_prepared(raw, cfg, store_uri, prefix, on_cluster=True, log=log)
     else:

@@ -17,10 +17,11 @@ class _Ref(BaseModel):
 
 
 class RawData(_Ref):
-    """Raw image files available on local disk, in class folders.
+    """Raw image files in class folders, on local disk or in an object store.
 
     ``splits`` maps a split name (``train``/``test``, or ``all`` when the
-    source has no test split) to the directory holding its class folders.
+    source has no test split) to the directory holding its class folders, or
+    to an s3:// prefix under ``origin`` for a dataset read in place.
     """
 
     source: str
@@ -29,9 +30,8 @@ class RawData(_Ref):
     classes: tuple[str, ...]
     counts: dict[str, int]
     ignored_files: int = 0
-    # (local folder, s3:// prefix) when the local files are a copy of an object-store dataset: cluster
-    # nodes then read the originals instead of this machine's copy
-    mirror: tuple[str, str] | None = None
+    # the s3:// prefix of a dataset read in place: the decoding workers (on any node) read its objects
+    origin: str | None = None
 
 
 class PreparedData(_Ref):

@@ -41,17 +41,20 @@ class SourceSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class Materialised:
-    """Class folders on local disk.
+    """Class folders on local disk, or in an object store read in place.
 
     Attributes:
         splits: ``{"train": dir, "test": dir}``, ``{"train": dir}`` (test cut from train later) or
-            ``{"all": dir}`` (train and test both cut later).
-        mirror: (local folder, s3:// prefix) when the local files copy an object-store dataset, so that
-            cluster nodes read the originals.
+            ``{"all": dir}`` (train and test both cut later); each a local directory, or an s3:// prefix
+            under ``origin``.
+        origin: the s3:// prefix of a dataset read in place from an object store, else None.
+        fingerprint: the source's own fingerprint where the files are not here to hash (an object
+            listing's), else None: ingest hashes the local files' bytes.
     """
 
-    splits: dict[str, Path]
-    mirror: tuple[str, str] | None = None
+    splits: dict[str, Path | str]
+    origin: str | None = None
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -322,7 +322,7 @@ def test_cancelling_the_flow_run_stops_training_on_the_cluster(cluster, served_o
 def test_both_nodes_write_shards_from_s3_and_a_node_cache_smaller_than_the_data_trains_alike(cluster, s3_server,
                                                                                             tmp_path, monkeypatch):
     """Preprocessing on the cluster reads the images from S3 on both nodes, each writing its own shards (the
-    local fingerprint, the writers in the manifest); training with a node cache smaller than the training split
+    local fingerprint, the writers in the manifest), and the driver keeps no copy of them; training with a node cache smaller than the training split
     re-reads its shards from S3 each epoch and learns exactly what a run holding them all learns."""
     from cluster.data import Manifest
     from tasks.ingest import ingest
@@ -345,9 +345,11 @@ def test_both_nodes_write_shards_from_s3_and_a_node_cache_smaller_than_the_data_
         raw = ingest({source!r}, Path("driver-cache"))
         prepared = preprocess(raw, PreprocessConfig(image_size=16), {store!r}, {cluster.gcs_address!r}, print)
         print("FINGERPRINT=" + prepared.fingerprint)
+        print("DRIVER_FILES=" + str(sum(p.is_file() for p in Path("driver-cache").rglob("*"))))
     """, timeout=240, env=s3_server.env())
     assert there.returncode == 0, there.stdout[-2000:] + there.stderr[-4000:]
     assert f"FINGERPRINT={here.fingerprint}" in there.stdout
+    assert "DRIVER_FILES=0" in there.stdout  # the driver listed the images and read none
     assert re.search(r"decoded 450 images into 10 shards as Ray tasks on 2 node\(s\), read from s3://", there.stdout), \
         there.stdout
     key = next(k["Key"] for k in client.list_objects_v2(Bucket=s3_server.bucket, Prefix="sharded-store/prepared/")

@@ -11,7 +11,7 @@ import pytest
 from cluster.errors import UserError
 from tasks.ingest import check_source, ingest
 from tasks.store import open_store
-from tests.conftest import run_threads
+from tests.conftest import make_tar, run_threads
 
 
 def upload_folder(server, local: Path, prefix: str) -> None:
@@ -51,23 +51,46 @@ def test_a_corrupted_object_is_detected_on_read(s3_server, tmp_path):
     assert not (tmp_path / "obj").exists()
 
 
-def test_ingest_from_an_s3_prefix_matches_the_local_folder(s3_server, image_folder, tmp_path):
+def test_an_s3_prefix_is_read_in_place_and_prepares_the_local_folders_shards(s3_server, image_folder, tmp_path):
+    """Ingest lists the prefix (nothing lands on this disk) and the decoding reads each object from S3: the
+    shards are the bytes a local copy gives; the raw fingerprint follows the listing."""
+    from tasks.preprocess import PreprocessConfig, preprocess
+
     local = image_folder("pets", classes=3, per_class=10)
     (local / "class_0" / "README.txt").write_text("ignored")
-    upload_folder(s3_server, local, "datasets/pets")
+    upload_folder(s3_server, local, "datasets/pets/wrapper")  # a lone wrapper folder is stepped through
     source = f"folder:s3://{s3_server.bucket}/datasets/pets"
     check_source(source)
     remote = ingest(source, tmp_path / "cache")
     assert remote.counts == {"all": 30} and remote.classes == ("class_0", "class_1", "class_2")
     assert remote.ignored_files == 1
-    assert remote.fingerprint == ingest(f"folder:{local}", tmp_path / "cache").fingerprint
-    again = ingest(source, tmp_path / "cache")
-    assert again.splits == remote.splits  # the same download, not a second one
+    assert remote.origin == f"s3://{s3_server.bucket}/datasets/pets"
+    assert remote.splits == {"all": f"{remote.origin}/wrapper"}
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # read in place: no copy here
+    assert ingest(source, tmp_path / "cache").fingerprint == remote.fingerprint
 
-    s3_server.client().put_object(Bucket=s3_server.bucket, Key="datasets/pets/class_1/0000.png",
+    cfg = PreprocessConfig(image_size=12)
+    prepared = preprocess(remote, cfg, str(tmp_path / "store"))
+    assert prepared.fingerprint == preprocess(ingest(f"folder:{local}", tmp_path / "cache"), cfg,
+                                              str(tmp_path / "local-store")).fingerprint
+
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="datasets/pets/wrapper/class_1/0000.png",
                                   Body=(local / "class_2" / "0000.png").read_bytes())
+    with pytest.raises(UserError, match="changed since it was ingested"):
+        preprocess(remote, cfg, str(tmp_path / "store-2"))  # the listing the fingerprint named is gone
     changed = ingest(source, tmp_path / "cache")
-    assert changed.fingerprint != remote.fingerprint and changed.splits != remote.splits
+    assert changed.fingerprint != remote.fingerprint
+    assert preprocess(changed, cfg, str(tmp_path / "store")).fingerprint != prepared.fingerprint
+
+
+def test_an_s3_prefix_of_split_archives_is_downloaded_to_be_unpacked(s3_server, image_folder, tmp_path):
+    local = image_folder("splits", classes=2, per_class=6)
+    for split in ("train", "val"):
+        archive = make_tar(local, tmp_path / f"{split}.tar.gz", arcname=split)
+        s3_server.client().upload_file(str(archive), s3_server.bucket, f"archived/{split}.tar.gz")
+    raw = ingest(f"folder:s3://{s3_server.bucket}/archived", tmp_path / "cache")
+    assert raw.origin is None and raw.counts == {"train": 12, "test": 12}  # val/ is the test split
+    assert all(Path(d).is_relative_to(tmp_path / "cache") for d in raw.splits.values())
 
 
 def test_ingest_from_an_empty_prefix_says_so(s3_server, tmp_path):

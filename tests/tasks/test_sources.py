@@ -159,7 +159,7 @@ def test_tfds_ingest_writes_the_class_folders(toy_raw):
     assert not {m.split(".")[0] for m in gained} & set(FRAMEWORK_MODULES), "ingest loaded a framework here"
     assert raw.classes == TOY  # the ClassLabel's names
     assert raw.counts == {"train": 240, "test": 60}
-    assert set(raw.splits) == {"train", "test"} and raw.ignored_files == 0 and raw.mirror is None
+    assert set(raw.splits) == {"train", "test"} and raw.ignored_files == 0 and raw.origin is None
     for split, per_class in (("train", 80), ("test", 20)):
         folder = Path(raw.splits[split])
         assert folder.parent.parent.name == "tfds"  # <cache>/tfds/<stamp>/<split>
