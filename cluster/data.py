@@ -11,6 +11,12 @@ the shards' digests in manifest order. A folder without its manifest is not a pr
 
 A shard of an ``auto``-channel dataset holds one channel when all its images were grayscale; a
 reader widens it when the dataset as a whole is RGB (a gray pixel is the same value in R, G and B).
+
+A training shard may instead hold its images encoded (``encoded``: the original JPEG/PNG/... files,
+downscaled to a maximum side where larger): ``<index>.bytes.npy`` (the files end to end, uint8),
+``<index>.offsets.npy`` (int64, where each starts, and the end) and ``<index>.y.npy``. Readers decode
+them as they train, a random-resized crop per image and epoch (``cluster.worker.stream``), so no two
+epochs see the same pixels; validation and test shards always hold pixels.
 """
 
 from __future__ import annotations
@@ -42,13 +48,18 @@ class Shard:
     index: int
     count: int
     channels: int  # as stored: 1 or 3
-    sha256: str  # over the x file's sha256 and the y file's, concatenated
+    sha256: str  # over its files' sha256, concatenated in the order of ``files``
     writer: str  # the host (and Ray node, on a cluster) that decoded and wrote it
+    encoded: bool = False  # the images as their encoded files, decoded by the reader
 
     @property
-    def files(self) -> tuple[str, str]:
-        """The shard's (images, labels) file names, relative to the dataset's folder."""
-        return f"{self.split}/{self.index:05d}.x.npy", f"{self.split}/{self.index:05d}.y.npy"
+    def files(self) -> tuple[str, ...]:
+        """The shard's file names, relative to the dataset's folder: (images, labels), and the offsets when
+        ``encoded``."""
+        stem = f"{self.split}/{self.index:05d}"
+        if self.encoded:
+            return f"{stem}.bytes.npy", f"{stem}.y.npy", f"{stem}.offsets.npy"
+        return f"{stem}.x.npy", f"{stem}.y.npy"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +94,10 @@ class Manifest:
     def pixel_bytes(self, split: str) -> int:
         """A split's decoded pixels, in bytes: what holding it whole in memory takes."""
         return self.counts[split] * self.image_size ** 2 * self.channels
+
+    def encoded(self, split: str) -> bool:
+        """Whether the split's shards hold encoded images (decoded, with random crops, as they are read)."""
+        return any(s.encoded for s in self.split_shards(split))
 
     def files(self) -> list[str]:
         """Every shard file, in manifest order (the manifest itself not included)."""
@@ -125,18 +140,72 @@ def read_manifest(directory: Path) -> Manifest:
     return Manifest.from_json((directory / MANIFEST).read_text())
 
 
-def shard_bytes(x: np.ndarray, y: np.ndarray) -> tuple[bytes, bytes, str]:
-    """A shard's two files as bytes, and its digest (see :class:`Shard`)."""
-    files = []
-    for array in (np.ascontiguousarray(x, np.uint8), np.ascontiguousarray(y, np.int64)):
-        buffer = io.BytesIO()
-        np.save(buffer, array, allow_pickle=False)
-        files.append(buffer.getvalue())
-    return files[0], files[1], shard_digest(*(hashlib.sha256(f).digest() for f in files))
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
-def shard_digest(x_sha256: bytes, y_sha256: bytes) -> str:
-    return hashlib.sha256(x_sha256 + y_sha256).hexdigest()
+def shard_bytes(x: np.ndarray | EncodedImages, y: np.ndarray) -> tuple[list[bytes], str]:
+    """A shard's files as bytes, in the order of :attr:`Shard.files`, and its digest (see :class:`Shard`)."""
+    labels = _npy(np.ascontiguousarray(y, np.int64))
+    if isinstance(x, EncodedImages):
+        files = [_npy(x.data), labels, _npy(x.offsets)]
+    else:
+        files = [_npy(np.ascontiguousarray(x, np.uint8)), labels]
+    return files, shard_digest(*(hashlib.sha256(f).digest() for f in files))
+
+
+def shard_digest(*file_sha256s: bytes) -> str:
+    return hashlib.sha256(b"".join(file_sha256s)).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedImages:
+    """A shard's images as their encoded files (JPEG, PNG, ...): the files end to end, and where each starts."""
+
+    data: np.ndarray  # uint8
+    offsets: np.ndarray  # int64, one more than there are images: the last is the end
+
+    @classmethod
+    def of(cls, files: list[bytes]) -> EncodedImages:
+        offsets = np.concatenate([[0], np.cumsum([len(f) for f in files])]).astype(np.int64)
+        return cls(np.frombuffer(b"".join(files), np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def file(self, i: int) -> bytes:
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes()
+
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom
+
+
+def decode_file(source, size: int, crop: Callable[[int, int], Box] | None = None) -> tuple[np.ndarray, bool]:
+    """An image file (a path, or an open binary file) as (size, size, 3) uint8 RGB, resized bilinearly when its
+    size differs (the region ``crop(width, height)`` of it, if given), and whether the file was stored as
+    grayscale. Raises what Pillow raises for a file it cannot read."""
+    from PIL import Image
+
+    with Image.open(source) as img:
+        rgb = img.convert("RGB")
+        box = crop(*rgb.size) if crop else None
+        if rgb.size != (size, size) or box is not None:
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        return np.asarray(rgb), img.mode in GRAY_MODES
+
+
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 NHWC RGB images with ``channels`` channels: as they are (3), or their luma (1)."""
+    if channels == 3:
+        return images
+    # ITU-R 601 luma, the same weights PIL uses for convert("L")
+    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
 
 
 def fingerprint(shards: list[Shard] | tuple[Shard, ...]) -> str:
@@ -166,12 +235,16 @@ def widen(x: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(x, 3, axis=-1) if x.shape[-1] != channels else x
 
 
-def load_shard(directory: Path, shard: Shard, channels: int, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """One shard's (images uint8 NHWC with ``channels``, labels int64)."""
+def load_shard(directory: Path, shard: Shard, channels: int, *, mmap: bool = False
+               ) -> tuple[np.ndarray | EncodedImages, np.ndarray]:
+    """One shard's (images uint8 NHWC with ``channels``, or :class:`EncodedImages`; labels int64)."""
     mode = "c" if mmap else None
-    x_name, y_name = shard.files
+    x_name, y_name, *offsets = shard.files
     x = np.load(directory / x_name, mmap_mode=mode)
-    return widen(x, channels), np.load(directory / y_name, mmap_mode=mode)
+    labels = np.load(directory / y_name, mmap_mode=mode)
+    if shard.encoded:
+        return EncodedImages(x, np.load(directory / offsets[0])), labels
+    return widen(x, channels), labels
 
 
 def split_shards(directory: Path, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -218,9 +291,9 @@ def write_arrays(directory: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray
         x_all, y_all = arrays.get(split, (np.zeros((0, size, size, channels), np.uint8), np.zeros(0, np.int64)))
         for index, start in enumerate(range(0, len(y_all), step)):
             x, y = x_all[start:start + step], y_all[start:start + step]
-            x_bytes, y_bytes, digest = shard_bytes(x, y)
+            files, digest = shard_bytes(x, y)
             shard = Shard(split=split, index=index, count=len(y), channels=channels, sha256=digest, writer=writer)
-            for name, data in zip(shard.files, (x_bytes, y_bytes)):
+            for name, data in zip(shard.files, files):
                 (directory / name).parent.mkdir(parents=True, exist_ok=True)
                 (directory / name).write_bytes(data)
             shards.append(shard)

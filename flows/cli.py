@@ -35,6 +35,8 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "image_size": ("data", "image_size", int),
     "limit_train": ("data", "limit_train", int),
     "limit_test": ("data", "limit_test", int),
+    "stored_as": ("data", "stored_as", str),
+    "max_side": ("data", "max_side", int),
     "epochs": ("train", "epochs", int),
     "batch_size": ("train", "batch_size", int),
     "lr": ("train", "lr", float),
@@ -105,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-PREPARE_OPTIONS = frozenset(["dataset", "tfds_data_dir", "image_size", "limit_train", "limit_test", "ray_address",
+PREPARE_OPTIONS = frozenset(["dataset", "tfds_data_dir", "image_size", "limit_train", "limit_test", "stored_as",
+                             "max_side", "ray_address",
                              "store", "skip_bad_images", "tfds_download", "shared_folder_store"])
 
 
@@ -117,7 +120,10 @@ def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None =
     from cluster.recipes import RECIPES
 
     helps = {"dataset": forms(), "tfds_data_dir": "where prepared TFDS datasets are (default $TFDS_DATA_DIR)",
-             "recipe": f"how the model learns: {' | '.join(RECIPES)} (default article)"}
+             "recipe": f"how the model learns: {' | '.join(RECIPES)} (default article)",
+             "stored_as": "the training images as pixels (default) or encoded: the files, decoded with a "
+                          "random-resized crop per image and epoch",
+             "max_side": "encoded: shrink larger images to this longest side (default twice --image-size)"}
     for option, (_, _, kind) in _OPTIONS.items():
         if only is None or option in only:
             run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind, help=helps.get(option))

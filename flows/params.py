@@ -51,6 +51,13 @@ class DataParams(_Section):
     limit_test: int | None = Field(None, ge=1, title="Test subset", description="Use a fixed random subset")
     skip_bad_images: bool = Field(False, title="Skip unreadable images",
                                   description="Leave out (and count) files that fail to decode instead of failing")
+    stored_as: Literal["pixels", "encoded"] = Field(
+        "pixels", title="Training images stored as",
+        description="pixels: decoded once at the image size; encoded: the files themselves, decoded as training "
+                    "reads them with a random-resized crop per image and epoch")
+    max_side: int = Field(0, ge=0, le=8192, title="Encoded: longest side kept",
+                          description="Only for 'encoded': larger images are shrunk to this side (0: twice the "
+                                      "image size)")
     cache_dir: str | None = Field(None, title="Local cache",
                                   description="Raw-data cache (default $TRAINFLOW_CACHE_DIR or ~/.cache/trainflow)")
 
@@ -97,7 +104,8 @@ class DataParams(_Section):
     def to_config(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.image_size, channels=self.channels, val_fraction=self.val_fraction,
                                 test_fraction=self.test_fraction, seed=self.seed, limit_train=self.limit_train,
-                                limit_test=self.limit_test, skip_bad_images=self.skip_bad_images)
+                                limit_test=self.limit_test, skip_bad_images=self.skip_bad_images,
+                                stored_as=self.stored_as, max_side=self.max_side)
 
 
 class TrainParams(_Section):

@@ -8,36 +8,35 @@ prepares data exactly as the flow does.
 
 from __future__ import annotations
 
+import io
 from typing import BinaryIO
 
 import numpy as np
 
-from cluster.data import ChannelSums
+from cluster.data import GRAY_MODES, ChannelSums, decode_file, to_channels
 
-__all__ = ["GRAY_MODES", "channel_stats", "decode_image", "to_channels"]
-
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+__all__ = ["GRAY_MODES", "channel_stats", "decode_image", "downscaled", "to_channels"]
 
 
 def decode_image(source: str | BinaryIO, size: int) -> tuple[np.ndarray, bool]:
     """A file (path or open binary file) as (size, size, 3) uint8 RGB, resized bilinearly when its size differs,
     and whether it was stored as grayscale. Raises what Pillow raises for a file it cannot read."""
+    return decode_file(source, size)
+
+
+def downscaled(data: bytes, max_side: int) -> bytes:
+    """An encoded image kept for training: as it is when neither side exceeds ``max_side``, else shrunk to fit
+    (Lanczos) and saved again as JPEG (quality 90). Raises what Pillow raises for a file it cannot read."""
     from PIL import Image
 
-    with Image.open(source) as img:
-        rgb = img.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb), img.mode in GRAY_MODES
-
-
-def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 NHWC RGB images with ``channels`` channels: as they are (3), or their luma (1)."""
-    if channels == 3:
-        return images
-    # ITU-R 601 luma, the same weights PIL uses for convert("L")
-    luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+    with Image.open(io.BytesIO(data)) as img:
+        if max(img.size) <= max_side:
+            return data
+        small = img.convert("L" if img.mode in GRAY_MODES else "RGB")
+    small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=90)
+    return out.getvalue()
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

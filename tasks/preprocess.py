@@ -23,18 +23,19 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
 
-from cluster.data import (FORMAT, MANIFEST, SPLITS, ChannelSums, Manifest, Shard, fingerprint, images_per_shard,
-                          shard_bytes)
+from cluster.data import (FORMAT, MANIFEST, SPLITS, ChannelSums, EncodedImages, Manifest, Shard, fingerprint,
+                          images_per_shard, shard_bytes)
 from cluster.errors import UserError
 from cluster.execution.fanout import map_on_cluster
 from cluster.execution.session import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
-from tasks.images import decode_image, to_channels
+from tasks.images import decode_image, downscaled, to_channels
 from tasks.ingest import scan_split
 from tasks.refs import PreparedData, RawData
 from tasks.sources.folder import listing_fingerprint, s3_rows
@@ -55,12 +56,19 @@ class PreprocessConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     skip_bad_images: bool = False  # drop (and count) files that fail to decode instead of failing
+    stored_as: str = "pixels"  # the training split's shards: pixels, or encoded (decoded with random crops)
+    max_side: int = 0  # encoded: larger images are shrunk to this longer side; 0: twice image_size
 
     def __post_init__(self) -> None:
         if not 8 <= self.image_size <= 512:
             raise UserError(f"image_size={self.image_size} is out of range; choose 8 to 512 pixels.")
         if self.channels not in ("auto", "rgb", "grayscale"):
             raise UserError(f"channels={self.channels!r} is unknown; choose auto, rgb or grayscale.")
+        if self.stored_as not in ("pixels", "encoded"):
+            raise UserError(f"stored_as={self.stored_as!r} is unknown; choose pixels or encoded.")
+        if self.max_side and self.max_side < self.image_size:
+            raise UserError(f"max_side={self.max_side} is below image_size={self.image_size}; choose at least "
+                            "the image size, or 0 for twice it.")
         for name in ("limit_train", "limit_test"):
             limit = getattr(self, name)
             if limit is not None and limit < 1:
@@ -118,31 +126,43 @@ Chunk = tuple[list[str], int, str | None]  # (files, image size, s3:// prefix th
 
 
 def _decode_chunk(chunk: Chunk) -> tuple[np.ndarray, list[bool], list[tuple[int, str]]]:
-    """Decode one chunk: local paths, or keys under an s3:// prefix, which a few threads fetch from the object
-    store ahead of the decoding."""
+    """Decode one chunk: local paths, or keys under an s3:// prefix."""
     files, size, origin = chunk
+    out, gray, bad, _ = _decode_files(files, size, origin)
+    return out, gray, bad
+
+
+def _decode_files(files: list[str], size: int, origin: str | None, keep_max_side: int | None = None
+                  ) -> tuple[np.ndarray, list[bool], list[tuple[int, str]], list[bytes]]:
+    """Decode local paths, or keys under an s3:// prefix, which a few threads fetch from the object store ahead
+    of the decoding: (pixels, which were gray, (index, description) of the undecodable, and with
+    ``keep_max_side`` each decodable file as it is kept for training, see :func:`downscaled`)."""
     out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     gray: list[bool] = []
     bad: list[tuple[int, str]] = []
+    kept: list[bytes] = []
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
-        sources = pool.map(_fetcher(open_store(origin)), files) if origin else iter(files)
+        read = _fetcher(open_store(origin).get_bytes) if origin else _fetcher(lambda p: Path(p).read_bytes())
+        sources = pool.map(read, files) if origin or keep_max_side else iter(files)
         for i, name in enumerate(files):
             try:
                 source = next(sources)
                 if isinstance(source, Exception):
                     raise source
                 out[i], is_gray = decode_image(source, size)
+                if keep_max_side:
+                    kept.append(downscaled(source.getvalue(), keep_max_side))
                 gray.append(is_gray)
             except Exception as exc:  # PIL raises many types for bad files
                 bad.append((i, f"{f'{origin}/' if origin else ''}{name} ({type(exc).__name__})"))
-    return out, gray, bad
+    return out, gray, bad, kept
 
 
-def _fetcher(store: Store) -> Callable[[str], io.BytesIO | Exception]:
-    """Reads one object as a file for Pillow, or returns (to be raised in order) what reading it raised."""
-    def fetch(key: str) -> io.BytesIO | Exception:
+def _fetcher(read: Callable[[str], bytes]) -> Callable[[str], io.BytesIO | Exception]:
+    """Reads one file as a file for Pillow, or returns (to be raised in order) what reading it raised."""
+    def fetch(name: str) -> io.BytesIO | Exception:
         try:
-            return io.BytesIO(store.get_bytes(key))
+            return io.BytesIO(read(name))
         except Exception as exc:
             return exc
     return fetch
@@ -193,6 +213,7 @@ class ShardJob:
     store: str  # the store's URI; the shard goes under ``prefix`` there
     prefix: str
     origin: str | None = None  # the s3:// prefix the files are keys of
+    encoded_max_side: int | None = None  # keep the files encoded, shrunk to this side, instead of pixels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,7 +236,7 @@ def write_shard(job: ShardJob) -> ShardDone:
 
     An ``auto``-channel shard of grayscale images is stored with one channel (see ``cluster.data``).
     """
-    out, gray, failed = _decode_chunk((job.files, job.image_size, job.origin))
+    out, gray, failed, kept = _decode_files(job.files, job.image_size, job.origin, job.encoded_max_side)
     bad = [what for _, what in failed]
     keep = np.ones(len(job.files), dtype=bool)
     keep[[i for i, _ in failed]] = False
@@ -225,11 +246,11 @@ def write_shard(job: ShardJob) -> ShardDone:
     channels = channel_count(job.channels, all_gray)
     x = to_channels(out[keep] if bad else out, channels)
     y = np.asarray(job.labels, dtype=np.int64)[keep]
-    x_bytes, y_bytes, digest = shard_bytes(x, y)
+    files, digest = shard_bytes(EncodedImages.of(kept) if job.encoded_max_side else x, y)
     shard = Shard(split=job.split, index=job.index, count=len(y), channels=channels, sha256=digest,
-                  writer=socket.gethostname())
+                  writer=socket.gethostname(), encoded=bool(job.encoded_max_side))
     store = open_store(job.store)
-    for name, data in zip(shard.files, (x_bytes, y_bytes)):
+    for name, data in zip(shard.files, files):
         store.put_bytes(f"{job.prefix}/{name}", data)
     return ShardDone(shard=shard, sums=ChannelSums.of(x), all_gray=all_gray, bad=bad)
 
@@ -253,9 +274,11 @@ def shard_jobs(raw: RawData, cfg: PreprocessConfig, store_uri: str, prefix: str)
     if origin:
         plan = {s: [(p[len(origin) + 1:], y) for p, y in items] for s, items in plan.items()}
     step = images_per_shard(cfg.image_size)
+    encoded = (cfg.max_side or 2 * cfg.image_size) if cfg.stored_as == "encoded" else None
     return [ShardJob(split=split, index=i // step, files=[p for p, _ in items[i:i + step]],
                      labels=[y for _, y in items[i:i + step]], image_size=cfg.image_size, channels=cfg.channels,
-                     skip_bad_images=cfg.skip_bad_images, store=store_uri, prefix=prefix, origin=origin)
+                     skip_bad_images=cfg.skip_bad_images, store=store_uri, prefix=prefix, origin=origin,
+                     encoded_max_side=encoded if split == "train" else None)
             for split, items in plan.items() for i in range(0, len(items), step)]
 
 

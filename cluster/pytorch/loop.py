@@ -17,6 +17,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ from cluster.recipes import RECIPES, get_recipe
 from cluster.worker.checkpoint import ModelSpec, write_predictions
 from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
 from cluster.worker.memory import keep_freed_memory
-from cluster.worker.stream import Piece, epoch_pieces, read_piece, read_whole, steps_per_epoch, stream_batches
+from cluster.worker.stream import (Piece, Views, epoch_pieces, read_piece, read_whole, steps_per_epoch, stream_batches,
+                                   streams)
 
 __all__ = ["LocalContext", "RecipeSteps", "WorkerContext", "main", "run_epoch", "train_loop", "train_on_ray"]
 
@@ -174,14 +176,14 @@ class RecipeSteps:
 
 class TrainSplit:
     """The training split as the loop reads it: on the device whole when its pixels fit ``cfg.in_memory_mb``
-    (indexed by a permutation per epoch), else streamed from its shards batch by batch (``cluster.worker.stream``),
-    each batch copied to the device as it is used."""
+    (indexed by a permutation per epoch), else, or when its shards are encoded, streamed from its shards batch by
+    batch (``cluster.worker.stream``), each batch copied to the device as it is used."""
 
     def __init__(self, data_dir: Path, manifest: Manifest, cfg: TrainLoopConfig, ctx: WorkerContext) -> None:
         self.directory, self.manifest, self.seed, self.ctx = data_dir, manifest, cfg.seed, ctx
         self.shards = manifest.split_shards("train")
         self.count = manifest.counts["train"]
-        self.streamed = manifest.pixel_bytes("train") > cfg.in_memory_mb << 20
+        self.streamed = streams(manifest, cfg.in_memory_mb)
         self.pinned = ctx.device.type == "cuda"
         if not self.streamed:
             x, y = read_whole(self.open, self.shards)
@@ -190,8 +192,9 @@ class TrainSplit:
     def open(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
         return self.ctx.open_shard(self.directory, shard, self.manifest.channels)
 
-    def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-        return read_piece(self.open, piece)
+    def read(self, piece: Piece, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A piece's images and labels; encoded images as ``epoch``'s random crops (None: whole)."""
+        return read_piece(self.open, piece, Views(self.manifest.image_size, self.manifest.channels, self.seed, epoch))
 
     def leading(self, n: int) -> np.ndarray:
         """The split's first ``n`` images, in manifest order (the same on every rank)."""
@@ -215,7 +218,7 @@ class TrainSplit:
                 yield self.x[j], self.y[j], j
             return
         pieces = epoch_pieces(self.shards, self.seed, epoch, ctx.rank, ctx.world_size)
-        for x, y, idx in stream_batches(pieces, self.read, batch, self.seed, epoch, ctx.rank):
+        for x, y, idx in stream_batches(pieces, partial(self.read, epoch=epoch), batch, self.seed, epoch, ctx.rank):
             tensors = [torch.from_numpy(a) for a in (x, y, idx)]
             if self.pinned:  # page-locked: the copy to the GPU runs beside the step
                 tensors = [t.pin_memory() for t in tensors]

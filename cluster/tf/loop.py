@@ -35,7 +35,7 @@ from cluster.recipes import MODELS, get_recipe
 from cluster.worker.checkpoint import ModelSpec, write_predictions
 from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
 from cluster.worker.shards import epoch_shard
-from cluster.worker.stream import epoch_pieces, read_piece, read_whole, stream_batches
+from cluster.worker.stream import Views, epoch_pieces, read_piece, read_whole, stream_batches, streams
 
 __all__ = ["main", "train_loop", "train_on_ray"]
 
@@ -71,7 +71,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     shards = manifest.split_shards("train")
     n_train = manifest.counts["train"]
     open_shard = lambda shard: ctx.open_shard(data_dir, shard, manifest.channels)  # noqa: E731
-    streamed = manifest.pixel_bytes("train") > cfg.in_memory_mb << 20
+    streamed = streams(manifest, cfg.in_memory_mb)
     if not streamed:
         x_train, y_train = read_whole(open_shard, shards)
     x_val, y_val = (a[ctx.rank::ctx.world_size] for a in load_split(data_dir, "val", mmap=True))
@@ -184,8 +184,8 @@ def _in_memory(x: np.ndarray, y: np.ndarray, batch: int, context: tf.distribute.
 def _streamed(pieces, open_shard, batch: int, seed: int, epoch: int, rank: int, manifest,
               context: tf.distribute.InputContext) -> tf.data.Dataset:
     """This rank's batches of the epoch read from the shards as they are used (``cluster.worker.stream``)."""
-    read = partial(read_piece, open_shard)
     size, channels = manifest.image_size, manifest.channels
+    read = partial(read_piece, open_shard, views=Views(size, channels, seed, epoch))
     signature = (tf.TensorSpec((None, size, size, channels), tf.uint8), tf.TensorSpec((None,), tf.int64))
     return tf.data.Dataset.from_generator(
         lambda: ((x, y) for x, y, _ in stream_batches(pieces, read, batch, seed, epoch, rank)),

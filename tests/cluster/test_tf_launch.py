@@ -88,7 +88,9 @@ def test_tensorflow_only_options_are_refused():
 
 @pytest.mark.slow
 def test_tensorflow_streams_a_sharded_split_and_learns(tmp_path):
-    """The loop without Ray, in a process of TensorFlow alone, streaming the training split from its shards."""
+    """The loop without Ray, in a process of TensorFlow alone, streaming the training split from its shards: encoded
+    ones, decoded with random-resized crops as they are read (the stream is the torch loop's, tested there on
+    pixels too)."""
     import cluster.data
     from tasks.ingest import ingest
     from tasks.preprocess import PreprocessConfig, preprocess
@@ -98,10 +100,10 @@ def test_tensorflow_streams_a_sharded_split_and_learns(tmp_path):
     write_class_folders(tmp_path / "images", classes=3, per_class=80, size=16)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cluster.data, "SHARD_BYTES", 16 * 16 * 3 * 40)  # 40 images a shard
-        ref = preprocess(ingest(f"folder:{tmp_path / 'images'}", tmp_path / "cache"), PreprocessConfig(image_size=16),
-                         str(tmp_path / "store"))
+        ref = preprocess(ingest(f"folder:{tmp_path / 'images'}", tmp_path / "cache"),
+                         PreprocessConfig(image_size=16, stored_as="encoded"), str(tmp_path / "store"))
     out = subprocess.run([sys.executable, "-m", "cluster.tf.loop", "--data", data_dir((str(tmp_path / "store"), ref)),
-                          "--epochs", "6", "--lr", "0.01", "--batch-size", "16", "--in-memory-mb", "0",
+                          "--epochs", "6", "--lr", "0.01", "--batch-size", "16",
                           "--checkpoints", str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert out.returncode == 0, out.stderr[-3000:]

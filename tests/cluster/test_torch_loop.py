@@ -172,9 +172,9 @@ def test_runs_under_torchrun_with_two_ranks(prepared, tmp_path):
         assert path.stat().st_size < 1.05 * sum(t.numel() * t.element_size() for t in tensors) + 65536
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory) -> str:
-    """The `prepared` fixture's kind of dataset, cut into shards of 40 images."""
+@pytest.fixture(scope="module", params=["pixels", "encoded"])
+def sharded(tmp_path_factory, request) -> str:
+    """The `prepared` fixture's kind of dataset, cut into shards of 40 images: pixels, or the encoded files."""
     import cluster.data
     from tasks.ingest import ingest
     from tasks.preprocess import PreprocessConfig, preprocess
@@ -184,8 +184,8 @@ def sharded(tmp_path_factory) -> str:
     write_class_folders(root / "images", classes=3, per_class=80, size=16)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cluster.data, "SHARD_BYTES", 16 * 16 * 3 * 40)
-        ref = preprocess(ingest(f"folder:{root / 'images'}", root / "cache"), PreprocessConfig(image_size=16),
-                         str(root / "store"))
+        ref = preprocess(ingest(f"folder:{root / 'images'}", root / "cache"),
+                         PreprocessConfig(image_size=16, stored_as=request.param), str(root / "store"))
     return data_dir((str(root / "store"), ref))
 
 
@@ -197,7 +197,7 @@ def test_a_streamed_split_learns_and_a_resumed_run_ends_bit_identical(sharded, t
     assert len(read_manifest(Path(sharded)).split_shards("train")) > 4
     cfg = TrainLoopConfig(data_dir=sharded, epochs=4, lr=0.01, batch_size=16, in_memory_mb=0, precision="fp32")
     whole = train_loop(cfg, LocalContext(tmp_path / "whole"))
-    assert whole[-1]["train_loss"] < 0.5 * whole[0]["train_loss"] and whole[-1]["val_accuracy"] > 0.9
+    assert whole[-1]["train_loss"] < 0.6 * whole[0]["train_loss"] and whole[-1]["val_accuracy"] > 0.9
     train_loop(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 2}), LocalContext(tmp_path / "parts"))
     resumed = train_loop(cfg, LocalContext(tmp_path / "parts"))
     numbers = lambda history: [(m["train_loss"], m["val_loss"], m["val_accuracy"]) for m in history]  # noqa: E731

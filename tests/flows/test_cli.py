@@ -61,7 +61,8 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     store = tmp_path / "store"
     # inherited by every process the run starts; no PREFECT_API_URL: the run starts (and stops) its own server
     mark = {"TRAINFLOW_TEST_RUN": str(tmp_path), "PREFECT_API_URL": None}
-    data_options = ["--dataset", f"folder:{archive}", "--image-size", "16", "--skip-bad-images", "--store", str(store)]
+    data_options = ["--dataset", f"folder:{archive}", "--image-size", "16", "--skip-bad-images",
+                    "--stored-as", "encoded", "--store", str(store)]  # the files kept, decoded with random crops
     prepared = trainflow("prepare", *data_options, "--json", env=mark)  # once; the run then finds it in the store
     assert prepared.returncode == 0, prepared.stderr[-4000:]
     ref = json.loads(prepared.stdout[prepared.stdout.index("{"):])
@@ -80,6 +81,7 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     assert summary["version"] == 1 and summary["promoted"]
     meta = json.loads(next((store / "prepared").glob("*/manifest.json")).read_text())
     assert meta["channels"] == 3 and meta["image_size"] == 16  # mixed set: kept as RGB
+    assert {s["split"] for s in meta["shards"] if s["encoded"]} == {"train"}  # the files, decoded with crops
     assert sum(meta["counts"].values()) == 120 and meta["counts"]["test"] == summary["test_size"]
     # not a terminal: plain lines, one per stage and one per epoch, and none of Ray's own lines
     epochs = [line.split(":")[0] for line in out.stderr.splitlines() if line.startswith("epoch ")]

@@ -399,3 +399,49 @@ def test_a_split_predicted_a_shard_at_a_time_is_the_whole_split_predicted(tmp_pa
     assert seen == [10, 10, 5]
     assert np.array_equal(y_true, arrays["test"][1]) and np.array_equal(y_pred, arrays["test"][0][:, 0, 0, 0])
     assert [a.tolist() for a in predict_split(tmp_path, "val", predict)] == [[], []]
+
+
+def test_encoded_training_shards_keep_the_files_and_decode_to_seeded_crops(tmp_path: Path, monkeypatch):
+    """stored_as=encoded: the training shards hold each file's bytes (larger ones shrunk to max_side), val and
+    test stay pixels, the statistics are the pixels'; a reader's crops follow (seed, epoch, index) alone, and
+    the whole-image view is the pixel shard's image."""
+    from cluster.data import EncodedImages, load_shard
+    from cluster.worker.stream import Piece, Views, read_piece
+
+    root = write_class_folders(tmp_path / "ds", classes=2, per_class=12, size=40)
+    raw = ingest(f"folder:{root}", tmp_path / "cache")
+    monkeypatch.setattr(cluster.data, "SHARD_BYTES", 16 * 16 * 3 * 5)  # 5 images a shard
+    pixels = preprocess(raw, PreprocessConfig(image_size=16), str(tmp_path / "pixels"))
+    encoded = preprocess(raw, PreprocessConfig(image_size=16, stored_as="encoded", max_side=32),
+                         str(tmp_path / "encoded"))
+    dirs = [_prepared_dir(FileStore(tmp_path / name), ref.uri) for name, ref in (("pixels", pixels),
+                                                                                 ("encoded", encoded))]
+    manifest = read_manifest(dirs[1])
+    assert {s.split for s in manifest.shards if s.encoded} == {"train"} and all(map(lambda s: verify_shard(
+        dirs[1], s), manifest.shards))
+    assert (encoded.mean, encoded.std, encoded.counts) == (pixels.mean, pixels.std, pixels.counts)
+    for split in ("val", "test"):
+        assert all(np.array_equal(a, b) for a, b in zip(load_split(dirs[0], split), load_split(dirs[1], split)))
+    shard = manifest.split_shards("train")[1]
+    files, labels = load_shard(dirs[1], shard, 3)
+    assert isinstance(files, EncodedImages) and len(files) == shard.count == 5
+    with Image.open(__import__("io").BytesIO(files.file(0))) as img:
+        assert max(img.size) == 32 and img.format == "JPEG"  # 40 px shrunk to max_side, saved again as JPEG
+
+    piece = Piece(shard, 1, 4, offset=5)
+    open_shard = lambda s: load_shard(dirs[1], s, 3)  # noqa: E731
+    crops = [read_piece(open_shard, piece, Views(16, 3, seed=0, epoch=epoch))[0] for epoch in (1, 1, 2)]
+    assert crops[0].shape == (3, 16, 16, 3) and np.array_equal(crops[0], crops[1])
+    assert not np.array_equal(crops[0], crops[2])
+    alone = read_piece(open_shard, Piece(shard, 2, 3, offset=5), Views(16, 3, seed=0, epoch=1))[0]
+    assert np.array_equal(alone[0], crops[0][1])  # an image's crop depends on its index, not on its piece
+    whole, _ = read_piece(open_shard, piece, Views(16, 3))
+    reference = load_shard(dirs[0], read_manifest(dirs[0]).split_shards("train")[1], 3)[0][1:4]
+    assert np.abs(whole.astype(int) - reference.astype(int)).mean() < 8  # the same images, through a 32 px JPEG
+
+
+@pytest.mark.parametrize("kwargs, field", [({"stored_as": "jpeg"}, "stored_as"),
+                                           ({"stored_as": "encoded", "max_side": 8}, "max_side")])
+def test_encoded_options_are_checked(kwargs: dict, field: str):
+    with pytest.raises(UserError, match=field):
+        PreprocessConfig(image_size=16, **kwargs)
