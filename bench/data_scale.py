@@ -18,7 +18,10 @@ Cases: the real CIFAR-10 (``--cifar DIR`` of ``train.tar.gz`` and ``test.tar.gz`
 ``--synthetic-size``. ``--via cli`` (the default) runs ``trainflow prepare`` as a user does;
 ``--via functions`` calls ``tasks.ingest.ingest`` and ``tasks.preprocess.preprocess`` of the checkout
 at ``--checkout`` (default this one), so that an older checkout, which has no ``prepare`` command, can be
-measured the same way on the same machine in the same command.
+measured the same way on the same machine in the same command. ``--s3`` uploads the synthetic JPEGs to
+a local SeaweedFS (the tests' S3 server) and prepares them from ``folder:s3://…`` instead; each case then
+also reports ``driver_cache_mb``, what the preparing process left in its local cache (a copy of the
+images, where ingest downloads them).
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ def measure(dataset: str, size: int, args: argparse.Namespace, work: Path) -> di
     else:
         command = [sys.executable, "-c", FUNCTIONS, dataset, str(size), str(store), str(cache)]
     case = run_case(command, args.checkout, {**env, "PYTHONPATH": str(args.checkout)})
+    if args.s3:
+        case["driver_cache_mb"] = round(sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 1e6, 1)
     counts = case.pop("result")["counts"]
     images = sum(counts.values())
     prepared_bytes = sum(p.stat().st_size for p in (store / "prepared").rglob("*") if p.is_file())
@@ -131,6 +136,26 @@ def measure(dataset: str, size: int, args: argparse.Namespace, work: Path) -> di
             "images_per_s": round(images / seconds) if seconds else None, **case}
 
 
+def measure_on_s3(folder: Path, args: argparse.Namespace, work: Path) -> dict:
+    """The synthetic case from a local SeaweedFS: uploaded first (not timed), prepared from ``folder:s3://``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(ROOT))
+    from tests import s3server
+
+    server = s3server.start(work / "s3")
+    try:
+        os.environ.update(server.env())  # the preparing process finds the server as a user's would
+        client = server.client()
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda p: client.upload_file(str(p), server.bucket, f"synthetic/{p.relative_to(folder)}"),
+                          files))
+        return measure(f"folder:s3://{server.bucket}/synthetic", args.synthetic_size, args, work)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cifar", type=Path, default=os.environ.get("TRAINFLOW_CIFAR10_DIR"))
@@ -139,6 +164,7 @@ def main() -> None:
     ap.add_argument("--synthetic-size", type=int, default=224)
     ap.add_argument("--via", choices=("cli", "functions"), default="cli")
     ap.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose code prepares")
+    ap.add_argument("--s3", action="store_true", help="prepare the synthetic JPEGs from a local S3 server")
     args = ap.parse_args()
     args.checkout = args.checkout.resolve()
     rows = []
@@ -150,7 +176,10 @@ def main() -> None:
                 print(json.dumps(rows[-1]), file=sys.stderr)
         if args.synthetic:
             folder = synthetic_jpegs(work / "synthetic", args.synthetic)
-            rows.append(measure(f"folder:{folder}", args.synthetic_size, args, work))
+            if args.s3:
+                rows.append(measure_on_s3(folder, args, work))
+            else:
+                rows.append(measure(f"folder:{folder}", args.synthetic_size, args, work))
     print(json.dumps({"checkout": str(args.checkout), "via": args.via, "cpus": os.cpu_count(), "cases": rows},
                      indent=2))
 

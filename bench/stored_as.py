@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -32,20 +30,9 @@ from tasks.ingest import ingest  # noqa: E402
 from tasks.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from tasks.store import open_store  # noqa: E402
 
+from data_scale import synthetic_jpegs  # noqa: E402  (bench/, this script's folder)
+
 BATCH = 256
-
-
-def synthetic_jpegs(root: Path, images: int, side: int = 256) -> Path:
-    """``images`` smooth random JPEGs of side x side in 10 class folders (quality 90): photo-like sizes."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(images):
-        folder = root / f"class_{i % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 256, (side // 16, side // 16, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC).save(folder / f"{i}.jpg", quality=90)
-    return root
 
 
 def one_epoch(directory: Path) -> dict:
