@@ -14,6 +14,7 @@ no data to fetch; every parameter can be changed per run in the UI's form.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime, timedelta, timezone
 
 from cluster.errors import UserError
@@ -87,13 +88,41 @@ async def _run_until_stopped(runner, names: list[str]) -> None:
     """The runner's loop; says the deployments are served once the runner has started, not before.
 
     ``prefect.serve`` prints that as the runner begins to start, and a Ctrl-C in the moments after,
-    while the runner connects, is lost (the run goes on; only a second one stops it).
+    while the runner connects, is lost (the run goes on; only a second one stops it). On Ctrl-C
+    (asyncio cancels this task) the runner stops as Prefect stops it, pausing the schedules; a
+    watchdog ends the process if that takes more than :data:`STOP_GRACE_S` (a busy server).
     """
     import asyncio
+    import contextlib
 
     loop = asyncio.create_task(runner.start())
     while not runner.started and not loop.done():
         await asyncio.sleep(0.05)
     if runner.started:
         print("Your deployments are being served and polling for scheduled runs:", *names, sep="\n  ", flush=True)
-    await loop
+    try:
+        await asyncio.shield(loop)  # a Ctrl-C reaches this task at once, not once the runner has stopped
+    except asyncio.CancelledError:
+        print("trainflow: stopping: pausing the deployments' schedules", flush=True)
+        _exit_after(STOP_GRACE_S)
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        raise
+
+
+STOP_GRACE_S = 20.0
+
+
+def _exit_after(seconds: float) -> None:
+    """End this process in ``seconds`` unless it has ended by then (a daemon timer dies with it)."""
+    import threading
+
+    def end() -> None:
+        print(f"trainflow: the runner did not stop within {seconds:.0f} s; exiting without it (its schedules may "
+              "still be active: pause them in the UI)", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()

@@ -116,6 +116,12 @@ def _tail(path: Path, chars: int = 6000) -> str:
         return ""
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C does what it does in a terminal, even when this runner was started with SIGINT ignored (a
+    background job of a non-interactive shell, e.g. `nohup make test &`): the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_block(index: int, block: dict, state: Path, workdir: Path) -> dict:
     """Run one block; returns its id, status (ok, failed, timeout, no-ready-text, no-stop, traceback), seconds,
     exit code and the end of its output."""
@@ -125,7 +131,8 @@ def run_block(index: int, block: dict, state: Path, workdir: Path) -> dict:
     started = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(["bash", "-euo", "pipefail", str(script)], cwd=workdir, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_as_in_a_terminal)
     status, stop_on, interrupted_at = "ok", block.get("stop_on"), None
     deadline = started + block["timeout"]
     while proc.poll() is None:

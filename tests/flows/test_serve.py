@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -194,3 +195,30 @@ def test_custom_run_from_the_browser_completes_with_artifacts(prefect_server, se
     assert next(a for a in artifacts if a["type"] == "progress")["data"] == 100.0
     assert any(a["type"] == "table" for a in artifacts)
     assert any(a["type"] == "markdown" and "data:image/png;base64," in a["data"] for a in artifacts)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_serve_even_when_the_runner_cannot_stop(prefect_server, tmp_path):
+    """A runner whose shutdown hangs (here: pausing the schedules never returns, as on a server that stopped
+    answering) is ended by the watchdog STOP_GRACE_S after the Ctrl-C, with a line that says so."""
+    code = ("import asyncio, flows.deployments as d; from prefect.runner import Runner\n"
+            "async def stuck(self): await asyncio.sleep(3600)\n"
+            "Runner._pause_schedules = stuck; d.STOP_GRACE_S = 2.0; d.serve_all()")
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=open(log, "w"),
+                               stderr=subprocess.STDOUT, env={**os.environ, "PREFECT_API_URL": prefect_server},
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while "Your deployments are being served" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130, log.read_text()[-3000:]
+        assert time.monotonic() - interrupted < 15
+        output = log.read_text()
+        assert "trainflow: stopping: pausing the deployments' schedules" in output
+        assert "did not stop within 2 s; exiting without it" in output
+    finally:
+        stop(process)
