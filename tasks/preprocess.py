@@ -102,7 +102,8 @@ def subsample(items: list[Item], limit: int | None, seed: int) -> list[Item]:
 
 
 def plan_splits(raw: RawData, cfg: PreprocessConfig) -> dict[str, list[Item]]:
-    """Decide which file goes to which split, before decoding anything."""
+    """Decide which file goes to which split, and in what order, before decoding anything: val and test in
+    file order, train shuffled (seeded)."""
     items: dict[str, list[Item]] = {}
     for split, directory in raw.splits.items():
         by_class, _ = scan_split(directory)
@@ -114,6 +115,9 @@ def plan_splits(raw: RawData, cfg: PreprocessConfig) -> dict[str, list[Item]]:
     train = subsample(items["train"], cfg.limit_train, cfg.seed)
     test = subsample(items["test"], cfg.limit_test, cfg.seed)
     train, val = stratified_split(train, cfg.val_fraction, cfg.seed + 1)
+    # in a seeded random order, so that each training shard (and each rank's run of shards, when streamed) is a
+    # sample of every class, not a run of one: the splits' files come sorted, class by class
+    random.Random(cfg.seed + 2).shuffle(train)
     return {"train": train, "val": val, "test": test}
 
 

@@ -445,3 +445,18 @@ def test_encoded_training_shards_keep_the_files_and_decode_to_seeded_crops(tmp_p
 def test_encoded_options_are_checked(kwargs: dict, field: str):
     with pytest.raises(UserError, match=field):
         PreprocessConfig(image_size=16, **kwargs)
+
+
+def test_each_training_shard_is_a_sample_of_every_class(tmp_path: Path, monkeypatch):
+    """The files come class by class; the training shards must not (a rank streaming its run of shards would
+    see a few classes only), while val and test keep the files' order."""
+    from cluster.data import split_shards
+
+    raw = ingest(f"folder:{write_class_folders(tmp_path / 'ds', classes=3, per_class=50, size=8)}", tmp_path / "c")
+    monkeypatch.setattr(cluster.data, "SHARD_BYTES", 8 * 8 * 3 * 30)  # 30 images a shard
+    prepared = preprocess(raw, PreprocessConfig(image_size=8), str(tmp_path / "store"))
+    directory = _prepared_dir(FileStore(tmp_path / "store"), prepared.uri)
+    labels = [np.asarray(y) for _, y in split_shards(directory, "train")]
+    assert len(labels) >= 3 and all(set(y) == {0, 1, 2} for y in labels)
+    test_labels = np.concatenate([np.asarray(y) for _, y in split_shards(directory, "test")])
+    assert np.array_equal(test_labels, np.sort(test_labels))
