@@ -12,6 +12,7 @@ in place from S3 by its listing), and the Prefect task with its cache key.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -148,10 +149,16 @@ def cache_generation(cache: Path) -> str:
     return marker.read_text()
 
 
+# The shape of the cached result: a result stored by a version whose RawData had other fields must not be
+# handed to this one (the task's source alone does not change when only RawData does).
+_RESULT_SHAPE = hashlib.sha256(json.dumps(RawData.model_json_schema(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def ingest_cache_key(_, inputs: dict) -> str:
-    """The source's stamp plus which local cache holds its copy: a wiped cache means ingesting again."""
+    """The source's stamp, which local cache holds its copy (a wiped cache means ingesting again) and the
+    result's shape."""
     cache = cache_root(inputs.get("cache_dir")).resolve()
-    return f"{source_stamp(inputs['source'])}|{cache}|{cache_generation(cache)}"
+    return f"{source_stamp(inputs['source'])}|{cache}|{cache_generation(cache)}|{_RESULT_SHAPE}"
 
 
 @task(
