@@ -28,10 +28,12 @@ def subset_runs(cifar_dir, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     store = tmp_path_factory.mktemp("cifar") / "store"
     # lr 0.01: the article's 0.001 needs more than two epochs to leave chance level on 5 000 images
     args = ["run", "--dataset", f"folder:{cifar_dir}", "--limit-train", "5000", "--limit-test", "1000", "--epochs",
-            "2", "--lr", "0.01", "--workers", "2", "--store", str(store), "--json"]
+            "2", "--lr", "0.01", "--store", str(store), "--json"]
     summaries = {}
-    for framework in ("torch", "tensorflow"):  # the second run finds the prepared data in the store
-        out = trainflow(*args, "--framework", framework, timeout=1200)
+    # the second run finds the prepared data in the store; TensorFlow in one worker (its two-worker training on
+    # CPU is the slow path issue 32 is about, and it is covered on digits by the fault-tolerance and launch tests)
+    for framework, workers in (("torch", "2"), ("tensorflow", "1")):
+        out = trainflow(*args, "--framework", framework, "--workers", workers, timeout=1200)
         assert out.returncode == 0, out.stderr[-4000:]
         summaries[framework] = json.loads(out.stdout[out.stdout.index("{"):])
     return store, summaries
