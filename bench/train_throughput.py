@@ -39,6 +39,10 @@ Prints one JSON object; ratios are throughput ratios (higher is better):
     ray_overhead          Ray Train, 1 worker with every core / the loop without Ray, same, full split
     ddp_efficiency_without_ray  torchrun, 2 ranks sharing the cores / the loop in one process, same, full split
     ddp_vs_one_ray_worker Ray Train, 2 workers / 1 worker: what splitting the group costs within Ray
+    tensorflow_ddp_efficiency   TensorFlow: Ray Train, 2 workers sharing the cores / the TF loop in one process
+                                using every core, fp32, full training split
+    tensorflow_ray_vs_processes TensorFlow: Ray Train's 2 workers / the same 2 workers as plain processes
+                                (``TF_CONFIG`` on 127.0.0.1), full training split
 """
 
 from __future__ import annotations
@@ -78,6 +82,13 @@ TORCHRUN = "torchrun_2_ranks"
 RANKS = {TORCHRUN: RAY_STAGES["ray_train_2_workers"]}  # processes per measurement, where more than one
 AUTO_MODE = {"fp32": "trainflow_fp32", "bf16 + channels_last": "trainflow_bf16_channels_last"}
 
+# TensorFlow's data parallelism, the same way: one process with every core; Ray Train's two workers; the same two
+# workers as plain processes that find each other through TF_CONFIG
+TF_ONE_PROCESS = "tensorflow_one_process_full_split"
+TF_RAY = "tensorflow_ray_train_2_workers"
+TF_PROCESSES = "tensorflow_2_processes"
+RANKS[TF_PROCESSES] = 2
+
 
 def auto_precision() -> str:
     """What ``precision: auto`` trains in on this machine's CPU (the Ray stages' precision)."""
@@ -95,6 +106,31 @@ def run(cmd: list[str], threads: dict[str, str]) -> dict:
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def run_group(cmd: list[str], ranks: int, threads: dict[str, str]) -> dict:
+    """Run ``ranks`` copies of a TensorFlow loop command as one tf.distribute group on 127.0.0.1; rank 0's result."""
+    import socket
+
+    ports = []
+    for _ in range(ranks):  # held open together, so that the ports differ
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        ports.append(probe)
+    workers = [f"127.0.0.1:{probe.getsockname()[1]}" for probe in ports]
+    for probe in ports:
+        probe.close()
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", **threads}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={
+        **env, "RANK": str(rank), "WORLD_SIZE": str(ranks),
+        "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}})})
+        for rank in range(ranks)]
+    outputs = [proc.communicate(timeout=1800) for proc in procs]
+    lines = [line for line in outputs[0][0].splitlines() if line.startswith("{")]
+    if any(proc.returncode for proc in procs) or not lines:
+        raise SystemExit(f"benchmark step failed: {' '.join(cmd)} x {ranks}\n"
+                         + "\n".join(f"{out[0][-2000:]}\n{out[1][-3000:]}" for out in outputs))
     return json.loads(lines[-1])
 
 
@@ -118,7 +154,7 @@ def prepare(cifar: Path, work: Path) -> tuple[Path, dict[int | None, tuple[Prepa
     return layout, prepared
 
 
-def ray_train_stage(prepared: PreparedData, store: str, workers: int, run: str) -> dict:
+def ray_train_stage(prepared: PreparedData, store: str, workers: int, run: str, framework: str) -> dict:
     """One epoch of the train stage on a local Ray (started here), ``workers`` workers sharing every core."""
     from tasks.train import Resources, TrainLoopConfig, train
 
@@ -127,7 +163,8 @@ def ray_train_stage(prepared: PreparedData, store: str, workers: int, run: str) 
         raise SystemExit(f"--ray-stage {workers}: {cpus} cores do not split evenly over {workers} workers")
     epochs: list[dict] = []
     resources = Resources(num_workers=workers, cpus_per_worker=cpus // workers)
-    train(prepared, TrainLoopConfig(data_dir="", epochs=1), resources, store, on_report=epochs.append, retrain=run)
+    train(prepared, TrainLoopConfig(data_dir="", epochs=1, framework=framework), resources, store,
+          on_report=epochs.append, retrain=run)
     return epochs[-1]
 
 
@@ -141,10 +178,12 @@ def main() -> None:
     ap.add_argument("--ray-stage", type=int, metavar="WORKERS", help=argparse.SUPPRESS)  # one measurement: see below
     ap.add_argument("--prepared", help=argparse.SUPPRESS)
     ap.add_argument("--run", help=argparse.SUPPRESS)
+    ap.add_argument("--framework", default="torch", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ray_stage:  # a measurement of its own, in a fresh process like the others
         prepared = PreparedData.model_validate_json(args.prepared)
-        print(json.dumps(ray_train_stage(prepared, str(args.work / "store"), args.ray_stage, args.run)))
+        print(json.dumps(ray_train_stage(prepared, str(args.work / "store"), args.ray_stage, args.run,
+                                         args.framework)))
         return
     auto = auto_precision()
 
@@ -162,25 +201,30 @@ def main() -> None:
             **{name: [sys.executable, "-m", "cluster.pytorch.loop", "--data", str(data), "--epochs", "1", *extra]
                for name, extra in MODES.items()},
         }
-        if importlib.util.find_spec("tensorflow") is not None:
-            commands[TENSORFLOW] = [sys.executable, "-m", "cluster.tf.loop", "--data", str(data), "--epochs", "1"]
         loop_full = ["-m", "cluster.pytorch.loop", "--data", str(full), "--epochs", "1", *MODES[AUTO_MODE[auto]]]
         commands[ONE_PROCESS] = [sys.executable, *loop_full]
         commands.update({name: [*ray_stage, "--ray-stage", str(n)] for name, n in RAY_STAGES.items()})
         commands[TORCHRUN] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                               str(RANKS[TORCHRUN]), *loop_full]
+        if importlib.util.find_spec("tensorflow") is not None:
+            commands[TENSORFLOW] = [sys.executable, "-m", "cluster.tf.loop", "--data", str(data), "--epochs", "1"]
+            tf_full = [sys.executable, "-m", "cluster.tf.loop", "--data", str(full), "--epochs", "1"]
+            commands[TF_ONE_PROCESS] = commands[TF_PROCESSES] = tf_full
+            commands[TF_RAY] = [*ray_stage, "--ray-stage", "2", "--framework", "tensorflow"]
+        loops = (*MODES, TENSORFLOW, ONE_PROCESS, TORCHRUN, TF_ONE_PROCESS, TF_PROCESSES)
         runs: dict[str, list[float]] = {name: [] for name in commands}
         for repeat in range(args.repeats):
             for name, cmd in commands.items():
-                if name in (*MODES, TENSORFLOW, ONE_PROCESS, TORCHRUN):
-                    # a fresh checkpoint folder, or the loop would resume past its epoch
+                if name in loops:  # a fresh checkpoint folder, or the loop would resume past its epoch
                     cmd = [*cmd, "--checkpoints", str(work / f"ckpt-{name}-{repeat}")]
-                if name in RAY_STAGES:  # a fresh training run, or the stage would reuse the finished one
+                if name in (*RAY_STAGES, TF_RAY):  # a fresh training run, or the stage would reuse the finished one
                     cmd = [*cmd, "--run", f"bench-{name}-{repeat}"]
                 # the cores split over the processes, as Ray gives each worker its own (never set for a Ray
                 # stage: its workers would inherit it and oversubscribe the cores)
-                threads = {} if name in RAY_STAGES else {"OMP_NUM_THREADS": str(THREADS // RANKS.get(name, 1))}
-                runs[name].append(run(cmd, threads)["train_images_per_s"])
+                threads = {} if name in (*RAY_STAGES, TF_RAY) else {
+                    "OMP_NUM_THREADS": str(THREADS // RANKS.get(name, 1))}
+                result = run_group(cmd, RANKS[name], threads) if name == TF_PROCESSES else run(cmd, threads)
+                runs[name].append(result["train_images_per_s"])
 
     best = {name: max(values) for name, values in runs.items()}
     fastest = max(MODES, key=best.__getitem__)
@@ -198,6 +242,8 @@ def main() -> None:
         "ray_overhead": round(best["ray_train_1_worker"] / best[ONE_PROCESS], 3),
         "ddp_efficiency_without_ray": round(best[TORCHRUN] / best[ONE_PROCESS], 3),
         "ddp_vs_one_ray_worker": round(best["ray_train_2_workers"] / best["ray_train_1_worker"], 3),
+        "tensorflow_ddp_efficiency": (round(best[TF_RAY] / best[TF_ONE_PROCESS], 3) if TF_RAY in best else None),
+        "tensorflow_ray_vs_processes": (round(best[TF_RAY] / best[TF_PROCESSES], 3) if TF_RAY in best else None),
         "torch_threads": THREADS,
     }, indent=2))
 

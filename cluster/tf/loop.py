@@ -3,10 +3,11 @@
 A hand-written loop under ``tf.distribute.MultiWorkerMirroredStrategy``:
 Keras 3's ``model.fit`` fails under that strategy with more than one worker
 (keras-team/keras#20585, ray-project/ray#47464). The strategy is created
-before any other TensorFlow work; each worker reads its own shard through
-``distribute_datasets_from_function``; model and optimizer are built in the
-strategy's scope; one ``tf.function`` step calls ``strategy.run`` and scales
-the loss by the global batch. Ray (``cluster.execution.worker_entry``) supplies rank, world
+before any other TensorFlow work, with one replica per worker (one device:
+the first GPU it sees, or the CPU); each worker reads its own part of the
+epoch as a plain ``tf.data`` pipeline and hands each batch to its replica;
+model and optimizer are built in the strategy's scope; one ``tf.function``
+step calls ``strategy.run`` and scales the loss by the global batch. Ray (``cluster.execution.worker_entry``) supplies rank, world
 size, reporting, checkpoints and ``TF_CONFIG``; without Ray::
 
     python -m cluster.tf.loop --data DIR --epochs 2    # one process, one worker
@@ -51,10 +52,13 @@ def _start(ctx: WorkerContext) -> tf.distribute.Strategy:
     tf.config.threading.set_inter_op_parallelism_threads(max(2, min(4, threads)))
     # one all-reduce per step for all gradients (packed), not one per variable: each costs a round trip
     options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=64 << 20)
+    # one device per worker (Ray gives each worker one GPU; a plain process on a machine with several takes the
+    # first), so that a worker's batch is its replica's batch, with no distributed input pipeline in between
+    gpus = tf.config.list_physical_devices("GPU")
+    tf.config.set_visible_devices(gpus[:1], "GPU")
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)  # no TF_CONFIG: alone
-    gpus = tf.config.list_logical_devices("GPU")
-    ctx.device = gpus[0].name if gpus else "cpu"
-    if strategy.num_replicas_in_sync != ctx.world_size * max(1, len(gpus)):
+    ctx.device = tf.config.list_logical_devices("GPU")[0].name if gpus else "cpu"
+    if strategy.num_replicas_in_sync != ctx.world_size:
         raise RuntimeError(f"TF_CONFIG names {strategy.num_replicas_in_sync} replicas, "
                            f"but the worker group has {ctx.world_size} workers")
     return strategy
@@ -177,30 +181,42 @@ class _Steps:
         return [json.loads(bytes(row).rstrip(b"\0")) for row in summed]
 
 
-def _in_memory(x: np.ndarray, y: np.ndarray, batch: int, context: tf.distribute.InputContext) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).prefetch(2)
+def _without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """A fixed prefetch of two batches, without tf.data's autotuning.
+
+    An autotuned pipeline's optimiser thread wakes at doubling intervals from 10 ms (0.01, 0.03, ..., 2.55, 5.11,
+    10.23 s after its iterator starts), and releasing an epoch's iterator waited for the next wake-up: epochs that
+    computed for 2.3 s lasted 5.15 s. ``distribute_datasets_from_function`` adds a per-device prefetch of its own
+    that no option reaches, which is why the loop feeds its replica from this pipeline directly.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.prefetch(2).with_options(options)
 
 
-def _streamed(pieces, open_shard, batch: int, seed: int, epoch: int, rank: int, manifest,
-              context: tf.distribute.InputContext) -> tf.data.Dataset:
+def _in_memory(x: np.ndarray, y: np.ndarray, batch: int) -> tf.data.Dataset:
+    return _without_autotune(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch))
+
+
+def _streamed(pieces, open_shard, batch: int, seed: int, epoch: int, rank: int, manifest) -> tf.data.Dataset:
     """This rank's batches of the epoch read from the shards as they are used (``cluster.worker.stream``)."""
     size, channels = manifest.image_size, manifest.channels
     read = partial(read_piece, open_shard, views=Views(size, channels, seed, epoch))
     signature = (tf.TensorSpec((None, size, size, channels), tf.uint8), tf.TensorSpec((None,), tf.int64))
-    return tf.data.Dataset.from_generator(
+    return _without_autotune(tf.data.Dataset.from_generator(
         lambda: ((x, y) for x, y, _ in stream_batches(pieces, read, batch, seed, epoch, rank)),
-        output_signature=signature).prefetch(2)
+        output_signature=signature))
 
 
 def run_epoch(steps: _Steps, batches, per_rank: int, val: tuple[np.ndarray, np.ndarray], local_batch: int,
               epoch: int, ctx: WorkerContext) -> dict:
-    """One pass over this rank's ``per_rank`` images, batched by ``batches`` (a dataset function: the data is this
-    worker's already, rank = TF task index, so TensorFlow shards nothing), then validation; metrics are summed
-    over all ranks."""
+    """One pass over this rank's ``per_rank`` images, batched by ``batches`` (a function returning this worker's
+    dataset: rank = TF task index, so TensorFlow shards nothing), then validation; metrics are summed over all
+    ranks."""
     t0 = time.perf_counter()
     loss_sum = tf.zeros((), tf.float32)
     total = per_rank * ctx.world_size
-    for i, batch in enumerate(steps.strategy.distribute_datasets_from_function(batches)):
+    for i, batch in enumerate(batches()):
         loss_sum += steps.train(batch)
         ctx.progress(epoch, min((i + 1) * local_batch, per_rank) * ctx.world_size, total,
                      time.perf_counter() - t0)
