@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 from cluster.errors import UserError
 from cluster.frameworks import get_framework
+from cluster.models import check_model
 from cluster.precision import PRECISIONS
 from cluster.recipes import get_recipe
 
@@ -22,6 +23,7 @@ class TrainLoopConfig:
     data_dir: str
     framework: str = "torch"
     recipe: str = "article"  # a key of cluster.recipes.RECIPES: the network, optimizer, schedule, loss, augmentation
+    model: str = ""  # a network of cluster.models instead of the recipe's own; empty: the recipe's
     epochs: int = 10
     batch_size: int = 64  # global: split evenly across workers
     lr: float = 0.001
@@ -34,7 +36,11 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         framework = get_framework(self.framework)
-        get_recipe(self.recipe).check(self.framework)
+        recipe = get_recipe(self.recipe)
+        recipe.check(self.framework)
+        if self.model:
+            recipe.check_model(self.model)
+        check_model(self.network, self.framework)
         if self.epochs < 1:
             raise UserError(f"epochs={self.epochs} must be at least 1.")
         if not 1 <= self.batch_size <= 65536:
@@ -53,9 +59,9 @@ class TrainLoopConfig:
                             "choose a framework that has it.")
 
     @property
-    def model(self) -> str:
-        """The network the recipe trains."""
-        return get_recipe(self.recipe).model
+    def network(self) -> str:
+        """The network this run trains: ``model``, or the recipe's own."""
+        return self.model or get_recipe(self.recipe).model
 
     def to_dict(self) -> dict:
         return asdict(self)

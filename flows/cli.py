@@ -43,6 +43,7 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "momentum": ("train", "momentum", float),
     "framework": ("train", "framework", str),
     "recipe": ("train", "recipe", str),
+    "model": ("train", "model", str),
     "precision": ("train", "precision", str),
     "seed": ("train", "seed", int),
     "in_memory_mb": ("train", "in_memory_mb", int),
@@ -68,7 +69,7 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="trainflow", description="Train image classifiers as a Prefect + Ray pipeline.")
+    ap = _Parser(prog="trainflow", description="Train image classifiers as a Prefect + Ray pipeline.")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_run_options(sub.add_parser("run", help="run the whole pipeline once, here"))
     _add_run_options(sub.add_parser("prepare", help="ingest and preprocess only: prepared data in the store, which "
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options only as spelled (its subcommands' parsers are of this class too): with argparse's prefix matching,
+    ``--model`` was taken for ``--model-name``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 PREPARE_OPTIONS = frozenset(["dataset", "tfds_data_dir", "image_size", "limit_train", "limit_test", "stored_as",
                              "max_side", "ray_address",
                              "store", "skip_bad_images", "tfds_download", "shared_folder_store"])
@@ -121,6 +130,8 @@ def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None =
 
     helps = {"dataset": forms(), "tfds_data_dir": "where prepared TFDS datasets are (default $TFDS_DATA_DIR)",
              "recipe": f"how the model learns: {' | '.join(RECIPES)} (default article)",
+             "model": "the network, instead of the recipe's own: torchvision:<name>, keras:<name> or "
+                      "package.module:function",
              "stored_as": "the training images as pixels (default) or encoded: the files, decoded with a "
                           "random-resized crop per image and epoch",
              "max_side": "encoded: shrink larger images to this longest side (default twice --image-size)"}
@@ -282,7 +293,7 @@ def _submit(args: argparse.Namespace, run_args: list[str]) -> int:
     from cluster.execution.jobs import submit_run
     from flows.params import build_params
 
-    run_parser = _add_run_options(argparse.ArgumentParser(prog="trainflow submit"))
+    run_parser = _add_run_options(_Parser(prog="trainflow submit"))
     build_params((options := run_parser.parse_args(run_args)).preset, overrides_from(options))
     env_vars = {name: os.environ[name] for name in ("PREFECT_API_URL",) if os.environ.get(name)}
     return submit_run(args.address, run_args, env_vars=env_vars, follow=not args.no_wait)

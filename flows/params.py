@@ -113,6 +113,10 @@ class TrainParams(_Section):
         "torch", title="Framework", description="; ".join(f"{f.name}: {f.summary}" for f in FRAMEWORKS.values()))
     recipe: Literal[tuple(RECIPES)] = Field(  # type: ignore[valid-type]  # choices from the registry
         "article", title="Recipe", description="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+    model: str = Field("", max_length=200, title="Model",
+                       description="Empty: the recipe's own network. torchvision:<name> (any of torchvision's "
+                                   "classification models; torch), keras:<name> (a keras.applications model with a "
+                                   "new head; TensorFlow), or your builder as package.module:function")
     epochs: int = Field(10, ge=1, le=1000, title="Epochs")
     batch_size: int = Field(64, ge=1, le=65536, title="Global batch size", description="Split evenly over workers")
     lr: float = Field(0.001, gt=0.0, le=10.0, title="Learning rate",
@@ -133,7 +137,8 @@ class TrainParams(_Section):
                                     "one resumes. On: train again from epoch 0 under a new run")
 
     def to_config(self) -> TrainLoopConfig:
-        return TrainLoopConfig(data_dir="", framework=self.framework, recipe=self.recipe, epochs=self.epochs,
+        return TrainLoopConfig(data_dir="", framework=self.framework, recipe=self.recipe, model=self.model,
+                               epochs=self.epochs,
                                batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed,
                                precision=self.precision, channels_last=self.channels_last,
                                in_memory_mb=self.in_memory_mb)

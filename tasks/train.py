@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -44,8 +45,11 @@ NOT_IDENTITY = frozenset({"data_dir", "use_gpu"})
 def run_identity(prepared: PreparedData, cfg: TrainLoopConfig) -> str:
     """A name for this training run that is the same whenever its result would be."""
     identity = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IDENTITY}
+    if not cfg.model:  # the recipe's own network: the identity a run had before models could be named
+        del identity["model"]
     blob = json.dumps({"data": prepared.fingerprint, **identity}, sort_keys=True)
-    return f"{cfg.model}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    # the name is a folder of the run's storage and a Ray Train run name: "torchvision:resnet18" → torchvision-resnet18
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', cfg.network)}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 def check_trainable(train_images: int, cfg: TrainLoopConfig, resources: Resources) -> None:
@@ -144,7 +148,7 @@ def format_epoch(m: dict, epochs: int) -> str:
             f"({m['epoch_seconds']:.1f}s, {m['train_images_per_s']:.0f} img/s)")
 
 
-@task(name="train", task_run_name="train {cfg.model} ({cfg.framework}) x{resources.num_workers} workers, "
+@task(name="train", task_run_name="train {cfg.network} ({cfg.framework}) x{resources.num_workers} workers, "
                                   "{cfg.epochs} epochs",
       retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store: str,
@@ -162,7 +166,7 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
     emit("training_started", epochs=cfg.epochs, workers=resources.num_workers, batch_size=cfg.batch_size)
     progress = None
     if in_prefect_run():
-        progress = create_progress_artifact(0.0, description=f"Training {cfg.model}: share of {cfg.epochs} epochs done")
+        progress = create_progress_artifact(0.0, description=f"Training {cfg.network}: share of {cfg.epochs} epochs done")
 
     def on_report(metrics: dict) -> None:
         log.info(format_epoch(metrics, cfg.epochs))

@@ -78,7 +78,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     recipe = get_recipe(cfg.recipe)
     parts: tb.TorchParts = load(recipe.parts["torch"])(cfg)
     manifest = read_manifest(data_dir)
-    spec = ModelSpec.from_manifest(recipe.model, manifest, eval_views=parts.eval_views)
+    spec = ModelSpec.from_manifest(cfg.network, manifest, eval_views=parts.eval_views)
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
     train = TrainSplit(data_dir, manifest, cfg, ctx)
     x_val, y_val = map(to_device, load_split(data_dir, "val", mmap=True))
@@ -119,7 +119,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     local_batch = cfg.local_batch_size(ctx.world_size)
     if ctx.rank == 0:
-        print(f"recipe {recipe.name} ({recipe.model}); global batch {cfg.batch_size} = {ctx.world_size} workers x "
+        print(f"recipe {recipe.name} ({cfg.network}); global batch {cfg.batch_size} = {ctx.world_size} workers x "
               f"{local_batch} per worker" + (f" (gradients averaged through {all_reduce})" if all_reduce else "")
               + f"; {train.count} training images{' streamed from their shards' if train.streamed else ''}; "
               + describe(precision), flush=True)
@@ -267,10 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--recipe", choices=RECIPES, default="article")
+    ap.add_argument("--model", default="", help="a network of cluster.models instead of the recipe's own")
     ap.add_argument("--momentum", type=float, default=0.9)
     args = ap.parse_args(argv)
-    cfg = TrainLoopConfig(data_dir=args.data, recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, momentum=args.momentum, seed=args.seed, precision=args.precision,
+    cfg = TrainLoopConfig(data_dir=args.data, recipe=args.recipe, model=args.model, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, seed=args.seed, precision=args.precision,
                           channels_last=args.channels_last, use_gpu=torch.cuda.is_available(),
                           in_memory_mb=args.in_memory_mb)
     ctx = LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-")))

@@ -18,8 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster import precision as prec
-from cluster.frameworks import load
-from cluster.recipes import MODELS
+from cluster import models
 from cluster.recipes.schedules import constant
 from cluster.worker.checkpoint import ModelSpec, STATE_FILE, read_state, write_state
 
@@ -94,10 +93,8 @@ class SeedCNN(nn.Module):
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """The network ``spec`` names (``cluster.recipes.MODELS``), freshly initialised."""
-    if "torch" not in MODELS.get(spec.name, {}):
-        raise ValueError(f"unknown model {spec.name!r}")
-    return load(MODELS[spec.name]["torch"])(spec)
+    """The network ``spec`` names (``cluster.models``), freshly initialised."""
+    return models.build(spec, "torch")
 
 
 class Normalizer:

@@ -32,7 +32,8 @@ class Recipe:
 
     name: str
     summary: str  # one line for the form and the CLI's help
-    model: str  # a key of MODELS
+    model: str  # a key of MODELS: the network it trains unless the run names another
+    any_model: bool = True  # False: its parts are written for its own network (initialisation, layer groups)
     # framework name → "module:function" (cfg: TrainLoopConfig) -> that framework's parts (optimizer, loss, …)
     parts: dict[str, str] = field(default_factory=dict)
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always writes one
@@ -47,13 +48,19 @@ class Recipe:
             raise UserError(f"recipe={self.name!r} needs images of at least {self.min_image_size} pixels a side; "
                             f"set image_size to {self.min_image_size} or more.")
 
+    def check_model(self, model: str) -> None:
+        """Raises UserError when this recipe cannot train the network ``model`` (a name of cluster.models)."""
+        if model != self.model and not self.any_model:
+            raise UserError(f"recipe={self.name!r} trains its own network ({self.model}) only; leave model empty, "
+                            "or choose a recipe that takes any model, such as 'article'.")
+
     def checkpoints_after(self, epoch: int, last_epoch: int) -> bool:
         """Whether training writes (and reports) a checkpoint after ``epoch``."""
         return epoch == last_epoch or epoch % self.checkpoint_every == 0
 
 
 # fast_net's recipes: its three 2x2 pools need 16 pixels; a few-second epoch need not checkpoint every time
-_FAST_NET = {"model": "fast_net", "checkpoint_every": 2, "min_image_size": 16}
+_FAST_NET = {"model": "fast_net", "any_model": False, "checkpoint_every": 2, "min_image_size": 16}
 
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe for recipe in (

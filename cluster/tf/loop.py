@@ -32,7 +32,8 @@ from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_manifest
 from cluster.frameworks import load
 from cluster.precision import describe, resolve
-from cluster.recipes import MODELS, get_recipe
+from cluster import models
+from cluster.recipes import get_recipe
 from cluster.worker.checkpoint import ModelSpec, write_predictions
 from cluster.worker.context import LocalContext, WorkerContext, epoch_metrics
 from cluster.worker.shards import epoch_shard
@@ -71,7 +72,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     recipe = get_recipe(cfg.recipe)
     parts: tfb.TensorFlowParts = load(recipe.parts["tensorflow"])(cfg)
     manifest = read_manifest(data_dir)
-    spec = ModelSpec.from_manifest(recipe.model, manifest)
+    spec = ModelSpec.from_manifest(cfg.network, manifest)
     shards = manifest.split_shards("train")
     n_train = manifest.counts["train"]
     open_shard = lambda shard: ctx.open_shard(data_dir, shard, manifest.channels)  # noqa: E731
@@ -81,7 +82,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     x_val, y_val = (a[ctx.rank::ctx.world_size] for a in load_split(data_dir, "val", mmap=True))
     keras.utils.set_random_seed(cfg.seed)  # identical initial weights on every rank
     with strategy.scope():
-        model = load(MODELS[spec.name]["tensorflow"])(spec)
+        model = models.build(spec, "tensorflow")
         optimizer = parts.optimizer()
         optimizer.build(model.trainable_variables)
     start_epoch, history = 0, []
@@ -247,9 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, kind, default in (("epochs", int, 1), ("batch-size", int, 64), ("lr", float, 0.001), ("seed", int, 0),
                                 ("in-memory-mb", int, 2048)):
         ap.add_argument(f"--{name}", type=kind, default=default)
+    ap.add_argument("--model", default="", help="a network of cluster.models instead of the recipe's own")
     args = ap.parse_args(argv)
-    cfg = TrainLoopConfig(data_dir=args.data, framework="tensorflow", epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, seed=args.seed, in_memory_mb=args.in_memory_mb)
+    cfg = TrainLoopConfig(data_dir=args.data, framework="tensorflow", model=args.model, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, in_memory_mb=args.in_memory_mb)
     train_loop(cfg, LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-"))))
 
 

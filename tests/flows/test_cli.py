@@ -90,3 +90,30 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
         ["ingest", "preprocess", "train", "evaluate", "publish"], out.stderr[-4000:]
     assert not ray_noise(out.stdout + out.stderr), ray_noise(out.stdout + out.stderr)
     assert "| INFO " not in out.stderr, out.stderr[-4000:]  # nor Prefect's log lines (its UI and API have them)
+
+
+@pytest.mark.slow
+def test_run_trains_a_torchvision_network_by_name_on_grayscale_and_predict_rebuilds_it(tmp_path):
+    """``--model torchvision:resnet18`` through the whole flow on one-channel images (repeated to the three the
+    network takes); the run's name, the lineage and ``trainflow predict`` (which rebuilds the network from the
+    checkpoint's record) all name it. ``--model`` is no longer taken for ``--model-name``."""
+    from tests.conftest import write_class_folders
+
+    images = write_class_folders(tmp_path / "gray", classes=3, per_class=40, size=24, channels=1)
+    store = str(tmp_path / "store")
+    out = trainflow("run", "--dataset", f"folder:{images}", "--image-size", "16", "--model", "torchvision:resnet18",
+                    "--workers", "1", "--epochs", "3", "--lr", "0.01", "--batch-size", "16", "--store", store,
+                    "--model-name", "gray-resnet", "--json", env={"PREFECT_API_URL": None})
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["run_id"].startswith("torchvision-resnet18-") and summary["model_name"] == "gray-resnet"
+    losses = [float(m) for m in re.findall(r"^epoch \d+/3: train_loss ([\d.]+)", out.stderr, re.M)]
+    assert len(losses) == 3 and min(losses) < 0.9 * np.log(3), out.stderr[-3000:]  # below chance's loss
+    shown = trainflow("models", "show", "gray-resnet", "--store", store)
+    assert shown.returncode == 0 and '"model": "torchvision:resnet18"' in shown.stdout, shown.stdout[-3000:]
+    predicted = trainflow("predict", str(images / "class_1"), "--store", store, "--model", "gray-resnet", "--json")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = json.loads(predicted.stdout[predicted.stdout.index("{"):])["predictions"]
+    assert len(rows) == 40 and {row["class"] for row in rows} <= {"class_0", "class_1", "class_2"}
+    abbreviated = trainflow("run", "--model-nam", "x")
+    assert abbreviated.returncode == 2 and "unrecognized arguments: --model-nam" in abbreviated.stderr

@@ -1,0 +1,107 @@
+"""Networks by name (cluster.models): the built-ins, torchvision's, keras.applications' and a user's builder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.config import TrainLoopConfig
+from cluster.errors import UserError
+from cluster.models import builders, check_model
+from cluster.worker.context import LocalContext
+from tests.cluster.test_torch_loop import data_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_names_resolve_to_each_frameworks_builder():
+    assert set(builders("seed_cnn")) == {"torch", "tensorflow"}
+    assert set(builders("torchvision:resnet18")) == {"torch"}
+    assert set(builders("keras:MobileNetV2")) == {"tensorflow"}
+    assert set(builders("my_pkg.models:build")) == {"torch", "tensorflow"}
+    assert TrainLoopConfig(data_dir="", model="torchvision:resnet18").network == "torchvision:resnet18"
+    assert TrainLoopConfig(data_dir="").network == "seed_cnn"  # the recipe's own
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"model": "resnet18"}, r"model='resnet18' is unknown; choose one of seed_cnn, fast_net, torchvision:<name>"),
+    ({"model": "torchvision:resnet18", "framework": "tensorflow"},
+     r"model='torchvision:resnet18' is not implemented for framework='tensorflow'; choose 'torch'"),
+    ({"model": "keras:MobileNetV2"}, r"model='keras:MobileNetV2' is not implemented for framework='torch'"),
+    ({"model": "torchvision:resnet18", "recipe": "fast_cifar"},
+     r"recipe='fast_cifar' trains its own network \(fast_net\) only; leave model empty"),
+])
+def test_a_model_that_cannot_train_is_refused_before_anything_starts(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        TrainLoopConfig(data_dir="", **kwargs)
+
+
+def test_check_model_names_the_fix():
+    with pytest.raises(UserError, match="or a builder as 'package.module:function'"):
+        check_model("not a model", "torch")
+
+
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "tests.cluster.plugin_models:tiny_net"])
+def test_a_named_network_trains_in_the_loop_and_its_checkpoint_names_it(prepared, tmp_path, model):
+    import torch
+
+    from cluster.pytorch.loop import train_loop
+    from cluster.pytorch.model import build_model
+    from cluster.worker.checkpoint import read_state
+
+    ctx = LocalContext(tmp_path / "ckpt")
+    history = train_loop(TrainLoopConfig(data_dir=data_dir(prepared), model=model, epochs=3, lr=0.01,
+                                         batch_size=16), ctx)
+    assert history[-1]["train_loss"] < history[0]["train_loss"], history
+    final = sorted((tmp_path / "ckpt").glob("epoch_*"))[-1]
+    spec, epoch, _ = read_state(final)
+    assert (spec.name, epoch) == (model, 3)
+    rebuilt = build_model(spec)  # predict's way: from the checkpoint's own record
+    rebuilt.load_state_dict(torch.load(final / "model.pt", map_location="cpu", weights_only=True))
+
+
+def test_an_unknown_torchvision_name_says_where_the_names_are():
+    from cluster.pytorch.zoo import torchvision_model
+    from cluster.worker.checkpoint import ModelSpec
+
+    spec = ModelSpec(name="torchvision:resnet7", in_channels=1, num_classes=3, image_size=16, mean=(0.5,),
+                     std=(0.5,), classes=("a", "b", "c"))
+    with pytest.raises(UserError, match="choose one of torchvision.models.list_models"):
+        torchvision_model(spec)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
+def test_a_keras_application_trains_on_grayscale_and_loads_safely(tmp_path):
+    """keras:MobileNetV2 on one-channel images: the loop in a process of TensorFlow alone, then its checkpoint's
+    model.keras in a fresh one with safe_mode=True, predicting from raw pixels."""
+    from tasks.ingest import ingest
+    from tasks.preprocess import PreprocessConfig, preprocess
+    from tests.conftest import write_class_folders
+
+    write_class_folders(tmp_path / "images", classes=3, per_class=40, size=32, channels=1)
+    ref = preprocess(ingest(f"folder:{tmp_path / 'images'}", tmp_path / "cache"), PreprocessConfig(image_size=32),
+                     str(tmp_path / "store"))
+    assert ref.channels == 1
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+    out = subprocess.run([sys.executable, "-m", "cluster.tf.loop", "--data", data_dir((str(tmp_path / "store"), ref)),
+                          "--model", "keras:MobileNetV2", "--epochs", "2", "--lr", "0.01", "--batch-size", "16",
+                          "--checkpoints", str(tmp_path / "ckpt")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    history = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [m["epoch"] for m in history] == [1, 2]
+    final = tmp_path / "ckpt" / "epoch_0002"
+    assert json.loads((final / "state.json").read_text())["spec"]["name"] == "keras:MobileNetV2"
+    code = ("import sys, keras, numpy as np; m = keras.models.load_model(sys.argv[1], safe_mode=True); "
+            "print(m(np.zeros((2, 32, 32, 1), np.float32)).shape)")
+    loaded = subprocess.run([sys.executable, "-c", code, str(final / "model.keras")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.split()[-2:] == ["(2,", "3)"]
