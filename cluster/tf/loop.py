@@ -185,10 +185,10 @@ class _Steps:
 def _without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """A fixed prefetch of two batches, without tf.data's autotuning.
 
-    An autotuned pipeline's optimiser thread wakes at doubling intervals from 10 ms (0.01, 0.03, ..., 2.55, 5.11,
-    10.23 s after its iterator starts), and releasing an epoch's iterator waited for the next wake-up: epochs that
-    computed for 2.3 s lasted 5.15 s. ``distribute_datasets_from_function`` adds a per-device prefetch of its own
-    that no option reaches, which is why the loop feeds its replica from this pipeline directly.
+    An autotuned pipeline's optimiser thread wakes at doubling intervals, and releasing an epoch's iterator waited
+    for its next wake-up, so epochs lasted until one (docs/performance.md, TensorFlow).
+    ``distribute_datasets_from_function`` adds a per-device prefetch of its own that no option reaches, which is
+    why the loop feeds its replica from this pipeline directly.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
