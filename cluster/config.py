@@ -33,6 +33,10 @@ class TrainLoopConfig:
     channels_last: bool = False  # auto turns it on with bf16
     use_gpu: bool = False
     in_memory_mb: int = 2048  # a training split up to this many MB of pixels is held in memory; larger ones stream
+    # starting weights: on the driver, the user's reference (a file, s3:// URI or model:NAME[@VERSION]; resolved by
+    # tasks.weights, whose sha256 it records); on a worker, the node's verified local copy. Empty: from scratch
+    weights: str = ""
+    weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         framework = get_framework(self.framework)

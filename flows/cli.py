@@ -44,6 +44,7 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "framework": ("train", "framework", str),
     "recipe": ("train", "recipe", str),
     "model": ("train", "model", str),
+    "weights": ("train", "weights", str),
     "precision": ("train", "precision", str),
     "seed": ("train", "seed", int),
     "in_memory_mb": ("train", "in_memory_mb", int),
@@ -132,6 +133,8 @@ def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None =
              "recipe": f"how the model learns: {' | '.join(RECIPES)} (default article)",
              "model": "the network, instead of the recipe's own: torchvision:<name>, keras:<name> or "
                       "package.module:function",
+             "weights": "start from these weights: a .pt/.pth state dict or .keras file, an s3:// URI of one, or "
+                        "model:NAME[@VERSION] of the store's registry",
              "stored_as": "the training images as pixels (default) or encoded: the files, decoded with a "
                           "random-resized crop per image and epoch",
              "max_side": "encoded: shrink larger images to this longest side (default twice --image-size)"}

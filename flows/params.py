@@ -117,6 +117,11 @@ class TrainParams(_Section):
                        description="Empty: the recipe's own network. torchvision:<name> (any of torchvision's "
                                    "classification models; torch), keras:<name> (a keras.applications model with a "
                                    "new head; TensorFlow), or your builder as package.module:function")
+    weights: str = Field("", max_length=1000, title="Starting weights",
+                         description="Empty: from scratch. A state dict (.pt, .pth; torch) or .keras file (TensorFlow) "
+                                     "on this machine or at an s3:// URI, or model:NAME[@VERSION] of this store's "
+                                     "registry (default: its champion); the classification layer is replaced when "
+                                     "the class count differs")
     epochs: int = Field(10, ge=1, le=1000, title="Epochs")
     batch_size: int = Field(64, ge=1, le=65536, title="Global batch size", description="Split evenly over workers")
     lr: float = Field(0.001, gt=0.0, le=10.0, title="Learning rate",
@@ -138,6 +143,7 @@ class TrainParams(_Section):
 
     def to_config(self) -> TrainLoopConfig:
         return TrainLoopConfig(data_dir="", framework=self.framework, recipe=self.recipe, model=self.model,
+                               weights=self.weights,
                                epochs=self.epochs,
                                batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed,
                                precision=self.precision, channels_last=self.channels_last,
@@ -279,5 +285,10 @@ def preflight(params: PipelineParams) -> None:
     preflight_prepare(prepare_params(params))
     get_recipe(params.train.recipe).check(params.train.framework, params.data.image_size)
     params.train.to_config().local_batch_size(params.cluster.num_workers)
+    if params.train.weights:  # found, readable by the framework, and staged in the store before any work
+        from tasks.store import open_store
+        from tasks.weights import resolve_weights
+
+        resolve_weights(params.train.weights, open_store(params.publish.store), params.train.framework)
     if params.cluster.to_resources().ray_address is None:  # a local Ray runs this machine's packages; a
         get_framework(params.train.framework).check_installed()  # cluster's nodes are asked once Ray is up

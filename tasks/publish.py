@@ -101,6 +101,8 @@ def version_files(model: TrainedModel, evaluation: Evaluation, prepared: Prepare
         "checkpoint_uri": model.checkpoint_uri, "workers": [w.model_dump() for w in model.workers],
         "worker_group_restarts": [{"resumed_after_epoch": epoch} for epoch in model.restarts],
         "precision": model.precision.model_dump() if model.precision else None,  # auto as the workers resolved it
+        "starting_weights": ({"origin": model.weights_origin, "sha256": model.weights_sha256}
+                             if model.weights_sha256 else None),
         "parameters": params, "packages": package_versions(model.framework),
         "python": platform.python_version(), "git_commit": git_commit(),
     }

@@ -98,6 +98,8 @@ class TrainedModel(_Ref):
     restarts: tuple[int, ...] = ()  # each time Ray restarted the worker group in this run: the epoch it resumed after
     workers: tuple[WorkerPlacement, ...] = ()
     precision: TrainingPrecision | None = None  # None: a checkpoint written before precision was recorded
+    weights_origin: str | None = None  # the starting weights as given (a registry reference with its version)
+    weights_sha256: str | None = None  # and their bytes' hash; None: trained from scratch
 
     @property
     def node_count(self) -> int:

@@ -24,12 +24,13 @@ from prefect.context import TaskRunContext
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
 from cluster.execution.trainer import Resources, check_framework, check_placement, fit
-from cluster.execution.nodecache import StoredData
+from cluster.execution.nodecache import StoredData, StoredFile
 from cluster.execution.session import ray_session
 from tasks.common import in_prefect_run, retry_unless_user_error
 from tasks.events import emit
 from tasks.refs import EpochMetrics, PreparedData, TrainedModel, TrainingPrecision, WorkerPlacement
 from tasks.store import Store, open_store
+from tasks.weights import resolve_weights
 
 __all__ = ["Resources", "TrainLoopConfig", "run_identity", "train", "train_task"]
 
@@ -39,14 +40,15 @@ __all__ = ["Resources", "TrainLoopConfig", "run_identity", "train", "train_task"
 # hardware after the identity is fixed, so a finished auto run trained in bf16 on one machine is reused (or
 # resumed) on another that would have chosen fp32. That is accepted: bf16 is tested to stay within a point of
 # fp32's test accuracy, and the checkpoint's state.json says what each run actually used.
-NOT_IDENTITY = frozenset({"data_dir", "use_gpu"})
+NOT_IDENTITY = frozenset({"data_dir", "use_gpu", "weights"})  # weights: where; weights_sha256 is what
 
 
 def run_identity(prepared: PreparedData, cfg: TrainLoopConfig) -> str:
     """A name for this training run that is the same whenever its result would be."""
     identity = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IDENTITY}
-    if not cfg.model:  # the recipe's own network: the identity a run had before models could be named
-        del identity["model"]
+    for added in ("model", "weights_sha256"):  # when unset, the identity a run had before the field existed
+        if not identity[added]:
+            del identity[added]
     blob = json.dumps({"data": prepared.fingerprint, **identity}, sort_keys=True)
     # the name is a folder of the run's storage and a Ray Train run name: "torchvision:resnet18" → torchvision-resnet18
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', cfg.network)}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
@@ -117,11 +119,16 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
     starts from epoch 0 even when the identified run finished; passing the same name again resumes it.
     """
     store = open_store(store_uri)
+    staged = resolve_weights(cfg.weights, store, cfg.framework) if cfg.weights else None
+    if staged:  # what the run starts from is part of its identity
+        cfg = replace(cfg, weights_sha256=staged.sha256)
+    started_from = {"weights_origin": staged.origin, "weights_sha256": staged.sha256} if staged else {}
     run_id = run_identity(prepared, cfg) + (f"-retrain-{retrain}" if retrain else "")
     run_prefix = f"checkpoints/{run_id}"
     found = latest_checkpoint(store, run_prefix)
     if found and found[1]["epoch"] >= cfg.epochs:
-        return to_trained_model(store, found[0], found[1], run_id, resources.num_workers, found[1]["epoch"], True)
+        return to_trained_model(store, found[0], found[1], run_id, resources.num_workers, found[1]["epoch"],
+                                True).model_copy(update=started_from)
     cfg = replace(cfg, use_gpu=resources.use_gpu)
     reported: list[int] = []
     starts: list[int] = []  # the epoch each worker group started after: the first, then Ray's restarts
@@ -134,12 +141,15 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
         final = fit(cfg, resources, data=stored_data(store, prepared, resources.node_cache_gb), run_name=run_id,
                     storage_path=store.ray_storage_path("checkpoints"), storage_filesystem=store.ray_filesystem(),
                     on_report=report, on_failure=on_failure, on_wait=on_wait, on_progress=on_progress,
-                    on_message=on_message, on_start=starts.append)
+                    on_message=on_message, on_start=starts.append, weights=staged and StoredFile(
+                        filesystem=store.ray_filesystem(), path=store.ray_storage_path(staged.key),
+                        sha256=staged.sha256))
     key = f"{run_prefix}/{Path(final).name}"
     state = json.loads(store.get_bytes(f"{key}/state.json"))
     # where Ray actually resumed: the epoch before the first one this call heard of
     resumed_from = reported[0] - 1 if reported else state["epoch"]
-    return to_trained_model(store, key, state, run_id, resources.num_workers, resumed_from, False, tuple(starts[1:]))
+    return to_trained_model(store, key, state, run_id, resources.num_workers, resumed_from, False,
+                            tuple(starts[1:])).model_copy(update=started_from)
 
 
 def format_epoch(m: dict, epochs: int) -> str:

@@ -5,7 +5,9 @@ in it and the dataset's fingerprint), never a path on the driver's disk. The
 first worker on a node downloads the files under a file lock, checks them
 against the fingerprint and renames the folder into place; every other worker
 on that node finds the finished folder and reads the same files through
-memory maps, so a node holds one copy however many workers it runs.
+memory maps, so a node holds one copy however many workers it runs. A single
+file (a run's starting weights, :class:`StoredFile`) is fetched the same way,
+checked against its sha256.
 
 A dataset bigger than its ``cache_limit`` is not copied whole: the manifest and the
 validation and test shards are, and the training shards are fetched one by one as
@@ -16,6 +18,7 @@ once the node holds more than the limit of them, and fetched again when needed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import uuid
@@ -44,6 +47,51 @@ class StoredData:
     @property
     def in_place(self) -> bool:
         return self.filesystem is None
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file in the store (a run's starting weights), as any node can reach it, and its bytes' sha256."""
+
+    filesystem: Any  # a pyarrow.fs.FileSystem, or None: a path every node reads as it is
+    path: str
+    sha256: str
+
+
+def fetch_file(stored: StoredFile, cache: Path | None = None) -> Path:
+    """A local copy of ``stored``, fetched at most once per node (``<cache>/files/<sha256>/<name>``) and verified.
+
+    Raises:
+        OSError: when the bytes do not match the recorded sha256 (the file changed since the run resolved it).
+    """
+    name = stored.path.rstrip("/").rsplit("/", 1)[-1]
+    if stored.filesystem is None:
+        local = Path(stored.path)
+        _verify(local, stored)
+        return local
+    dest = (cache or node_cache_root()) / "files" / stored.sha256 / name
+    if dest.is_file():  # renamed into place once verified
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with stored.filesystem.open_input_stream(stored.path) as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        _verify(tmp, stored)
+        os.rename(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _verify(local: Path, stored: StoredFile) -> None:
+    digest = hashlib.sha256()
+    with open(local, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != stored.sha256:
+        raise OSError(f"{stored.path} has sha256 {digest.hexdigest()[:16]}…, not the {stored.sha256[:16]}… the run "
+                      "recorded: it changed since the run started; start the run again.")
 
 
 def node_cache_root() -> Path:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
 from cluster.execution import ray_internals, session
-from cluster.execution.nodecache import StoredData
+from cluster.execution.nodecache import StoredData, StoredFile
 from cluster.execution.placement import (LOG_EVERY_S, Resources, ResourcesUnavailable, check_placement,
                                          free_resources, pending_placement, wait_for_placement)
 from cluster.frameworks import Framework, get_framework, load
@@ -51,8 +51,10 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
         storage_filesystem=None, on_report: Callable[[dict], None] = lambda m: None,
         on_failure: Callable[[dict[int, str]], None] = lambda e: None,
         on_wait: Callable[[str], None] = lambda m: None, on_progress: Callable[[dict], None] = lambda p: None,
-        on_message: Callable[[str], None] = lambda m: None, on_start: Callable[[int], None] = lambda e: None) -> str:
-    """Train ``cfg.framework``'s loop on a Ray Train worker group and wait for it.
+        on_message: Callable[[str], None] = lambda m: None, on_start: Callable[[int], None] = lambda e: None,
+        weights: StoredFile | None = None) -> str:
+    """Train ``cfg.framework``'s loop on a Ray Train worker group and wait for it; ``weights``, the run's starting
+    weights, are fetched by each node like ``data``.
 
     Each worker fetches ``data`` onto its own node. Re-running with the same
     ``run_name`` and ``storage_path`` resumes from the last checkpoint that run
@@ -84,7 +86,7 @@ def fit(cfg: TrainLoopConfig, resources: Resources, *, data: StoredData, run_nam
     events = start_events()
     try:
         trainer = build_trainer(cfg, get_framework(cfg.framework), resources, data, events, run_name=run_name,
-                                storage_path=storage_path, storage_filesystem=storage_filesystem)
+                                storage_path=storage_path, storage_filesystem=storage_filesystem, weights=weights)
         result = watch_fit(trainer, events, handlers, on_wait, start_timeout_s(resources))
     except ControllerError as error:
         if ray_internals.is_start_timeout(error):
@@ -113,7 +115,8 @@ def start_timeout_s(resources: Resources) -> float:
 
 
 def build_trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resources, data: StoredData, events, *,
-                  run_name: str, storage_path: str, storage_filesystem) -> DataParallelTrainer:
+                  run_name: str, storage_path: str, storage_filesystem,
+                  weights: StoredFile | None = None) -> DataParallelTrainer:
     """The run's trainer, named ``run_name``, its checkpoints under ``storage_path``."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -123,7 +126,7 @@ def build_trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resourc
 
     return DataParallelTrainer(
         run_worker,
-        train_loop_config={"loop": cfg.to_dict(), "data": data, "events": events},
+        train_loop_config={"loop": cfg.to_dict(), "data": data, "events": events, "weights": weights},
         backend_config=load(framework.backend_config)(resources.use_gpu),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker},

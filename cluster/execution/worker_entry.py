@@ -19,7 +19,7 @@ import ray.train
 
 from cluster.config import TrainLoopConfig
 from cluster.data import Shard, load_shard, read_manifest
-from cluster.execution.nodecache import ShardCache, StoredData, fits, materialize
+from cluster.execution.nodecache import ShardCache, StoredData, StoredFile, fetch_file, fits, materialize
 from cluster.frameworks import get_framework, load
 
 PROGRESS_EVERY_S = 0.5
@@ -89,5 +89,8 @@ def run_worker(config: dict) -> None:
     directory = materialize(data)
     streamed = not data.in_place and not fits(data, read_manifest(directory))  # training shards fetched as read
     cfg = replace(cfg, data_dir=str(directory))
+    weights: StoredFile | None = config.get("weights")
+    if weights is not None:  # the run's starting weights, onto this node once
+        cfg = replace(cfg, weights=str(fetch_file(weights)))
     load(get_framework(cfg.framework).train)(cfg, RayWorkerContext(config["events"], ShardCache(data) if streamed
                                                                     else None))

@@ -91,6 +91,9 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     model = tb.build_model(spec)
     if parts.init is not None:  # from the same leading images on every rank
         parts.init(model, normalize(to_device(train.leading(tb.INIT_IMAGES))).float().cpu())
+    if cfg.weights:  # a checkpoint restored below takes precedence: a resumed run continues its own weights
+        fresh = tb.load_starting_weights(model, Path(cfg.weights), spec.num_classes)
+        ctx.say(f"starting from {Path(cfg.weights).name}" + (f"; new head: {', '.join(fresh)}" if fresh else ""))
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model = model.to(ctx.device, memory_format=memory_format)
     optimizer = parts.optimizer(model, ctx.device)
@@ -268,9 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--recipe", choices=RECIPES, default="article")
     ap.add_argument("--model", default="", help="a network of cluster.models instead of the recipe's own")
+    ap.add_argument("--weights", default="", help="a state dict to start from (its head replaced for other classes)")
     ap.add_argument("--momentum", type=float, default=0.9)
     args = ap.parse_args(argv)
-    cfg = TrainLoopConfig(data_dir=args.data, recipe=args.recipe, model=args.model, epochs=args.epochs,
+    cfg = TrainLoopConfig(data_dir=args.data, recipe=args.recipe, model=args.model, weights=args.weights,
+                          epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, seed=args.seed, precision=args.precision,
                           channels_last=args.channels_last, use_gpu=torch.cuda.is_available(),
                           in_memory_mb=args.in_memory_mb)

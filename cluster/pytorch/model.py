@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster import precision as prec
+from cluster.errors import UserError
 from cluster import models
 from cluster.recipes.schedules import constant
 from cluster.worker.checkpoint import ModelSpec, STATE_FILE, read_state, write_state
@@ -95,6 +96,34 @@ class SeedCNN(nn.Module):
 def build_model(spec: ModelSpec) -> nn.Module:
     """The network ``spec`` names (``cluster.models``), freshly initialised."""
     return models.build(spec, "torch")
+
+
+def load_starting_weights(model: nn.Module, path: Path, num_classes: int) -> list[str]:
+    """Load a state dict saved by ``torch.save`` (read with ``weights_only=True``) into ``model``; returns the
+    names of the tensors left freshly initialised: the classification head, where the class count differs.
+
+    Raises:
+        UserError: when the file is no state dict of this network (other tensor names, or other shapes
+            anywhere but a head of ``num_classes`` rows).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle's and torch's errors for a file that is not a plain state dict
+        raise UserError(f"weights {path.name} cannot be read as a state dict ({e}); save them with "
+                        "torch.save(model.state_dict(), path).") from None
+    own = model.state_dict()
+    if not isinstance(state, dict) or state.keys() != own.keys():
+        names = set(state) if isinstance(state, dict) else set()
+        raise UserError(f"weights {path.name} do not fit the network: {len(own.keys() - names)} of its tensors "
+                        f"missing (such as {sorted(own.keys() - names)[:2]}), {len(names - own.keys())} unknown "
+                        f"(such as {sorted(names - own.keys())[:2]}); start from weights of the same network.")
+    head = [name for name, tensor in own.items() if tensor.shape != state[name].shape]
+    for name in head:
+        if own[name].shape[:1] != (num_classes,) or own[name].shape[1:] != state[name].shape[1:]:
+            raise UserError(f"weights {path.name} do not fit the network: {name} is {tuple(state[name].shape)} "
+                            f"there and {tuple(own[name].shape)} here; start from weights of the same network.")
+    model.load_state_dict({name: own[name] if name in head else tensor for name, tensor in state.items()})
+    return head
 
 
 class Normalizer:

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import torch
 import torchvision
 from torch import nn
 
 from cluster.errors import UserError
 from cluster.worker.checkpoint import ModelSpec
 
-__all__ = ["ThreeChannels", "torchvision_model"]
+__all__ = ["three_channels", "torchvision_model"]
 
 
-class ThreeChannels(nn.Module):
-    """Feeds a network that takes three channels with a one-channel batch, repeated (a view, no copy)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.expand(-1, 3, -1, -1))
+def three_channels(net: nn.Module) -> nn.Module:
+    """``net``, fed a one-channel batch repeated to three (a view, no copy) by a forward pre-hook: its parameters
+    keep their names, so weights move between grayscale and colour runs of the same network."""
+    net.register_forward_pre_hook(lambda module, args: (args[0].expand(-1, 3, -1, -1), *args[1:]))
+    return net
 
 
 def torchvision_model(spec: ModelSpec) -> nn.Module:
@@ -31,4 +26,4 @@ def torchvision_model(spec: ModelSpec) -> nn.Module:
         raise UserError(f"model='torchvision:{name}' is not one of torchvision's classification models; choose "
                         f"one of torchvision.models.list_models(), such as resnet18 or mobilenet_v3_small.")
     net = torchvision.models.get_model(name, weights=None, num_classes=spec.num_classes)
-    return ThreeChannels(net) if spec.in_channels == 1 else net
+    return three_channels(net) if spec.in_channels == 1 else net

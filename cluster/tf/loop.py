@@ -83,6 +83,9 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
     keras.utils.set_random_seed(cfg.seed)  # identical initial weights on every rank
     with strategy.scope():
         model = models.build(spec, "tensorflow")
+        if cfg.weights:  # a checkpoint restored below takes precedence: a resumed run continues its own weights
+            fresh = tfb.load_starting_weights(model, Path(cfg.weights))
+            ctx.say(f"starting from {Path(cfg.weights).name}" + (f"; new head: {', '.join(fresh)}" if fresh else ""))
         optimizer = parts.optimizer()
         optimizer.build(model.trainable_variables)
     start_epoch, history = 0, []
@@ -249,8 +252,10 @@ def main(argv: list[str] | None = None) -> None:
                                 ("in-memory-mb", int, 2048)):
         ap.add_argument(f"--{name}", type=kind, default=default)
     ap.add_argument("--model", default="", help="a network of cluster.models instead of the recipe's own")
+    ap.add_argument("--weights", default="", help="a .keras file to start from (its head replaced for other classes)")
     args = ap.parse_args(argv)
-    cfg = TrainLoopConfig(data_dir=args.data, framework="tensorflow", model=args.model, epochs=args.epochs,
+    cfg = TrainLoopConfig(data_dir=args.data, framework="tensorflow", model=args.model, weights=args.weights,
+                          epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, in_memory_mb=args.in_memory_mb)
     train_loop(cfg, LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-"))))
 

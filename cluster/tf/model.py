@@ -20,11 +20,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cluster.errors import UserError
 from cluster.precision import Precision
 from cluster.worker.checkpoint import ModelSpec, STATE_FILE, read_state, write_state
 
-__all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "TensorFlowParts", "build_model", "load_checkpoint", "predict",
-           "read_state", "save_checkpoint"]
+__all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "TensorFlowParts", "build_model", "load_checkpoint",
+           "load_starting_weights", "predict", "read_state", "save_checkpoint"]
 
 MODEL_FILE = "model.keras"
 OPTIM_FILE = "optimizer.npz"
@@ -51,6 +52,37 @@ def build_model(spec: ModelSpec) -> keras.Model:
     x = layers.Dense(1024, activation="relu")(x)
     x = layers.Dense(512, activation="relu")(x)
     return keras.Model(inputs, layers.Dense(spec.num_classes, name="logits")(x), name=spec.name)
+
+
+def load_starting_weights(model: keras.Model, path: Path) -> list[str]:
+    """Copy the trained layers of a ``.keras`` file (loaded with ``safe_mode=True``) into ``model``, layer by
+    layer name; the normalising front keeps this dataset's statistics, and the classification layer stays freshly
+    initialised where its shape differs (another class count). Returns the layers left fresh.
+
+    Raises:
+        UserError: when the file is no Keras model of this network.
+    """
+    try:
+        source = keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:  # Keras's errors for a file that is not a safe .keras model
+        raise UserError(f"weights {path.name} cannot be loaded as a Keras model with safe_mode ({e}); save them "
+                        "with model.save('….keras').") from None
+    theirs = {layer.name: layer for layer in source.layers if layer.trainable_weights}
+    fresh = []
+    for layer in model.layers:
+        if not layer.trainable_weights:
+            continue
+        other = theirs.get(layer.name)
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if other is not None and [tuple(w.shape) for w in other.weights] == shapes:
+            layer.set_weights(other.get_weights())
+        elif layer is model.layers[-1]:  # the classification layer, for another class count
+            fresh.append(layer.name)
+        else:
+            raise UserError(f"weights {path.name} do not fit the network: its layer {layer.name!r} is "
+                            f"{'missing' if other is None else 'of other shapes'} there; start from weights of the "
+                            "same network.")
+    return fresh
 
 
 def save_checkpoint(directory: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer, spec: ModelSpec,

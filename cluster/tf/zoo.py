@@ -17,16 +17,19 @@ from cluster.worker.checkpoint import ModelSpec
 __all__ = ["keras_application", "user_model", "with_normalisation"]
 
 
-def with_normalisation(spec: ModelSpec, net: keras.Model, channels: int | None = None) -> keras.Model:
-    """``net`` behind Rescaling + Normalization (the training set's mean and std), taking raw pixels; a one-channel
-    batch is repeated to ``channels`` where the network takes more."""
+def with_normalisation(spec: ModelSpec, *stages, channels: int | None = None) -> keras.Model:
+    """``stages`` (layers or models, applied in turn) behind Rescaling + Normalization (the training set's mean and
+    std), taking raw pixels; a one-channel batch is repeated to ``channels`` where the network takes more. Each
+    stage is one layer of the result, so starting weights move stage by stage (``cluster.tf.model``)."""
     layers = keras.layers
     inputs = keras.Input(shape=(spec.image_size, spec.image_size, spec.in_channels), name="pixels")
     x = layers.Rescaling(1.0 / 255.0)(inputs)
     x = layers.Normalization(axis=-1, mean=list(spec.mean), variance=[s * s for s in spec.std])(x)
     if channels and channels != spec.in_channels:
         x = layers.Concatenate(axis=-1)([x] * channels)
-    return keras.Model(inputs, net(x), name=re.sub(r"[^A-Za-z0-9_]+", "_", spec.name))
+    for stage in stages:
+        x = stage(x)
+    return keras.Model(inputs, x, name=re.sub(r"[^A-Za-z0-9_]+", "_", spec.name))
 
 
 def keras_application(spec: ModelSpec) -> keras.Model:
@@ -43,9 +46,7 @@ def keras_application(spec: ModelSpec) -> keras.Model:
     except ValueError as e:
         raise UserError(f"model='keras:{name}' cannot take images of {spec.image_size} pixels ({e}); "
                         "prepare the data with a larger image_size.") from None
-    inputs = keras.Input(shape=shape)
-    net = keras.Model(inputs, keras.layers.Dense(spec.num_classes, name="logits")(backbone(inputs)))
-    return with_normalisation(spec, net, channels=3)
+    return with_normalisation(spec, backbone, keras.layers.Dense(spec.num_classes, name="logits"), channels=3)
 
 
 def user_model(spec: ModelSpec) -> keras.Model:

@@ -105,3 +105,35 @@ def test_a_keras_application_trains_on_grayscale_and_loads_safely(tmp_path):
                             text=True, timeout=120, env=env)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert loaded.stdout.split()[-2:] == ["(2,", "3)"]
+    again = subprocess.run([sys.executable, "-m", "cluster.tf.loop", "--data", data_dir((str(tmp_path / "store"), ref)),
+                            "--model", "keras:MobileNetV2", "--epochs", "1", "--lr", "0.01", "--batch-size", "16",
+                            "--weights", str(final / "model.keras"), "--checkpoints", str(tmp_path / "again")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "starting from model.keras\n" in again.stdout  # every layer came over: the same classes, no new head
+    resumed = [json.loads(line) for line in again.stdout.splitlines() if line.startswith("{")]
+    assert resumed[0]["train_loss"] < history[0]["train_loss"], (history, resumed)  # not from scratch
+
+
+def test_starting_weights_load_but_for_a_head_of_another_class_count(tmp_path):
+    import torch
+
+    from cluster.pytorch.model import build_model, load_starting_weights
+    from cluster.worker.checkpoint import ModelSpec
+
+    def spec(classes: int, name: str = "torchvision:resnet18") -> ModelSpec:
+        return ModelSpec(name=name, in_channels=1, num_classes=classes, image_size=16, mean=(0.5,), std=(0.5,),
+                         classes=tuple(map(str, range(classes))))
+
+    source = build_model(spec(10))
+    torch.save(source.state_dict(), tmp_path / "ten.pt")
+    target = build_model(spec(3))
+    assert load_starting_weights(target, tmp_path / "ten.pt", 3) == ["fc.weight", "fc.bias"]
+    assert torch.equal(target.conv1.weight, source.conv1.weight)  # the backbone came over
+    assert target.fc.weight.shape == (3, 512)  # the head stayed fresh
+    assert target(torch.zeros(2, 1, 16, 16)).shape == (2, 3)  # grayscale repeated, names as a colour run's
+    with pytest.raises(UserError, match=r"weights ten.pt do not fit the network: \d+ of its tensors missing"):
+        load_starting_weights(build_model(spec(3, "seed_cnn")), tmp_path / "ten.pt", 3)
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="cannot be read as a state dict"):
+        load_starting_weights(target, tmp_path / "junk.pt", 3)

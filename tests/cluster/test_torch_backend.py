@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cluster.errors import UserError
 from cluster.pytorch import model as tb
 
 
@@ -44,7 +45,7 @@ def test_build_model():
     model = tb.build_model(spec_for(channels=1, classes=5, size=28))
     assert isinstance(model, tb.SeedCNN)
     assert model.conv1.in_channels == 1 and model.fc3.out_features == 5
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(UserError, match="model=.resnet. is unknown; choose one of seed_cnn"):
         tb.build_model(tb.ModelSpec(**{**spec_for().__dict__, "name": "resnet"}))
 
 

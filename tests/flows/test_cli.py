@@ -117,3 +117,32 @@ def test_run_trains_a_torchvision_network_by_name_on_grayscale_and_predict_rebui
     assert len(rows) == 40 and {row["class"] for row in rows} <= {"class_0", "class_1", "class_2"}
     abbreviated = trainflow("run", "--model-nam", "x")
     assert abbreviated.returncode == 2 and "unrecognized arguments: --model-nam" in abbreviated.stderr
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_a_published_version_and_its_lineage_says_so(tmp_path):
+    """``--weights model:NAME``: the champion of the store's registry (10 digit classes) starts a run on a 3-class
+    folder; the head is replaced, the run is another than one from scratch, the lineage names origin and hash."""
+    from tests.conftest import write_class_folders
+
+    store = str(tmp_path / "store")
+    no_server = {"PREFECT_API_URL": None}
+    source = trainflow("run", "--preset", "smoke", "--store", store, "--model-name", "digits-src", "--json",
+                       env=no_server)
+    assert source.returncode == 0, source.stderr[-3000:]
+    images = write_class_folders(tmp_path / "gray", classes=3, per_class=20, size=8, channels=1)
+    common = ["--dataset", f"folder:{images}", "--image-size", "8", "--workers", "1", "--epochs", "1",
+              "--batch-size", "16", "--store", store, "--json"]
+    tuned = trainflow("run", *common, "--weights", "model:digits-src", "--model-name", "tuned", env=no_server)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "starting from model.pt; new head: fc3.weight, fc3.bias" in tuned.stderr, tuned.stderr[-3000:]
+    scratch = trainflow("run", *common, "--model-name", "scratch", env=no_server)
+    run_ids = [json.loads(out.stdout[out.stdout.index("{"):])["run_id"] for out in (tuned, scratch)]
+    assert run_ids[0] != run_ids[1]  # the starting weights are part of the run's identity
+    shown = trainflow("models", "show", "tuned", "--store", store)
+    lineage = json.loads(shown.stdout[shown.stdout.index("{"):])["lineage"]
+    manifest = json.loads((tmp_path / "store/models/digits-src/versions/1/manifest.json").read_text())
+    digest = {f["name"]: f["sha256"] for f in manifest["files"]}["model.pt"]
+    assert lineage["starting_weights"] == {"origin": "model:digits-src@1", "sha256": digest}
+    wrong = trainflow("run", *common, "--weights", "model:digits-src@7", env=no_server)
+    assert wrong.returncode != 0 and "model 'digits-src' has no published version 7" in wrong.stderr

@@ -17,7 +17,8 @@ BASE = TrainLoopConfig(data_dir="/here")
 # and either changes the identity or is declared speed/placement-only in NOT_IDENTITY.
 OTHER = {"data_dir": "/elsewhere", "framework": "tensorflow", "recipe": "fast_cifar", "epochs": 11, "batch_size": 32,
          "lr": 0.01, "momentum": 0.5, "seed": 1, "precision": "bf16", "channels_last": True, "use_gpu": True,
-         "in_memory_mb": 0, "model": "torchvision:resnet18"}
+         "in_memory_mb": 0, "model": "torchvision:resnet18", "weights": "/elsewhere/start.pt",
+         "weights_sha256": "ab" * 32}
 
 
 def test_every_config_field_is_classified():
@@ -40,11 +41,13 @@ def test_the_data_fingerprint_changes_the_identity():
 
 
 def test_the_recipes_own_network_keeps_the_identity_runs_had_before_models_could_be_named():
-    """An empty ``model`` is left out of the identity, so a run finished before the field existed is reused."""
+    """An empty ``model`` or ``weights_sha256`` is left out of the identity, so a run finished before the fields
+    existed is reused."""
     import hashlib
     import json
 
-    identity = {f.name: getattr(BASE, f.name) for f in fields(BASE) if f.name not in NOT_IDENTITY | {"model"}}
+    left_out = NOT_IDENTITY | {"model", "weights_sha256"}
+    identity = {f.name: getattr(BASE, f.name) for f in fields(BASE) if f.name not in left_out}
     blob = json.dumps({"data": PREPARED.fingerprint, **identity}, sort_keys=True)
     assert run_identity(PREPARED, BASE) == f"seed_cnn-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
     assert run_identity(PREPARED, replace(BASE, model="torchvision:resnet18")).startswith("torchvision-resnet18-")

@@ -1,0 +1,106 @@
+"""Starting weights (``--weights``): resolved on the driver, staged in the store once, verified by sha256.
+
+A reference is one of:
+
+* a local file (a state dict as ``*.pt`` or ``*.pth`` for torch; ``*.keras`` for TensorFlow);
+* ``s3://bucket/key`` of such a file (credentials from the AWS environment, as the store's);
+* ``model:NAME[@VERSION]``: a published version of the run's registry (default: the champion).
+
+A file from outside the store is copied into it once, at ``weights/<sha256>/<file name>``: every node of a
+cluster then fetches the same bytes through the store (once per node, checked against the hash), whatever
+the driver's disk holds. The hash joins the run's identity and its lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from cluster.errors import UserError
+from tasks.registry import read_champion, read_version, versions_prefix
+from tasks.store import Store, open_store
+
+__all__ = ["SUFFIXES", "StagedWeights", "resolve_weights"]
+
+# the files each framework's loop loads safely: torch.load(weights_only=True); Keras load_model(safe_mode=True)
+SUFFIXES = {"torch": (".pt", ".pth"), "tensorflow": (".keras",)}
+
+
+@dataclass(frozen=True)
+class StagedWeights:
+    """Starting weights as the workers find them: a key of the run's store and the bytes' sha256."""
+
+    origin: str  # the reference as given, a registry reference with the version it resolved to
+    key: str
+    sha256: str
+
+    @property
+    def file_name(self) -> str:
+        return PurePosixPath(self.key).name
+
+
+def resolve_weights(reference: str, store: Store, framework: str) -> StagedWeights:
+    """Find ``reference``'s bytes, check that ``framework`` can load them, and stage them in ``store``.
+
+    Raises:
+        UserError: for a file, URI or registry version that is not there, or a format the framework cannot load.
+    """
+    if reference.startswith("model:"):
+        return _published(reference, store, framework)
+    if reference.startswith("s3://"):
+        bucket_and_key = reference[len("s3://"):]
+        folder, _, name = bucket_and_key.rpartition("/")
+        if not folder or not name:
+            raise UserError(f"weights={reference!r} names no object; give s3://bucket/path/to/file.")
+        _check_suffix(reference, name, framework)
+        try:
+            data = open_store(f"s3://{folder}").get_bytes(name)
+        except FileNotFoundError:
+            raise UserError(f"weights={reference!r} does not exist; check the bucket and key.") from None
+    else:
+        path = Path(reference).expanduser()
+        if not path.is_file():
+            raise UserError(f"weights={reference!r} is not a file on this machine; give a file, an s3:// URI or "
+                            "model:NAME[@VERSION].")
+        name = path.name
+        _check_suffix(reference, name, framework)
+        data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    key = f"weights/{digest}/{name}"
+    if not store.exists(key):  # content-addressed: the same bytes are staged once
+        store.put_bytes(key, data)
+    return StagedWeights(origin=reference, key=key, sha256=digest)
+
+
+def _check_suffix(reference: str, name: str, framework: str) -> None:
+    if not name.endswith(SUFFIXES[framework]):
+        raise UserError(f"weights={reference!r}: framework={framework!r} loads {', '.join(SUFFIXES[framework])} "
+                        "files; give one of those.")
+
+
+def _published(reference: str, store: Store, framework: str) -> StagedWeights:
+    """A version of the registry: its model file, with the sha256 its manifest recorded at publishing."""
+    name, _, version = reference[len("model:"):].partition("@")
+    if not name:
+        raise UserError(f"weights={reference!r} names no model; give model:NAME or model:NAME@VERSION.")
+    if version:
+        if not version.isdigit():
+            raise UserError(f"weights={reference!r}: the version must be a number, as model:{name}@3.")
+        number = int(version)
+    else:
+        _, champion = read_champion(store, name)
+        if champion is None:
+            raise UserError(f"weights={reference!r}: model {name!r} has no champion in {store.uri}; name a "
+                            f"version (model:{name}@N) or publish one first.")
+        number = int(champion["version"])
+    published = read_version(store, name, number)
+    prefix = f"{versions_prefix(name)}/{number}"
+    state = json.loads(store.get_bytes(f"{prefix}/state.json"))
+    if state.get("framework", "torch") != framework:
+        raise UserError(f"weights={reference!r}: version {number} was trained with {state.get('framework')}, "
+                        f"this run trains with {framework}; choose a version of the same framework.")
+    model_file = state.get("model_files", ["model.pt"])[0]
+    digests = {f["name"]: f["sha256"] for f in published["manifest"]["files"]}
+    return StagedWeights(origin=f"model:{name}@{number}", key=f"{prefix}/{model_file}", sha256=digests[model_file])
