@@ -93,56 +93,46 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_trains_a_torchvision_network_by_name_on_grayscale_and_predict_rebuilds_it(tmp_path):
-    """``--model torchvision:resnet18`` through the whole flow on one-channel images (repeated to the three the
-    network takes); the run's name, the lineage and ``trainflow predict`` (which rebuilds the network from the
-    checkpoint's record) all name it. ``--model`` is no longer taken for ``--model-name``."""
-    from tests.conftest import write_class_folders
-
-    images = write_class_folders(tmp_path / "gray", classes=3, per_class=40, size=24, channels=1)
-    store = str(tmp_path / "store")
-    out = trainflow("run", "--dataset", f"folder:{images}", "--image-size", "16", "--model", "torchvision:resnet18",
-                    "--workers", "1", "--epochs", "3", "--lr", "0.01", "--batch-size", "16", "--store", store,
-                    "--model-name", "gray-resnet", "--json", env={"PREFECT_API_URL": None})
-    assert out.returncode == 0, out.stderr[-4000:]
-    summary = json.loads(out.stdout[out.stdout.index("{"):])
-    assert summary["run_id"].startswith("torchvision-resnet18-") and summary["model_name"] == "gray-resnet"
-    losses = [float(m) for m in re.findall(r"^epoch \d+/3: train_loss ([\d.]+)", out.stderr, re.M)]
-    assert len(losses) == 3 and min(losses) < 0.9 * np.log(3), out.stderr[-3000:]  # below chance's loss
-    shown = trainflow("models", "show", "gray-resnet", "--store", store)
-    assert shown.returncode == 0 and '"model": "torchvision:resnet18"' in shown.stdout, shown.stdout[-3000:]
-    predicted = trainflow("predict", str(images / "class_1"), "--store", store, "--model", "gray-resnet", "--json")
-    assert predicted.returncode == 0, predicted.stderr[-3000:]
-    rows = json.loads(predicted.stdout[predicted.stdout.index("{"):])["predictions"]
-    assert len(rows) == 40 and {row["class"] for row in rows} <= {"class_0", "class_1", "class_2"}
-    abbreviated = trainflow("run", "--model-nam", "x")
-    assert abbreviated.returncode == 2 and "unrecognized arguments: --model-nam" in abbreviated.stderr
-
-
-@pytest.mark.slow
-def test_a_run_starts_from_a_published_version_and_its_lineage_says_so(tmp_path):
-    """``--weights model:NAME``: the champion of the store's registry (10 digit classes) starts a run on a 3-class
-    folder; the head is replaced, the run is another than one from scratch, the lineage names origin and hash."""
+def test_a_torchvision_network_by_name_fine_tuned_from_a_published_version_on_grayscale(tmp_path):
+    """``--model torchvision:resnet18`` through the whole flow twice: on digits, published; then on a 3-class
+    folder of one-channel images (repeated to the three channels the network takes) from that version's weights
+    (``--weights model:NAME``, its champion), the 10-class head replaced. The run's name, the lineage (origin and
+    sha256 of the weights) and ``trainflow predict``, which rebuilds the network from the checkpoint's record,
+    all name what was used."""
     from tests.conftest import write_class_folders
 
     store = str(tmp_path / "store")
     no_server = {"PREFECT_API_URL": None}
-    source = trainflow("run", "--preset", "smoke", "--store", store, "--model-name", "digits-src", "--json",
-                       env=no_server)
+    network = ["--model", "torchvision:resnet18", "--batch-size", "16", "--store", store, "--json"]
+    source = trainflow("run", "--preset", "smoke", *network, "--model-name", "digits-resnet", env=no_server)
     assert source.returncode == 0, source.stderr[-3000:]
     images = write_class_folders(tmp_path / "gray", classes=3, per_class=20, size=8, channels=1)
-    common = ["--dataset", f"folder:{images}", "--image-size", "8", "--workers", "1", "--epochs", "1",
-              "--batch-size", "16", "--store", store, "--json"]
-    tuned = trainflow("run", *common, "--weights", "model:digits-src", "--model-name", "tuned", env=no_server)
+    tuned = trainflow("run", "--dataset", f"folder:{images}", "--image-size", "8", "--workers", "1", "--epochs", "2",
+                      "--lr", "0.01", *network, "--weights", "model:digits-resnet", "--model-name", "gray-resnet",
+                      env=no_server)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
-    assert "starting from model.pt; new head: fc3.weight, fc3.bias" in tuned.stderr, tuned.stderr[-3000:]
-    scratch = trainflow("run", *common, "--model-name", "scratch", env=no_server)
-    run_ids = [json.loads(out.stdout[out.stdout.index("{"):])["run_id"] for out in (tuned, scratch)]
-    assert run_ids[0] != run_ids[1]  # the starting weights are part of the run's identity
-    shown = trainflow("models", "show", "tuned", "--store", store)
+    assert "starting from model.pt; new head: fc.weight, fc.bias" in tuned.stderr, tuned.stderr[-3000:]
+    summary = json.loads(tuned.stdout[tuned.stdout.index("{"):])
+    assert summary["run_id"].startswith("torchvision-resnet18-") and summary["model_name"] == "gray-resnet"
+    shown = trainflow("models", "show", "gray-resnet", "--store", store)
     lineage = json.loads(shown.stdout[shown.stdout.index("{"):])["lineage"]
-    manifest = json.loads((tmp_path / "store/models/digits-src/versions/1/manifest.json").read_text())
+    manifest = json.loads((tmp_path / "store/models/digits-resnet/versions/1/manifest.json").read_text())
     digest = {f["name"]: f["sha256"] for f in manifest["files"]}["model.pt"]
-    assert lineage["starting_weights"] == {"origin": "model:digits-src@1", "sha256": digest}
-    wrong = trainflow("run", *common, "--weights", "model:digits-src@7", env=no_server)
-    assert wrong.returncode != 0 and "model 'digits-src' has no published version 7" in wrong.stderr
+    assert lineage["starting_weights"] == {"origin": "model:digits-resnet@1", "sha256": digest}
+    assert lineage["parameters"]["train"]["model"] == "torchvision:resnet18"
+    predicted = trainflow("predict", str(images / "class_1"), "--store", store, "--model", "gray-resnet", "--json")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = json.loads(predicted.stdout[predicted.stdout.index("{"):])["predictions"]
+    assert len(rows) == 20 and {row["class"] for row in rows} <= {"class_0", "class_1", "class_2"}
+    wrong = trainflow("run", "--dataset", f"folder:{images}", "--image-size", "8", *network, "--weights",
+                      "model:digits-resnet@7", env=no_server)
+    assert wrong.returncode != 0 and "model 'digits-resnet' has no published version 7" in wrong.stderr
+
+
+def test_options_are_matched_only_as_spelled():
+    """argparse's prefix matching took ``--model`` for ``--model-name`` before ``--model`` existed."""
+    from flows.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--model-nam", "x"])
+    assert build_parser().parse_args(["run", "--model", "torchvision:resnet18"]).model == "torchvision:resnet18"
