@@ -18,7 +18,6 @@ once the node holds more than the limit of them, and fetched again when needed.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import uuid
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.data import MANIFEST, Manifest, Shard, fingerprint, load_shard, verify_shard
+from cluster.data import MANIFEST, Manifest, Shard, file_sha256, fingerprint, load_shard, verify_shard
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,12 +84,9 @@ def fetch_file(stored: StoredFile, cache: Path | None = None) -> Path:
 
 
 def _verify(local: Path, stored: StoredFile) -> None:
-    digest = hashlib.sha256()
-    with open(local, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != stored.sha256:
-        raise OSError(f"{stored.path} has sha256 {digest.hexdigest()[:16]}…, not the {stored.sha256[:16]}… the run "
+    digest = file_sha256(local)
+    if digest != stored.sha256:
+        raise OSError(f"{stored.path} has sha256 {digest[:16]}…, not the {stored.sha256[:16]}… the run "
                       "recorded: it changed since the run started; start the run again.")
 
 
