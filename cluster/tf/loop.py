@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", default="", help="a .keras file to start from (its head replaced for other classes)")
     args = ap.parse_args(argv)
     cfg = TrainLoopConfig(data_dir=args.data, framework="tensorflow", model=args.model, weights=args.weights,
-                          epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, in_memory_mb=args.in_memory_mb)
+                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          in_memory_mb=args.in_memory_mb)
     train_loop(cfg, LocalContext(Path(args.checkpoints or tempfile.mkdtemp(prefix="trainflow-ckpt-"))))
 
 

@@ -13,6 +13,7 @@ loads in a fresh process with ``safe_mode=True``: it holds standard layers only.
 from __future__ import annotations
 
 from collections.abc import Callable
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from cluster.precision import Precision
 from cluster.worker.checkpoint import ModelSpec, STATE_FILE, read_state, write_state
 
 __all__ = ["MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "TensorFlowParts", "build_model", "load_checkpoint",
-           "load_starting_weights", "predict", "read_state", "save_checkpoint"]
+           "load_starting_weights", "predict", "read_state", "save_checkpoint", "with_normalisation"]
 
 MODEL_FILE = "model.keras"
 OPTIM_FILE = "optimizer.npz"
@@ -38,20 +39,29 @@ class TensorFlowParts:
     optimizer: Callable[[], keras.optimizers.Optimizer]  # called inside the strategy's scope
 
 
-def build_model(spec: ModelSpec) -> keras.Model:
-    """The source article's network, as ``cluster.pytorch.model.SeedCNN``: conv64-conv128-conv256 (each + 2x2
-    max-pool), then fc1024-fc512-fc(classes), returning logits. Any image size >= 8, channel and class count."""
+def with_normalisation(spec: ModelSpec, *stages, channels: int | None = None) -> keras.Model:
+    """``stages`` (layers or models, applied in turn) behind Rescaling + Normalization (the training set's mean and
+    std), taking raw pixels; a one-channel batch is repeated to ``channels`` where the network takes more. Each
+    stage is one layer of the result, so starting weights move stage by stage (``cluster.tf.model``)."""
     layers = keras.layers
     inputs = keras.Input(shape=(spec.image_size, spec.image_size, spec.in_channels), name="pixels")
     x = layers.Rescaling(1.0 / 255.0)(inputs)
     x = layers.Normalization(axis=-1, mean=list(spec.mean), variance=[s * s for s in spec.std])(x)
-    for filters in (64, 128, 256):
-        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
-        x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten()(x)
-    x = layers.Dense(1024, activation="relu")(x)
-    x = layers.Dense(512, activation="relu")(x)
-    return keras.Model(inputs, layers.Dense(spec.num_classes, name="logits")(x), name=spec.name)
+    if channels and channels != spec.in_channels:
+        x = layers.Concatenate(axis=-1)([x] * channels)
+    for stage in stages:
+        x = stage(x)
+    return keras.Model(inputs, x, name=re.sub(r"[^A-Za-z0-9_]+", "_", spec.name))
+
+
+def build_model(spec: ModelSpec) -> keras.Model:
+    """The source article's network, as ``cluster.pytorch.model.SeedCNN``: conv64-conv128-conv256 (each + 2x2
+    max-pool), then fc1024-fc512-fc(classes), returning logits. Any image size >= 8, channel and class count."""
+    layers = keras.layers
+    convs = [layer for filters in (64, 128, 256)
+             for layer in (layers.Conv2D(filters, 3, padding="same", activation="relu"), layers.MaxPooling2D(2))]
+    return with_normalisation(spec, *convs, layers.Flatten(), layers.Dense(1024, activation="relu"),
+                              layers.Dense(512, activation="relu"), layers.Dense(spec.num_classes, name="logits"))
 
 
 def load_starting_weights(model: keras.Model, path: Path) -> list[str]:

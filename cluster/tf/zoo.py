@@ -7,29 +7,13 @@ batch (the contract of ``cluster.models``), are wrapped in the same front as the
 
 from __future__ import annotations
 
-import re
-
 import keras
 
 from cluster.errors import UserError
+from cluster.tf.model import with_normalisation
 from cluster.worker.checkpoint import ModelSpec
 
-__all__ = ["keras_application", "user_model", "with_normalisation"]
-
-
-def with_normalisation(spec: ModelSpec, *stages, channels: int | None = None) -> keras.Model:
-    """``stages`` (layers or models, applied in turn) behind Rescaling + Normalization (the training set's mean and
-    std), taking raw pixels; a one-channel batch is repeated to ``channels`` where the network takes more. Each
-    stage is one layer of the result, so starting weights move stage by stage (``cluster.tf.model``)."""
-    layers = keras.layers
-    inputs = keras.Input(shape=(spec.image_size, spec.image_size, spec.in_channels), name="pixels")
-    x = layers.Rescaling(1.0 / 255.0)(inputs)
-    x = layers.Normalization(axis=-1, mean=list(spec.mean), variance=[s * s for s in spec.std])(x)
-    if channels and channels != spec.in_channels:
-        x = layers.Concatenate(axis=-1)([x] * channels)
-    for stage in stages:
-        x = stage(x)
-    return keras.Model(inputs, x, name=re.sub(r"[^A-Za-z0-9_]+", "_", spec.name))
+__all__ = ["keras_application", "user_model"]
 
 
 def keras_application(spec: ModelSpec) -> keras.Model:
