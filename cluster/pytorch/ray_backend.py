@@ -10,19 +10,18 @@ imported only on the workers, where the loop needs it anyway.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import ray
 from ray.train.backend import Backend, BackendConfig
 
+from cluster.worker.context import rendezvous_port
+
 
 def free_address() -> tuple[str, int]:
     """This node's address and a port free on it, for the group's rendezvous."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return ray.util.get_node_ip_address(), probe.getsockname()[1]
+    return ray.util.get_node_ip_address(), rendezvous_port()
 
 
 __all__ = ["ProcessGroupConfig", "backend_config"]

@@ -10,30 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 from dataclasses import dataclass
 
 import ray
 from ray.train.backend import Backend, BackendConfig
 
-
-# TensorFlow's gRPC server binds its port seconds after it is chosen (TensorFlow loads in between). A port from
-# the kernel's ephemeral range, where every process's next connection or bind(0) draws, was once taken in that
-# window ("Could not start gRPC server"); ports below it, and above Ray's worker ports, are taken only by name.
-_PORTS = range(20000, 32768)
+from cluster.worker.context import rendezvous_port
 
 
 def free_address() -> tuple[str, int]:
-    """This node's address and a port free on it, outside the ephemeral range, for the group's rendezvous."""
-    for port in random.Random().sample(_PORTS, 64):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("", port))
-            except OSError:
-                continue
-            return ray.util.get_node_ip_address(), port
-    raise OSError(f"no free port among 64 tried in {_PORTS.start}-{_PORTS.stop - 1}")
+    """This node's address and a port free on it, for the group's rendezvous."""
+    return ray.util.get_node_ip_address(), rendezvous_port()
 
 
 __all__ = ["TensorflowConfig", "backend_config"]

@@ -73,29 +73,6 @@ def assert_one_line_error(run: subprocess.CompletedProcess, *words: str) -> str:
     return errors[0]
 
 
-@pytest.mark.timeout(600)
-def test_the_flow_trains_across_two_nodes_that_share_no_disk(cluster, s3_server):
-    store = f"s3://{s3_server.bucket}/cluster-e2e"
-    started = time.monotonic()
-    run = trainflow(cluster, "run", *RUN, "--epochs", "6", "--store", store, "--ray-address", cluster.gcs_address,
-                    "--json")
-    wall = time.monotonic() - started
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    summary = json.loads(run.stdout[run.stdout.index("{\n"):])
-    print(f"\n2-node run: {wall:.1f} s wall, {summary['training_seconds']:.1f} s in epochs, "
-          f"accuracy {summary['accuracy']:.4f}")
-    assert summary["nodes"] == 2 and summary["epochs_trained"] == 6
-    # bench/cluster_run.py: a local 2-worker run of these parameters reached 0.8691, and so did this one there
-    assert abs(summary["accuracy"] - 0.869) < 0.03, summary["accuracy"]
-    lineage = s3_json(s3_server, f"cluster-e2e/models/seed-cnn/versions/{summary['version']}/lineage.json")
-    workers = lineage["workers"]
-    assert [w["rank"] for w in workers] == [0, 1]
-    assert len({w["node_id"] for w in workers}) == 2
-    assert {w["node_id"] for w in workers} == {n.node_id for n in cluster.alive_nodes()}
-    assert all(w["device"] == "cpu" and w["node_ip"] == cluster.head_ip for w in workers)
-    assert len(cluster.wait_for_nodes(2)) == 2  # the run never shuts down a cluster it did not start
-
-
 @pytest.mark.timeout(400)
 def test_over_ray_client_with_a_folder_store_every_node_sees(cluster, tmp_path):
     """Two features in one run, to save a run: a `ray://` address, and a folder store declared shared."""
@@ -170,14 +147,14 @@ def test_a_busy_cluster_logs_that_it_waits_and_gives_up(cluster, s3_server):
         assert holder.stdout.readline().strip() == "HOLDING"
         started = time.monotonic()
         run = trainflow(cluster, "run", *RUN, "--epochs", "1", "--store", f"s3://{s3_server.bucket}/busy",
-                        "--ray-address", cluster.gcs_address, "--wait-for-resources", "40")
+                        "--ray-address", cluster.gcs_address, "--wait-for-resources", "15")
         elapsed = time.monotonic() - started
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    assert_one_line_error(run, "no room for 2 workers", "wait_for_resources=40", "free in the cluster")
+    assert_one_line_error(run, "no room for 2 workers", "wait_for_resources=15", "free in the cluster")
     assert len(re.findall(r"waiting for resources: 2 workers x \(1 CPU\) placed SPREAD", run.stdout + run.stderr)) == 1
-    assert 40 <= elapsed < 90, elapsed
+    assert 15 <= elapsed < 60, elapsed
 
 
 def start_trainflow(cluster: RayTestCluster, log: Path, *args: str) -> subprocess.Popen:
@@ -236,7 +213,7 @@ def test_node_loss_without_a_replacement_fails_after_the_wait_instead_of_hanging
     log = tmp_path / "run.log"
     process = start_trainflow(cluster, log, "run", *RUN, "--epochs", "8", "--store",
                               f"s3://{s3_server.bucket}/loss-for-good", "--ray-address", cluster.gcs_address,
-                              "--wait-for-resources", "30")
+                              "--wait-for-resources", "10")
     try:
         wait_for_text("epoch 2/8:", process, log)
         cluster.kill_node(worker_node(cluster))
@@ -250,9 +227,9 @@ def test_node_loss_without_a_replacement_fails_after_the_wait_instead_of_hanging
     output = log.read_text()
     errors = [line for line in output.splitlines() if line.startswith("trainflow: error:")]
     assert process.returncode == 2 and len(errors) == 1, output[-5000:]
-    assert "could not place 2 workers" in errors[0] and "wait_for_resources=30" in errors[0], errors[0]
+    assert "could not place 2 workers" in errors[0] and "wait_for_resources=10" in errors[0], errors[0]
     print(f"\nnode lost for good: the run failed {failed_after:.1f} s after the kill")
-    assert 20 <= failed_after < 120, failed_after  # about wait_for_resources: the tries share it
+    assert 5 <= failed_after < 100, failed_after  # about wait_for_resources: the tries share it
 
 
 @pytest.fixture
@@ -373,17 +350,32 @@ def test_both_nodes_write_shards_from_s3_and_a_node_cache_smaller_than_the_data_
 
 
 @pytest.mark.timeout(600)
-def test_submit_runs_the_flow_as_a_ray_job_and_the_model_lands_in_s3(cluster, s3_server):
+def test_a_submitted_flow_trains_across_two_nodes_that_share_no_disk(cluster, s3_server):
+    """`trainflow submit`: the flow runs as a Ray job on the head, its two workers on both nodes (the hidden one
+    included), and the model lands in S3. The plain `--ray-address` run is the node-loss tests' (and the walk's)."""
     if cluster.dashboard_url is None:
         pytest.skip("the cluster runs no dashboard (ray[default] is not installed), so it takes no Ray jobs")
-    run = trainflow(cluster, "submit", "--address", cluster.dashboard_url, *RUN, "--epochs", "1", "--store",
-                    f"s3://{s3_server.bucket}/submitted", timeout=500)
+    started = time.monotonic()
+    run = trainflow(cluster, "submit", "--address", cluster.dashboard_url, *RUN, "--epochs", "6", "--store",
+                    f"s3://{s3_server.bucket}/cluster-e2e", "--json", timeout=500)
+    wall = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
     assert re.search(r"trainflow: submitted Ray job \S+ to http://", run.stdout)
-    assert "trainflow run summary" in run.stdout and "SUCCEEDED" in run.stdout  # the job's log, followed
-    champion = s3_json(s3_server, "submitted/models/seed-cnn/champion.json")
-    lineage = s3_json(s3_server, f"submitted/models/seed-cnn/versions/{champion['version']}/lineage.json")
-    assert len({w["node_id"] for w in lineage["workers"]}) == 2
+    assert re.search(r"trainflow: Ray job \S+ SUCCEEDED", run.stdout)  # the job's log was followed to its end
+    summary = json.loads(run.stdout[run.stdout.index("\n{\n") + 1:run.stdout.rindex("\n}") + 2])
+    print(f"\n2-node run: {wall:.1f} s wall, {summary['training_seconds']:.1f} s in epochs, "
+          f"accuracy {summary['accuracy']:.4f}")
+    assert summary["nodes"] == 2 and summary["epochs_trained"] == 6
+    # bench/cluster_run.py: a local 2-worker run of these parameters reached 0.8691, and so did this one there
+    assert abs(summary["accuracy"] - 0.869) < 0.03, summary["accuracy"]
+    champion = s3_json(s3_server, "cluster-e2e/models/seed-cnn/champion.json")
+    assert champion["version"] == summary["version"]
+    lineage = s3_json(s3_server, f"cluster-e2e/models/seed-cnn/versions/{summary['version']}/lineage.json")
+    workers = lineage["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert {w["node_id"] for w in workers} == {n.node_id for n in cluster.alive_nodes()}
+    assert all(w["device"] == "cpu" and w["node_ip"] == cluster.head_ip for w in workers)
+    assert len(cluster.wait_for_nodes(2)) == 2  # the run never shuts down a cluster it did not start
 
 
 def test_submit_refuses_bad_options_before_contacting_the_cluster(cluster):
