@@ -29,7 +29,7 @@ test-system-deps:
 
 # The tests cover both frameworks: they add the tensorflow extra to the venv.
 $(BIN)/.installed-test: $(BIN)/.installed
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,tensorflow]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,tensorflow,timm]'
 	@touch $@
 
 test: $(BIN)/.installed-test test-system-deps  ## the whole suite, slow and CIFAR-10 tests included

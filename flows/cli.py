@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="run the pipeline as a Ray job on a cluster (takes run's options)")
     submit.add_argument("--address", required=True, help="the Ray head's dashboard, http://HEAD:8265")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
-    sub.add_parser("presets", help="list the named parameter presets")
+    sub.add_parser("presets", help="list the named parameter presets, the recipes and the models (installed "
+                                   "packages' included)")
     up = sub.add_parser("up", help="start a Prefect server (UI on 127.0.0.1:4200) and a Ray head that runs use")
     up.add_argument("--prefect-port", type=int, default=4200)
     up.add_argument("--cpus", type=int, default=None, help="CPUs the Ray head offers (default: all)")
@@ -131,7 +132,7 @@ def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None =
 
     helps = {"dataset": forms(), "tfds_data_dir": "where prepared TFDS datasets are (default $TFDS_DATA_DIR)",
              "recipe": f"how the model learns: {' | '.join(RECIPES)} (default article)",
-             "model": "the network, instead of the recipe's own: torchvision:<name>, keras:<name> or "
+             "model": "the network, instead of the recipe's own: torchvision:<name>, timm:<name>, keras:<name> or "
                       "package.module:function",
              "weights": "start from these weights: a .pt/.pth state dict or .keras file, an s3:// URI of one, or "
                         "model:NAME[@VERSION] of the store's registry",
@@ -294,10 +295,10 @@ def _console(args: argparse.Namespace):
 def _submit(args: argparse.Namespace, run_args: list[str]) -> int:
     """Check the run's options here, then hand them to ``trainflow run`` in a Ray job on the cluster."""
     from cluster.execution.jobs import submit_run
-    from flows.params import build_params
+    from flows.params import build_params, ship_plugins
 
     run_parser = _add_run_options(_Parser(prog="trainflow submit"))
-    build_params((options := run_parser.parse_args(run_args)).preset, overrides_from(options))
+    ship_plugins(build_params((options := run_parser.parse_args(run_args)).preset, overrides_from(options)))
     env_vars = {name: os.environ[name] for name in ("PREFECT_API_URL",) if os.environ.get(name)}
     return submit_run(args.address, run_args, env_vars=env_vars, follow=not args.no_wait)
 
@@ -372,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         if args.command == "presets":
+            from cluster.models import plugin_models
+            from cluster.recipes import MODELS, RECIPES
             from flows.params import PRESETS
 
-            print(json.dumps(PRESETS, indent=2))
+            print(json.dumps({"presets": PRESETS, "recipes": {r.name: r.summary for r in RECIPES.values()},
+                              "models": {**{name: "built-in" for name in MODELS}, **plugin_models()}}, indent=2))
             return 0
         if args.command == "serve":
             from flows.deployments import serve_all

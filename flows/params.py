@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.frameworks import FRAMEWORKS, get_framework
 from cluster.precision import PRECISIONS
+from cluster.models import plugin_models
 from cluster.recipes import RECIPES, get_recipe
 from cluster.execution.session import resolve_address
 from tasks import sources
@@ -115,8 +116,10 @@ class TrainParams(_Section):
         "article", title="Recipe", description="; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
     model: str = Field("", max_length=200, title="Model",
                        description="Empty: the recipe's own network. torchvision:<name> (any of torchvision's "
-                                   "classification models; torch), keras:<name> (a keras.applications model with a "
-                                   "new head; TensorFlow), or your builder as package.module:function")
+                                   "classification models; torch), timm:<name> (torch; the timm extra), "
+                                   "keras:<name> (a keras.applications model with a new head; TensorFlow), your "
+                                   "builder as package.module:function, or one an installed package registers"
+                                   + "".join(f"; {name}" for name in plugin_models()))
     weights: str = Field("", max_length=1000, title="Starting weights",
                          description="Empty: from scratch. A state dict (.pt, .pth; torch) or .keras file (TensorFlow) "
                                      "on this machine or at an s3:// URI, or model:NAME[@VERSION] of this store's "
@@ -275,6 +278,15 @@ def preflight_prepare(params: PrepareParams) -> None:
     store.check()
 
 
+def ship_plugins(params: PipelineParams) -> None:
+    """A model builder importable only on this machine (a module beside the user's code, not an installed
+    package) goes to a cluster's nodes with the project's code; nodes use their own installed packages."""
+    from cluster.execution import session
+    from cluster.models import driver_only_modules
+
+    session.ship_with_code(driver_only_modules([params.train.model]))
+
+
 def preflight(params: PipelineParams) -> None:
     """Checks that need no server or cluster, run before either starts.
 
@@ -283,6 +295,7 @@ def preflight(params: PipelineParams) -> None:
             of an existing cluster cannot see, or a framework that is not installed.
     """
     preflight_prepare(prepare_params(params))
+    ship_plugins(params)
     get_recipe(params.train.recipe).check(params.train.framework, params.data.image_size)
     params.train.to_config().local_batch_size(params.cluster.num_workers)
     if params.train.weights:  # found, readable by the framework, and staged in the store before any work

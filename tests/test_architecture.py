@@ -23,7 +23,8 @@ FORBIDDEN = {
 # The modules that may import a framework at their top: each framework's own folder, and the recipes written for one
 BACKENDS = {**{str(p.relative_to(ROOT)): TORCH for p in (ROOT / "cluster/pytorch").glob("*.py")},
             **{str(p.relative_to(ROOT)): TENSORFLOW for p in (ROOT / "cluster/tf").glob("*.py")},
-            "cluster/recipes/fast_cifar.py": TORCH, "cluster/recipes/fast_cifar_muon.py": TORCH}
+            "cluster/recipes/fast_cifar.py": TORCH, "cluster/recipes/fast_cifar_muon.py": TORCH,
+            "cluster/recipes/finetune.py": TORCH}
 BACKENDS = {path: libs for path, libs in BACKENDS.items() if not path.endswith("__init__.py")}
 PACKAGES = ("flows", "tasks", "cluster")
 

@@ -95,13 +95,25 @@ _PACKAGES = ("flows", "tasks", "cluster")
 _NOT_SHIPPED = ["__pycache__", "*.pyc", ".venv", ".git", "artifacts", ".pytest_cache"]
 
 
+_plugins: tuple[str, ...] = ()  # the user's own modules that travel with the code (cluster.models.driver_only_modules)
+
+
+def ship_with_code(paths: list[str]) -> None:
+    """Send these folders or files (the user's modules, from ``cluster.models.driver_only_modules``) to every
+    node with this project's code, from the next connection to a cluster on; a node that lacks them imports
+    them from there."""
+    global _plugins
+    _plugins = tuple(paths)
+
+
 def resolve_address(address: str | None) -> str | None:
     """The cluster to use: the given address, else ``RAY_ADDRESS`` when set, else None (start Ray locally)."""
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def project_runtime_env() -> dict:
-    """A runtime_env that carries this project's code to every node of a cluster.
+    """A runtime_env that carries this project's code, and the user's modules it was given, to every node of a
+    cluster.
 
     Empty inside a Ray job: the job's own runtime_env (``trainflow submit``) already carries it, and Ray
     refuses a driver's runtime_env that conflicts with its job's.
@@ -109,8 +121,8 @@ def project_runtime_env() -> dict:
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor for the entrypoint
         return {}
     root = Path(__file__).resolve().parents[2]  # the repository: cluster/execution/session.py
-    return {"py_modules": [str(root / name) for name in _PACKAGES if (root / name / "__init__.py").is_file()],
-            "excludes": _NOT_SHIPPED}
+    return {"py_modules": [str(root / name) for name in _PACKAGES if (root / name / "__init__.py").is_file()]
+            + list(_plugins), "excludes": _NOT_SHIPPED}
 
 
 TOKEN_FIX = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a "

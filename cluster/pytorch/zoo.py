@@ -1,4 +1,5 @@
-"""torchvision's classification models as trainflow networks (``--model torchvision:<name>``)."""
+"""torchvision's and timm's classification models as trainflow networks (``--model torchvision:<name>``,
+``--model timm:<name>``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 from cluster.errors import UserError
 from cluster.worker.checkpoint import ModelSpec
 
-__all__ = ["three_channels", "torchvision_model"]
+__all__ = ["three_channels", "timm_model", "torchvision_model"]
 
 
 def three_channels(net: nn.Module) -> nn.Module:
@@ -26,4 +27,17 @@ def torchvision_model(spec: ModelSpec) -> nn.Module:
         raise UserError(f"model='torchvision:{name}' is not one of torchvision's classification models; choose "
                         f"one of torchvision.models.list_models(), such as resnet18 or mobilenet_v3_small.")
     net = torchvision.models.get_model(name, weights=None, num_classes=spec.num_classes)
+    return three_channels(net) if spec.in_channels == 1 else net
+
+
+def timm_model(spec: ModelSpec) -> nn.Module:
+    """``timm.create_model(<name>, pretrained=False, num_classes=...)`` for the spec's classes and channels (three
+    channels, a grayscale batch repeated to them, as torchvision's: weights move between colour and gray runs)."""
+    import timm
+
+    name = spec.name.partition(":")[2]
+    if not timm.is_model(name):
+        raise UserError(f"model='timm:{name}' is not one of timm's models; choose one of timm.list_models(), such "
+                        "as resnet18 or mobilenetv3_small_100.")
+    net = timm.create_model(name, pretrained=False, num_classes=spec.num_classes, in_chans=3)
     return three_channels(net) if spec.in_channels == 1 else net

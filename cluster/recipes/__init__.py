@@ -7,16 +7,20 @@ Like :mod:`cluster.frameworks`, the records name their framework code by
 import path (``"module:attribute"``) and never import it, so the flow, the
 Prefect form and the CLI list recipes without loading torch or TensorFlow.
 
-Adding a recipe means one module (its framework parts) and one entry here.
+Adding a recipe means one module (its framework parts) and one entry here, or, without a fork, a package
+that registers a :class:`Recipe` under the entry-point group ``trainflow.recipes`` (its module, like these
+records, imports no framework).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import warnings
 from dataclasses import dataclass, field
 
 from cluster.errors import UserError, registered
 
-__all__ = ["MODELS", "RECIPES", "Recipe", "get_recipe"]
+__all__ = ["ENTRY_POINTS", "MODELS", "RECIPES", "Recipe", "get_recipe", "plugin_recipes"]
 
 # network name → framework → "module:Class" taking a ModelSpec; a checkpoint's state.json names its network,
 # so a published version is rebuilt (for predict) without knowing which recipe trained it
@@ -69,6 +73,10 @@ RECIPES: dict[str, Recipe] = {
                model="seed_cnn",
                parts={"torch": "cluster.recipes.article:torch_parts",
                       "tensorflow": "cluster.recipes.article:tensorflow_parts"}),
+        Recipe(name="finetune",
+               summary="any network, pretrained or not: AdamW (lr ~1e-3) with warm-up and cosine decay, label "
+                       "smoothing, flip + shift; from starting weights, the backbone at a tenth of the head's rate",
+               model="seed_cnn", parts={"torch": "cluster.recipes.finetune:torch_parts"}),
         Recipe(name="fast_cifar",
                summary="fast_net (patch-whitened residual-free conv net with batch norm), Nesterov SGD with warm-up "
                        "and linear decay, label smoothing, lookahead, flip + translate, flip + shift at test time",
@@ -79,6 +87,35 @@ RECIPES: dict[str, Recipe] = {
                parts={"torch": "cluster.recipes.fast_cifar_muon:torch_parts"}, **_FAST_NET),
     )
 }
+
+
+ENTRY_POINTS = "trainflow.recipes"  # the entry-point group through which installed packages add recipes
+
+
+def plugin_recipes() -> dict[str, Recipe]:
+    """The recipes installed packages register under ENTRY_POINTS (each entry a :class:`Recipe` named as the
+    entry), by name; one that fails to load, or is no such Recipe, is left out with a warning saying why."""
+    found = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        try:
+            recipe = ep.load()
+        except Exception as e:  # a broken plugin must not take the built-ins down with it
+            warnings.warn(f"trainflow: recipe {ep.name!r} ({ep.value}) failed to load and is left out: {e}",
+                          stacklevel=2)
+            continue
+        if not isinstance(recipe, Recipe) or recipe.name != ep.name:
+            warnings.warn(f"trainflow: recipe {ep.name!r} ({ep.value}) is not a cluster.recipes.Recipe named "
+                          f"{ep.name!r}, and is left out", stacklevel=2)
+            continue
+        if ep.name in RECIPES:
+            warnings.warn(f"trainflow: recipe {ep.name!r} ({ep.value}) would replace a built-in, and is left out",
+                          stacklevel=2)
+            continue
+        found[ep.name] = recipe
+    return found
+
+
+RECIPES.update(plugin_recipes())
 
 
 def get_recipe(name: str) -> Recipe:

@@ -6,9 +6,10 @@ Each returns the factor on an optimizer group's base learning rate after ``step`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-__all__ = ["constant", "linear_decay", "warmup_linear_decay"]
+__all__ = ["constant", "linear_decay", "warmup_cosine", "warmup_linear_decay"]
 
 
 def constant(step: int, total: int) -> float:
@@ -36,5 +37,23 @@ def warmup_linear_decay(start: float, peak_at: float, end: float = 0.0) -> Calla
         if step < peak:
             return start + (1 - start) * step / peak
         return end + (1 - end) * max(0.0, (total - step) / (total - peak))
+
+    return schedule
+
+
+def warmup_cosine(start: float, warmup: float) -> Callable[[int, int], float]:
+    """From ``start`` up to 1 over the first ``warmup`` of the steps, then down to 0 along a half cosine.
+
+    Raises:
+        ValueError: for a start outside [0, 1] or a warm-up outside [0, 1).
+    """
+    if not 0 <= start <= 1 or not 0 <= warmup < 1:
+        raise ValueError(f"warmup_cosine(start={start}, warmup={warmup}): need start in [0, 1] and 0 <= warmup < 1")
+
+    def schedule(step: int, total: int) -> float:
+        peak = warmup * total
+        if step < peak:
+            return start + (1 - start) * step / peak
+        return 0.5 * (1 + math.cos(math.pi * (step - peak) / (total - peak)))
 
     return schedule

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_names_resolve_to_each_frameworks_builder():
     assert set(builders("seed_cnn")) == {"torch", "tensorflow"}
     assert set(builders("torchvision:resnet18")) == {"torch"}
+    assert set(builders("timm:resnet18")) == {"torch"}
     assert set(builders("keras:MobileNetV2")) == {"tensorflow"}
     assert set(builders("my_pkg.models:build")) == {"torch", "tensorflow"}
     assert TrainLoopConfig(data_dir="", model="torchvision:resnet18").network == "torchvision:resnet18"
@@ -47,7 +48,7 @@ def test_check_model_names_the_fix():
         check_model("not a model", "torch")
 
 
-@pytest.mark.parametrize("model", ["torchvision:resnet18", "tests.cluster.plugin_models:tiny_net"])
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "timm:resnet18", "tests.cluster.plugin_models:tiny_net"])
 def test_a_named_network_trains_in_the_loop_and_its_checkpoint_names_it(prepared, tmp_path, model):
     import torch
 
@@ -64,6 +65,24 @@ def test_a_named_network_trains_in_the_loop_and_its_checkpoint_names_it(prepared
     assert (spec.name, epoch) == (model, 3)
     rebuilt = build_model(spec)  # predict's way: from the checkpoint's own record
     rebuilt.load_state_dict(torch.load(final / "model.pt", map_location="cpu", weights_only=True))
+
+
+def test_a_zoo_whose_package_is_missing_is_refused_with_the_extra_to_install(monkeypatch):
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else found(name, *a))
+    with pytest.raises(UserError, match=r"model='timm:resnet18' needs timm, which is not installed; pip install "
+                                        r"'trainflow\[timm\]'"):
+        TrainLoopConfig(data_dir="", model="timm:resnet18")
+
+
+def test_an_unknown_timm_name_says_where_the_names_are():
+    from cluster.pytorch.zoo import timm_model
+    from cluster.worker.checkpoint import ModelSpec
+
+    spec = ModelSpec(name="timm:resnet7", in_channels=1, num_classes=3, image_size=16, mean=(0.5,), std=(0.5,),
+                     classes=("a", "b", "c"))
+    with pytest.raises(UserError, match="choose one of timm.list_models"):
+        timm_model(spec)
 
 
 def test_an_unknown_torchvision_name_says_where_the_names_are():

@@ -27,6 +27,7 @@ from tests.raycluster import RayTestCluster, start_cluster
 pytestmark = pytest.mark.slow
 HIDING = raycluster.hiding_unsupported()
 BIN = Path(sys.executable).parent
+TESTS = Path(__file__).resolve().parents[1]
 # digits at 16 px: ~1,300 training images, epochs of a few seconds on two 1-CPU nodes
 RUN = ["--dataset", "digits", "--image-size", "16", "--lr", "0.01", "--workers", "2", "--placement-strategy", "SPREAD"]
 
@@ -74,16 +75,23 @@ def assert_one_line_error(run: subprocess.CompletedProcess, *words: str) -> str:
 
 
 @pytest.mark.timeout(400)
-def test_over_ray_client_with_a_folder_store_every_node_sees(cluster, tmp_path):
-    """Two features in one run, to save a run: a `ray://` address, and a folder store declared shared."""
+def test_over_ray_client_with_a_folder_store_and_a_model_only_the_driver_has(cluster, tmp_path):
+    """Three features in one run, to save runs: a `ray://` address; a folder store declared shared; and a model
+    builder named by import path whose module only the driver has (on its PYTHONPATH, in a folder the second
+    node sees empty), which travels to the nodes with the code."""
     if cluster.client_address is None:
         pytest.skip("the cluster runs no Ray Client server (grpcio, from ray[default], is not installed)")
+    plugins = cluster.workdir / "stores" / "plugins"  # under a hidden path: the second node sees it empty
+    plugins.mkdir(parents=True, exist_ok=True)
+    (plugins / "driver_only_nets.py").write_text((TESTS / "cluster" / "plugin_models.py").read_text())
     store = tmp_path / "shared-store"  # not among the hidden folders: both nodes see it, as an NFS mount would be
-    run = trainflow(cluster, "run", *RUN, "--epochs", "2", "--store", str(store), "--shared-folder-store",
-                    "--ray-address", cluster.client_address, "--json")
+    run = trainflow(cluster, "run", *RUN, "--epochs", "2", "--model", "driver_only_nets:tiny_net", "--store",
+                    str(store), "--shared-folder-store", "--ray-address", cluster.client_address, "--json",
+                    PYTHONPATH=str(plugins))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     summary = json.loads(run.stdout[run.stdout.index("{\n"):])
     assert summary["nodes"] == 2 and summary["epochs_trained"] == 2
+    assert summary["run_id"].startswith("driver_only_nets-tiny_net-"), summary["run_id"]
     assert (store / "models" / "seed-cnn" / "champion.json").is_file()
 
 

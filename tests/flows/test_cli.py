@@ -96,7 +96,7 @@ def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
 def test_a_torchvision_network_by_name_fine_tuned_from_a_published_version_on_grayscale(tmp_path):
     """``--model torchvision:resnet18`` through the whole flow twice: on digits, published; then on a 3-class
     folder of one-channel images (repeated to the three channels the network takes) from that version's weights
-    (``--weights model:NAME``, its champion), the 10-class head replaced. The run's name, the lineage (origin and
+    (``--weights model:NAME``, its champion) with the finetune recipe, the 10-class head replaced. The run's name, the lineage (origin and
     sha256 of the weights) and ``trainflow predict``, which rebuilds the network from the checkpoint's record,
     all name what was used."""
     from tests.conftest import write_class_folders
@@ -108,8 +108,8 @@ def test_a_torchvision_network_by_name_fine_tuned_from_a_published_version_on_gr
     assert source.returncode == 0, source.stderr[-3000:]
     images = write_class_folders(tmp_path / "gray", classes=3, per_class=20, size=8, channels=1)
     tuned = trainflow("run", "--dataset", f"folder:{images}", "--image-size", "8", "--workers", "1", "--epochs", "2",
-                      "--lr", "0.01", *network, "--weights", "model:digits-resnet", "--model-name", "gray-resnet",
-                      env=no_server)
+                      "--recipe", "finetune", "--lr", "0.002", *network, "--weights", "model:digits-resnet",
+                      "--model-name", "gray-resnet", env=no_server)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "starting from model.pt; new head: fc.weight, fc.bias" in tuned.stderr, tuned.stderr[-3000:]
     summary = json.loads(tuned.stdout[tuned.stdout.index("{"):])
@@ -120,6 +120,7 @@ def test_a_torchvision_network_by_name_fine_tuned_from_a_published_version_on_gr
     digest = {f["name"]: f["sha256"] for f in manifest["files"]}["model.pt"]
     assert lineage["starting_weights"] == {"origin": "model:digits-resnet@1", "sha256": digest}
     assert lineage["parameters"]["train"]["model"] == "torchvision:resnet18"
+    assert lineage["parameters"]["train"]["recipe"] == "finetune"
     predicted = trainflow("predict", str(images / "class_1"), "--store", store, "--model", "gray-resnet", "--json")
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     rows = json.loads(predicted.stdout[predicted.stdout.index("{"):])["predictions"]
