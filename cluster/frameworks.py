@@ -37,6 +37,8 @@ class Framework:
     predict: str  # "module:function" (checkpoint_dir, uint8 NHWC images) -> class indices
     # "module:function" (checkpoint_dir or a published version's folder, uint8 NHWC images) -> (N, classes) softmax
     probabilities: str
+    # "module:function" (checkpoint_dir, path) writing the checkpoint's model as ONNX (cluster.worker.checkpoint)
+    export: str
     packages: tuple[str, ...]  # distributions whose versions a release's lineage records
     options: frozenset[str] = frozenset()  # which of TrainLoopConfig's optional speed-ups it implements
     # Environment of this framework's Ray processes. Also keeps them apart: Ray reuses a worker process only
@@ -70,7 +72,7 @@ FRAMEWORKS: dict[str, Framework] = {
             modules=("torch",), install="pip install trainflow",
             train="cluster.pytorch.loop:train_on_ray", backend_config="cluster.pytorch.ray_backend:backend_config",
             predict="cluster.pytorch.model:predict", probabilities="cluster.pytorch.model:probabilities",
-            packages=("torch",),
+            export="cluster.pytorch.export:export_onnx", packages=("torch",),
             options=frozenset({"precision=bf16", "channels_last"}),
             # Train runs the loop on a thread of its own, and glibc gives a thread a malloc arena of its own,
             # whose 64 MiB heaps are unmapped whenever one falls empty, whatever keep_freed_memory set, so a
@@ -83,7 +85,7 @@ FRAMEWORKS: dict[str, Framework] = {
             modules=("tensorflow", "keras"), install="pip install 'trainflow[tensorflow]'",
             train="cluster.tf.loop:train_on_ray", backend_config="cluster.tf.ray_backend:backend_config",
             predict="cluster.tf.model:predict", probabilities="cluster.tf.model:probabilities",
-            packages=("tensorflow", "keras"),
+            export="cluster.tf.export:export_onnx", packages=("tensorflow", "keras"),
             # a user's global KERAS_BACKEND=torch would make `import keras` load torch into a TensorFlow worker
             env={"TRAINFLOW_FRAMEWORK": "tensorflow", "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}),
     )

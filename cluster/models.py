@@ -120,8 +120,9 @@ def driver_only_modules(names: Iterable[str]) -> list[str]:
     copies of the rest. Names of no builder, builders not importable here and this project's own packages (which
     travel anyway) are left out."""
     project = Path(__file__).resolve().parents[1]
-    installed = [project / package for package in ("flows", "tasks", "cluster")] + [Path(p).resolve() for p in {*site.getsitepackages(), site.getusersitepackages(),
-                                            sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}]
+    sites = {*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["purelib"],
+             sysconfig.get_paths()["platlib"]}
+    installed = [project / package for package in ("flows", "tasks", "cluster")] + [Path(p).resolve() for p in sites]
     found: list[str] = []
     registered = plugin_models()
     for name in names:

@@ -7,7 +7,7 @@
     trainflow up [--prefect-port 4200] [--cpus N] | trainflow down
     trainflow serve [--every SECONDS]
     trainflow models list|show NAME [VERSION]|promote NAME VERSION [--store ...]
-    trainflow predict IMAGE|FOLDER... [--model NAME] [--version N] [--store ...] [--json]
+    trainflow predict IMAGE|FOLDER... [--model NAME] [--version N] [--store ...] [--runtime onnx] [--json]
 
 Mistakes a user can fix are printed as one line (exit code 2), never a traceback.
 """
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", help="registry name (default: the store's only model, else publish's default)")
     predict.add_argument("--version", type=int, help="a published version (default: the champion)")
     predict.add_argument("--store", default="./artifacts", help="directory, file:// URI or s3://bucket/prefix")
+    predict.add_argument("--runtime", choices=("framework", "onnx"), default="framework",
+                         help="framework: the version's own (torch or TensorFlow); onnx: onnxruntime on its "
+                              "model.onnx, loading neither")
     predict.add_argument("--json", action="store_true", help="print the predictions as JSON")
     return ap
 
@@ -134,8 +137,8 @@ def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None =
              "recipe": f"how the model learns: {' | '.join(RECIPES)} (default article)",
              "model": "the network, instead of the recipe's own: torchvision:<name>, timm:<name>, keras:<name> or "
                       "package.module:function",
-             "weights": "start from these weights: a .pt/.pth state dict or .keras file, an s3:// URI of one, or "
-                        "model:NAME[@VERSION] of the store's registry",
+             "weights": "start from these weights: a .pt/.pth/.safetensors state dict or .keras file, an s3:// URI "
+                        "of one, or model:NAME[@VERSION] of the store's registry",
              "stored_as": "the training images as pixels (default) or encoded: the files, decoded with a "
                           "random-resized crop per image and epoch",
              "max_side": "encoded: shrink larger images to this longest side (default twice --image-size)"}
@@ -351,15 +354,17 @@ def _predict(args: argparse.Namespace) -> int:
     store.check()
     name = predict.choose_model(store, args.model, PublishParams.model_fields["model_name"].default)
     chosen = predict.choose_version(store, name, args.version)
-    results = predict.predict(store, chosen, files, predict.load_images(files, chosen))
+    results = predict.predict(store, chosen, files, predict.load_images(files, chosen), args.runtime)
     if args.json:
         rows = [{"path": r.path, "class": r.label, "index": r.index, "probability": r.probability} for r in results]
         print(json.dumps({"model": chosen.name, "version": chosen.version, "champion": chosen.champion,
-                          "framework": chosen.framework, "uri": chosen.uri, "ignored_files": ignored,
+                          "framework": chosen.framework, "runtime": args.runtime, "uri": chosen.uri,
+                          "ignored_files": ignored,
                           "predictions": rows}, indent=2))
         return 0
+    runtime = "onnxruntime" if args.runtime == "onnx" else chosen.framework
     print(f"{chosen.name} v{chosen.version} ({'the champion' if chosen.champion else 'not the champion'}, "
-          f"{chosen.framework}) from {chosen.uri}: {len(results)} image(s)"
+          f"{runtime}) from {chosen.uri}: {len(results)} image(s)"
           + (f", {ignored} non-image file(s) ignored" if ignored else ""), file=sys.stderr)
     for r in results:
         print(f"{r.path}\t{r.label}\t{r.probability:.4f}")

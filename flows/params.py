@@ -121,8 +121,9 @@ class TrainParams(_Section):
                                    "builder as package.module:function, or one an installed package registers"
                                    + "".join(f"; {name}" for name in plugin_models()))
     weights: str = Field("", max_length=1000, title="Starting weights",
-                         description="Empty: from scratch. A state dict (.pt, .pth; torch) or .keras file (TensorFlow) "
-                                     "on this machine or at an s3:// URI, or model:NAME[@VERSION] of this store's "
+                         description="Empty: from scratch. A state dict (.pt, .pth, .safetensors; torch) or .keras "
+                                     "file (TensorFlow) on this machine or at an s3:// URI, or model:NAME[@VERSION] "
+                                     "of this store's "
                                      "registry (default: its champion); the classification layer is replaced when "
                                      "the class count differs")
     epochs: int = Field(10, ge=1, le=1000, title="Epochs")

@@ -22,14 +22,15 @@ import numpy as np
 
 from cluster.errors import UserError
 from cluster.frameworks import get_framework, load
+from cluster.worker.checkpoint import ONNX_FILE
 from tasks import registry
 from tasks.ingest import IMAGE_SUFFIXES
 from tasks.images import to_channels
 from tasks.preprocess import decode_images
 from tasks.store import Store
 
-__all__ = ["Chosen", "Prediction", "choose_model", "choose_version", "fetch_model", "image_files", "load_images",
-           "predict"]
+__all__ = ["RUNTIMES", "Chosen", "Prediction", "choose_model", "choose_version", "fetch_model", "image_files",
+           "load_images", "onnx_probabilities", "predict", "verified_file"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,31 +141,65 @@ def fetch_model(store: Store, chosen: Chosen, dest: Path) -> None:
     Raises:
         UserError: when a file is missing from the manifest or its bytes differ from what the manifest lists.
     """
-    listed = {entry["name"]: entry["sha256"] for entry in chosen.manifest["files"]}
-    prefix = f"{registry.versions_prefix(chosen.name)}/{chosen.version}"
-    state = store.get_bytes(f"{prefix}/state.json")
-    for file_name in ["state.json", *json.loads(state).get("model_files", ["model.pt"])]:
-        data = state if file_name == "state.json" else store.get_bytes(f"{prefix}/{file_name}")
-        if listed.get(file_name) != hashlib.sha256(data).hexdigest():
-            raise UserError(f"{chosen.uri}/{file_name} does not match the version's manifest; the version is "
-                            "damaged: publish it again or choose another --version.")
-        (dest / file_name).write_bytes(data)
+    state = verified_file(store, chosen, "state.json")
+    (dest / "state.json").write_bytes(state)
+    for file_name in json.loads(state).get("model_files", ["model.pt"]):
+        (dest / file_name).write_bytes(verified_file(store, chosen, file_name))
 
 
-def predict(store: Store, chosen: Chosen, files: list[Path], images: np.ndarray) -> list[Prediction]:
-    """Class and probability of each image, by the chosen version, in this process.
-
-    Imports the one framework the version was trained with (TensorFlow after torch in one process has
-    segfaulted the other way round, so a process must never hold both).
+def verified_file(store: Store, chosen: Chosen, file_name: str) -> bytes:
+    """One file of the chosen version, its bytes checked against the manifest.
 
     Raises:
-        UserError: when the version's files are damaged.
+        UserError: when the file is missing from the manifest or its bytes differ from what the manifest lists.
     """
-    framework = get_framework(chosen.framework)
-    os.environ.update(framework.env)  # e.g. KERAS_BACKEND=tensorflow, before the backend imports keras
-    with tempfile.TemporaryDirectory(prefix="trainflow-predict-") as tmp:
-        fetch_model(store, chosen, Path(tmp))
-        probabilities = np.asarray(load(framework.probabilities)(Path(tmp), images))
+    listed = {entry["name"]: entry["sha256"] for entry in chosen.manifest["files"]}
+    data = store.get_bytes(f"{registry.versions_prefix(chosen.name)}/{chosen.version}/{file_name}") \
+        if file_name in listed else b""
+    if listed.get(file_name) != hashlib.sha256(data).hexdigest():
+        raise UserError(f"{chosen.uri}/{file_name} does not match the version's manifest; the version is "
+                        "damaged: publish it again or choose another --version.")
+    return data
+
+
+RUNTIMES = ("framework", "onnx")  # the version's own framework, or onnxruntime on its model.onnx
+
+
+def predict(store: Store, chosen: Chosen, files: list[Path], images: np.ndarray,
+            runtime: str = "framework") -> list[Prediction]:
+    """Class and probability of each image, by the chosen version, in this process.
+
+    With ``runtime="framework"``, imports the one framework the version was trained with (TensorFlow after
+    torch in one process has segfaulted the other way round, so a process must never hold both); with
+    ``"onnx"``, neither: onnxruntime runs the version's ``model.onnx``.
+
+    Raises:
+        UserError: when the version's files are damaged, or it holds no ONNX model for ``runtime="onnx"``.
+    """
+    if runtime == "onnx":
+        probabilities = onnx_probabilities(store, chosen, images)
+    else:
+        framework = get_framework(chosen.framework)
+        os.environ.update(framework.env)  # e.g. KERAS_BACKEND=tensorflow, before the backend imports keras
+        with tempfile.TemporaryDirectory(prefix="trainflow-predict-") as tmp:
+            fetch_model(store, chosen, Path(tmp))
+            probabilities = np.asarray(load(framework.probabilities)(Path(tmp), images))
     indices = probabilities.argmax(axis=1)
     return [Prediction(path=str(path), label=chosen.classes[i], index=int(i), probability=float(p[i]))
             for path, i, p in zip(files, indices, probabilities)]
+
+
+def onnx_probabilities(store: Store, chosen: Chosen, images: np.ndarray) -> np.ndarray:
+    """(N, classes) softmax of uint8 NHWC ``images`` by the version's ``model.onnx``, in onnxruntime.
+
+    Raises:
+        UserError: when the version holds no ONNX model, or it is damaged.
+    """
+    import onnxruntime
+
+    if ONNX_FILE not in {entry["name"] for entry in chosen.manifest["files"]}:
+        raise UserError(f"{chosen.uri} holds no {ONNX_FILE} (published before ONNX export, or trained where "
+                        "onnxruntime was missing); use --runtime framework, or choose another --version.")
+    session = onnxruntime.InferenceSession(verified_file(store, chosen, ONNX_FILE),
+                                           providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"pixels": np.ascontiguousarray(images)})[0]

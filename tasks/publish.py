@@ -12,16 +12,19 @@ and writes nothing. A forced retrain is another run, published anew.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import platform
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 
+import numpy as np
 from prefect import get_run_logger, task
 
 from cluster.errors import UserError
 from cluster.frameworks import get_framework
+from cluster.worker.checkpoint import ONNX_FILE, PREDICTIONS_FILE, PREPROCESSING_FILE
 from tasks.common import in_prefect_run, retry_unless_user_error
 from tasks.refs import Evaluation, PreparedData, Release, TrainedModel
 from tasks.registry import (MANIFEST, claim_version, move_champion, published_versions, read_champion,
@@ -119,6 +122,30 @@ def version_files(model: TrainedModel, evaluation: Evaluation, prepared: Prepare
     }
 
 
+ONNX_AGREEMENT = 0.999  # the least share of the test split on which onnxruntime's class must be the framework's
+
+
+def onnx_files(store: Store, model: TrainedModel) -> dict[str, bytes]:
+    """The final checkpoint's ONNX model and its preprocessing, once onnxruntime's classes for the test split
+    (made where the model trained) agree with the framework's on at least ONNX_AGREEMENT of it; none when the
+    checkpoint holds no ONNX model (written where onnxruntime was missing).
+
+    Raises:
+        UserError: when they agree on less, naming both counts: nothing is published.
+    """
+    checkpoint = store.key_of(model.checkpoint_uri)
+    if not store.exists(f"{checkpoint}/{ONNX_FILE}"):
+        return {}
+    with np.load(io.BytesIO(store.get_bytes(f"{checkpoint}/{PREDICTIONS_FILE}"))) as stored:
+        y_pred, y_onnx = stored["y_pred"], stored["y_onnx"]
+    agree = int(np.sum(y_pred == y_onnx))
+    if len(y_pred) and agree < ONNX_AGREEMENT * len(y_pred):
+        raise UserError(f"the ONNX export of {model.run_id} agrees with {model.framework} on {agree} of "
+                        f"{len(y_pred)} test images (at least {ONNX_AGREEMENT:.1%} needed), so nothing is "
+                        "published; report it with the model's name, or train with another --model.")
+    return {name: store.get_bytes(f"{checkpoint}/{name}") for name in (ONNX_FILE, PREPROCESSING_FILE)}
+
+
 def already_published(store: Store, name: str, model: TrainedModel) -> int | None:
     """The version of ``name`` that already holds ``model``'s checkpoint, or None.
 
@@ -155,9 +182,10 @@ def publish(model: TrainedModel, evaluation: Evaluation, prepared: PreparedData,
                        promoted=False, champion_version=champion_version, reused=True,
                        reason=f"already published as v{existing} (training run {model.run_id}, same checkpoint); "
                               f"nothing written, the champion stays {stays}")
+    exported = onnx_files(store, model)  # checked before a version number is claimed
     version = claim_version(store, name)
     prefix = f"{versions_prefix(name)}/{version}"
-    files = version_files(model, evaluation, prepared, params, store, name, version)
+    files = {**version_files(model, evaluation, prepared, params, store, name, version), **exported}
     for file_name, data in files.items():
         store.put_bytes(f"{prefix}/{file_name}", data)
     manifest = {"name": name, "version": version,

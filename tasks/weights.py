@@ -2,7 +2,7 @@
 
 A reference is one of:
 
-* a local file (a state dict as ``*.pt`` or ``*.pth`` for torch; ``*.keras`` for TensorFlow);
+* a local file (a state dict as ``*.pt``, ``*.pth`` or ``*.safetensors`` for torch; ``*.keras`` for TensorFlow);
 * ``s3://bucket/key`` of such a file (credentials from the AWS environment, as the store's);
 * ``model:NAME[@VERSION]``: a published version of the run's registry (default: the champion).
 
@@ -25,7 +25,7 @@ from tasks.store import Store, open_store
 __all__ = ["SUFFIXES", "StagedWeights", "resolve_weights"]
 
 # the files each framework's loop loads safely: torch.load(weights_only=True); Keras load_model(safe_mode=True)
-SUFFIXES = {"torch": (".pt", ".pth"), "tensorflow": (".keras",)}
+SUFFIXES = {"torch": (".pt", ".pth", ".safetensors"), "tensorflow": (".keras",)}
 
 
 @dataclass(frozen=True)

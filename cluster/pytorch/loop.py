@@ -29,7 +29,7 @@ from cluster.pytorch import sharded as torch_sharded
 from cluster.pytorch import model as tb
 from cluster.config import TrainLoopConfig
 from cluster.data import Manifest, Shard, load_split, read_manifest
-from cluster.frameworks import load
+from cluster.frameworks import get_framework, load
 from cluster.precision import PRECISIONS, Precision, agree, describe
 from cluster.recipes import RECIPES, get_recipe
 from cluster.worker.checkpoint import ModelSpec, write_predictions
@@ -141,7 +141,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
                 tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision,
                                    averager.state_dict() if averager else None)
                 if epoch == cfg.epochs:
-                    write_predictions(Path(tmp), data_dir, tb.predict)
+                    write_predictions(Path(tmp), data_dir, tb.predict, get_framework("torch").export)
                 ckpt = Path(tmp)
             ctx.report(metrics, ckpt)
     return history

@@ -99,18 +99,24 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def load_starting_weights(model: nn.Module, path: Path, num_classes: int) -> list[str]:
-    """Load a state dict saved by ``torch.save`` (read with ``weights_only=True``) into ``model``; returns the
-    names of the tensors left freshly initialised: the classification head, where the class count differs.
+    """Load a state dict saved by ``torch.save`` (read with ``weights_only=True``) or as safetensors
+    (``*.safetensors``) into ``model``; returns the names of the tensors left freshly initialised: the
+    classification head, where the class count differs.
 
     Raises:
         UserError: when the file is no state dict of this network (other tensor names, or other shapes
             anywhere but a head of ``num_classes`` rows).
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle's and torch's errors for a file that is not a plain state dict
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle's, torch's and safetensors' errors for a file that is not a plain state dict
         raise UserError(f"weights {path.name} cannot be read as a state dict ({e}); save them with "
-                        "torch.save(model.state_dict(), path).") from None
+                        "torch.save(model.state_dict(), path) or safetensors.torch.save_file.") from None
     own = model.state_dict()
     if not isinstance(state, dict) or state.keys() != own.keys():
         names = set(state) if isinstance(state, dict) else set()

@@ -30,7 +30,7 @@ import tensorflow as tf
 from cluster.tf import model as tfb
 from cluster.config import TrainLoopConfig
 from cluster.data import load_split, read_manifest
-from cluster.frameworks import load
+from cluster.frameworks import get_framework, load
 from cluster.precision import describe, resolve
 from cluster import models
 from cluster.recipes import get_recipe
@@ -122,7 +122,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             if ctx.rank == 0 and recipe.checkpoints_after(epoch, cfg.epochs):
                 tfb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision)
                 if epoch == cfg.epochs:
-                    write_predictions(Path(tmp), data_dir, tfb.predict)
+                    write_predictions(Path(tmp), data_dir, tfb.predict, get_framework("tensorflow").export)
                 ckpt = Path(tmp)
             ctx.report(metrics, ckpt)
     return history

@@ -19,7 +19,9 @@ from cluster.data import Manifest, predict_split
 from cluster.precision import Precision
 
 STATE_FILE = "state.json"
-PREDICTIONS_FILE = "predictions.npz"  # the final checkpoint's test-split predictions (y_true, y_pred)
+PREDICTIONS_FILE = "predictions.npz"  # the final checkpoint's test-split predictions (y_true, y_pred, y_onnx)
+ONNX_FILE = "model.onnx"  # the final checkpoint's model for any ONNX runtime: uint8 NHWC pixels → probabilities
+PREPROCESSING_FILE = "preprocessing.json"  # what to do to an image file before ONNX_FILE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,14 +58,47 @@ def write_state(directory: Path, *, framework: str, versions: dict[str, str], mo
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def write_predictions(directory: Path, data_dir: Path, predict: Callable[[Path, np.ndarray], np.ndarray]) -> None:
-    """Store the test split's predictions in a checkpoint, made by ``predict`` from the checkpoint's own files.
+def write_predictions(directory: Path, data_dir: Path, predict: Callable[[Path, np.ndarray], np.ndarray],
+                      export: str = "") -> None:
+    """Store the test split's predictions in a checkpoint, made by ``predict`` from the checkpoint's own files;
+    with ``export`` (the framework's "module:function" writing ONNX), also the model as ONNX_FILE, its
+    PREPROCESSING_FILE and onnxruntime's predictions of the same images (``y_onnx``), which publishing compares.
 
     The loops call it for the final epoch's checkpoint only: evaluation then reads them, with the
     same numbers its own prediction task would have made, instead of starting a process to make them.
     """
     y_true, y_pred = predict_split(data_dir, "test", lambda images: predict(directory, images))
-    np.savez(directory / PREDICTIONS_FILE, y_true=y_true, y_pred=y_pred)
+    arrays = {"y_true": y_true, "y_pred": y_pred}
+    if export:
+        arrays["y_onnx"] = _export_onnx(directory, data_dir, export)
+    np.savez(directory / PREDICTIONS_FILE, **arrays)
+
+
+def _export_onnx(directory: Path, data_dir: Path, export: str) -> np.ndarray:
+    """Write the checkpoint's model as ONNX and its preprocessing; onnxruntime's classes for the test split."""
+    import onnxruntime
+
+    from cluster.frameworks import load
+
+    load(export)(directory, directory / ONNX_FILE)
+    spec = read_state(directory)[0]
+    (directory / PREPROCESSING_FILE).write_text(json.dumps(preprocessing(spec), indent=2))
+    session = onnxruntime.InferenceSession(str(directory / ONNX_FILE), providers=["CPUExecutionProvider"])
+    return predict_split(data_dir, "test", lambda images: session.run(None, {"pixels": images})[0].argmax(1))[1]
+
+
+def preprocessing(spec: ModelSpec) -> dict:
+    """What a runtime does to an image file before ONNX_FILE's graph: the contents of PREPROCESSING_FILE."""
+    size, channels = spec.image_size, spec.in_channels
+    return {"format": "trainflow-onnx/1",
+            "input": {"name": "pixels", "dtype": "uint8", "layout": "NHWC", "shape": ["N", size, size, channels]},
+            "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(spec.classes)]},
+            "image_size": size, "channels": channels,
+            "decode": "Pillow: Image.open(file).convert('RGB'), then resize((image_size, image_size), "
+                      "Image.Resampling.BILINEAR) when its size differs"
+                      + (", then its luma round(0.299 R + 0.587 G + 0.114 B)" if channels == 1 else ""),
+            "resize": "BILINEAR", "color": "L" if channels == 1 else "RGB",
+            "classes": list(spec.classes), "normalisation": "inside the graph", "test_time_views": spec.eval_views}
 
 
 def read_state(directory: Path) -> tuple[ModelSpec, int, list[dict]]:

@@ -156,3 +156,22 @@ def test_starting_weights_load_but_for_a_head_of_another_class_count(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="cannot be read as a state dict"):
         load_starting_weights(target, tmp_path / "junk.pt", 3)
+
+
+def test_starting_weights_load_from_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from cluster.pytorch.model import build_model, load_starting_weights
+    from cluster.worker.checkpoint import ModelSpec
+
+    spec = ModelSpec(name="seed_cnn", in_channels=1, num_classes=4, image_size=16, mean=(0.5,), std=(0.5,),
+                     classes=tuple("abcd"))
+    source = build_model(spec)
+    save_file(source.state_dict(), tmp_path / "four.safetensors")
+    target = build_model(spec)
+    assert load_starting_weights(target, tmp_path / "four.safetensors", 4) == []  # same classes: nothing fresh
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(UserError, match="cannot be read as a state dict|do not fit the network"):
+        load_starting_weights(target, tmp_path / "junk.safetensors", 4)

@@ -163,6 +163,18 @@ def test_predict_agrees_with_the_evaluation_of_the_published_model(digits_run, t
     assert [got[f"{i:04d}.png"]["index"] for i in picked] == [int(y_pred[i]) for i in picked]
     assert all(got[f"{i:04d}.png"]["class"] == prepared.classes[y_pred[i]] for i in picked)
     assert all(1 / len(prepared.classes) < p["probability"] <= 1.0 for p in out["predictions"])
+    # the version's model.onnx in onnxruntime, in a process with neither framework, on the whole test split:
+    # onnxruntime's class is the framework's for at least 99.9 % of it (here: for all of them)
+    every = tmp_path / "every"
+    every.mkdir()
+    for i, file in enumerate(test_files):
+        shutil.copy(file, every / f"{i:04d}.png")
+    by_framework, _ = predict_cli(str(every), "--store", str(digits_run.store))
+    by_onnx, loaded = predict_cli(str(every), "--store", str(digits_run.store), "--runtime", "onnx")
+    assert (by_onnx["runtime"], loaded) == ("onnx", []) and len(by_onnx["predictions"]) == len(y_test)
+    framework_class = {p["path"]: p["index"] for p in by_framework["predictions"]}
+    agree = np.mean([p["index"] == framework_class[p["path"]] for p in by_onnx["predictions"]])
+    assert agree >= 0.999, agree
     # the same pixels as training saw: the 8x8 PNGs decoded and resized to 16x16 grayscale by preprocess's code
     chosen = predicting.choose_version(store, "seed-cnn", None)
     x_test, _ = load_split(store.root / store.key_of(prepared.uri), "test")
@@ -244,3 +256,7 @@ def test_tfds_dataset_through_the_whole_flow(harness, ray_local, tfds_data, tmp_
         assert (out["framework"], loaded) == ("tensorflow", ["tensorflow"])
         predicted = [p["index"] for p in sorted(out["predictions"], key=lambda p: p["path"])]
         assert np.mean(np.array(predicted) == y_test[:30]) >= 0.9
+        # the version's model.onnx in onnxruntime, in a process with neither framework: the same classes
+        out, loaded = predict_cli(str(folder), "--store", str(store), "--runtime", "onnx")
+        assert (out["runtime"], loaded) == ("onnx", [])
+        assert [p["index"] for p in sorted(out["predictions"], key=lambda p: p["path"])] == predicted

@@ -4,9 +4,11 @@ publishing an already published model (nothing written)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import threading
 
+import numpy as np
 import pytest
 
 from tests.tasks._helpers import EPOCHS, Trained, train_small_model
@@ -18,7 +20,8 @@ from tasks.refs import Evaluation, Release, TrainedModel
 from tasks.store import FileStore
 from tests.conftest import run_threads
 
-VERSION_FILES = {"model.pt", "state.json", "metrics.json", "lineage.json", "card.md", "confusion.png"}
+VERSION_FILES = {"model.pt", "state.json", "metrics.json", "lineage.json", "card.md", "confusion.png", "model.onnx",
+                 "preprocessing.json"}
 PARAMS = {"data": {"kind": "folder", "path": "/somewhere", "image_size": 16}, "train": {"epochs": 3, "lr": 0.01}}
 
 
@@ -97,6 +100,26 @@ def champion_of(store: FileStore, name: str) -> dict | None:
     return read_champion(store, name)[1]
 
 
+def test_an_onnx_export_that_disagrees_with_the_framework_publishes_nothing(trained: Trained,
+                                                                           evaluation: Evaluation):
+    """onnxruntime's classes (made where the model trained) must be the framework's on 99.9 % of the test split."""
+    store, name = trained.store, "onnx-disagrees"
+    model = another_run(trained, "onnx")
+    key = store.key_of(model.checkpoint_uri)
+    for copied in ("model.onnx", "preprocessing.json"):
+        store.put_bytes(f"{key}/{copied}", store.get_bytes(f"{trained.checkpoint_key}/{copied}"))
+    with np.load(io.BytesIO(store.get_bytes(f"{trained.checkpoint_key}/predictions.npz"))) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    arrays["y_onnx"] = arrays["y_onnx"].copy()
+    arrays["y_onnx"][0] = (arrays["y_pred"][0] + 1) % 3  # one test image classed otherwise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    store.put_bytes(f"{key}/predictions.npz", buffer.getvalue())
+    with pytest.raises(UserError, match=r"agrees with torch on \d+ of \d+ test images .* nothing is published"):
+        publish(model, evaluation, trained.prepared, PARAMS, store.uri, name)
+    assert not (store.root / "models" / name).exists()
+
+
 def test_first_publish_writes_a_complete_version(trained: Trained, evaluation: Evaluation):
     store, name = trained.store, "first"
     release = publish(trained.model, evaluation, trained.prepared, PARAMS, store.uri, name)
@@ -119,7 +142,8 @@ def test_first_publish_writes_a_complete_version(trained: Trained, evaluation: E
     assert all((directory / n).stat().st_mtime_ns <= manifest_mtime for n in listed)
 
     # the files are the checkpoint's and the evaluation's
-    assert (directory / "model.pt").read_bytes() == store.get_bytes(f"{trained.checkpoint_key}/model.pt")
+    for copied in ("model.pt", "model.onnx", "preprocessing.json"):
+        assert (directory / copied).read_bytes() == store.get_bytes(f"{trained.checkpoint_key}/{copied}")
     assert (directory / "state.json").read_bytes() == store.get_bytes(f"{trained.checkpoint_key}/state.json")
     assert Evaluation.model_validate_json((directory / "metrics.json").read_text()) == evaluation
     assert (directory / "confusion.png").read_bytes() == store.get_bytes(store.key_of(evaluation.confusion_png_uri))

@@ -25,7 +25,7 @@ def test_a_local_file_is_staged_once_under_its_hash(tmp_path):
 
 @pytest.mark.parametrize(("reference", "framework", "message"), [
     ("missing.pt", "torch", r"weights='missing.pt' is not a file on this machine; give a file, an s3:// URI"),
-    ("model.keras", "torch", r"framework='torch' loads .pt, .pth files"),
+    ("model.keras", "torch", r"framework='torch' loads .pt, .pth, .safetensors files"),
     ("model.pt", "tensorflow", r"framework='tensorflow' loads .keras files"),
     ("model:", "torch", r"weights='model:' names no model"),
     ("model:seed@x", "torch", r"the version must be a number"),
