@@ -141,7 +141,8 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
                 tb.save_checkpoint(Path(tmp), model, optimizer, spec, epoch, history, workers, precision,
                                    averager.state_dict() if averager else None)
                 if epoch == cfg.epochs:
-                    write_predictions(Path(tmp), data_dir, tb.predict, get_framework("torch").export)
+                    write_predictions(Path(tmp), data_dir, tb.predict, get_framework("torch").export,
+                                      exact=tb.predict_exact if precision.dtype == "bf16" else None)
                 ckpt = Path(tmp)
             ctx.report(metrics, ckpt)
     return history

@@ -252,24 +252,24 @@ def view_logits(model: nn.Module, x: torch.Tensor, views: str = "plain") -> torc
     return total
 
 
-def _inference_precision(checkpoint_dir: Path) -> prec.Precision:
+def _inference_precision(checkpoint_dir: Path, exact: bool = False) -> prec.Precision:
     """bf16 + channels_last where the checkpoint trained in bf16 and this CPU computes it natively, else fp32.
 
     (A recipe's test-time views multiply inference; in fp32 they took a large share of a CIFAR-10 run on a
     CPU: see docs/performance.md.)
     """
     trained = json.loads((checkpoint_dir / STATE_FILE).read_text()).get("precision") or {}
-    return resolve_precision("auto" if trained.get("dtype") == "bf16" else "fp32", channels_last=False,
+    return resolve_precision("auto" if trained.get("dtype") == "bf16" and not exact else "fp32", channels_last=False,
                              device=torch.device("cpu"))
 
 
-def _logits(checkpoint_dir: Path, images: np.ndarray, batch_size: int) -> torch.Tensor:
-    """The checkpoint's model's outputs (N x classes) for uint8 NHWC ``images``, on the CPU."""
+def _logits(checkpoint_dir: Path, images: np.ndarray, batch_size: int, exact: bool = False) -> torch.Tensor:
+    """The checkpoint's model's outputs (N x classes) for uint8 NHWC ``images``, on the CPU (``exact``: in fp32)."""
     spec, _, _ = read_state(checkpoint_dir)
     model = build_model(spec)
     load_weights(checkpoint_dir, model)
     model.eval()
-    precision = _inference_precision(checkpoint_dir)
+    precision = _inference_precision(checkpoint_dir, exact)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     normalize = Normalizer(spec, torch.device("cpu"), channels_last=precision.channels_last)
@@ -282,6 +282,11 @@ def _logits(checkpoint_dir: Path, images: np.ndarray, batch_size: int) -> torch.
 def predict(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Class indices predicted for uint8 NHWC ``images`` by the checkpoint's model, on the CPU."""
     return _logits(checkpoint_dir, images, batch_size).argmax(1).numpy()
+
+
+def predict_exact(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """As :func:`predict`, in fp32 whatever the checkpoint trained in: what its ONNX export is held to."""
+    return _logits(checkpoint_dir, images, batch_size, exact=True).argmax(1).numpy()
 
 
 def probabilities(checkpoint_dir: Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -19,7 +19,7 @@ from cluster.data import Manifest, predict_split
 from cluster.precision import Precision
 
 STATE_FILE = "state.json"
-PREDICTIONS_FILE = "predictions.npz"  # the final checkpoint's test-split predictions (y_true, y_pred, y_onnx)
+PREDICTIONS_FILE = "predictions.npz"  # the final checkpoint's test-split predictions (y_true, y_pred, y_onnx, ...)
 ONNX_FILE = "model.onnx"  # the final checkpoint's model for any ONNX runtime: uint8 NHWC pixels → probabilities
 PREPROCESSING_FILE = "preprocessing.json"  # what to do to an image file before ONNX_FILE
 
@@ -59,10 +59,12 @@ def write_state(directory: Path, *, framework: str, versions: dict[str, str], mo
 
 
 def write_predictions(directory: Path, data_dir: Path, predict: Callable[[Path, np.ndarray], np.ndarray],
-                      export: str = "") -> None:
+                      export: str = "", exact: Callable[[Path, np.ndarray], np.ndarray] | None = None) -> None:
     """Store the test split's predictions in a checkpoint, made by ``predict`` from the checkpoint's own files;
     with ``export`` (the framework's "module:function" writing ONNX), also the model as ONNX_FILE, its
-    PREPROCESSING_FILE and onnxruntime's predictions of the same images (``y_onnx``), which publishing compares.
+    PREPROCESSING_FILE and onnxruntime's predictions of the same images (``y_onnx``), which publishing compares
+    with ``predict``'s, or with ``exact``'s (``y_exact``) where given: the framework in fp32, for a ``predict``
+    that rounds (bf16) where the graph does not.
 
     The loops call it for the final epoch's checkpoint only: evaluation then reads them, with the
     same numbers its own prediction task would have made, instead of starting a process to make them.
@@ -71,6 +73,8 @@ def write_predictions(directory: Path, data_dir: Path, predict: Callable[[Path, 
     arrays = {"y_true": y_true, "y_pred": y_pred}
     if export:
         arrays["y_onnx"] = _export_onnx(directory, data_dir, export)
+        if exact is not None:
+            arrays["y_exact"] = predict_split(data_dir, "test", lambda images: exact(directory, images))[1]
     np.savez(directory / PREDICTIONS_FILE, **arrays)
 
 
