@@ -138,7 +138,8 @@ def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None =
              "model": "the network, instead of the recipe's own: torchvision:<name>, timm:<name>, keras:<name> or "
                       "package.module:function",
              "weights": "start from these weights: a .pt/.pth/.safetensors state dict or .keras file, an s3:// URI "
-                        "of one, or model:NAME[@VERSION] of the store's registry",
+                        "of one, model:NAME[@VERSION] of the store's registry, or torchvision:WEIGHTS (such as "
+                        "IMAGENET1K_V1) for a torchvision:<name> model",
              "stored_as": "the training images as pixels (default) or encoded: the files, decoded with a "
                           "random-resized crop per image and epoch",
              "max_side": "encoded: shrink larger images to this longest side (default twice --image-size)"}

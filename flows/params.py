@@ -123,9 +123,9 @@ class TrainParams(_Section):
     weights: str = Field("", max_length=1000, title="Starting weights",
                          description="Empty: from scratch. A state dict (.pt, .pth, .safetensors; torch) or .keras "
                                      "file (TensorFlow) on this machine or at an s3:// URI, or model:NAME[@VERSION] "
-                                     "of this store's "
-                                     "registry (default: its champion); the classification layer is replaced when "
-                                     "the class count differs")
+                                     "of this store's registry (default: its champion), or torchvision:WEIGHTS "
+                                     "(such as IMAGENET1K_V1, for a torchvision:<name> model; from $TORCH_HOME); "
+                                     "the classification layer is replaced when the class count differs")
     epochs: int = Field(10, ge=1, le=1000, title="Epochs")
     batch_size: int = Field(64, ge=1, le=65536, title="Global batch size", description="Split evenly over workers")
     lr: float = Field(0.001, gt=0.0, le=10.0, title="Learning rate",
@@ -303,6 +303,7 @@ def preflight(params: PipelineParams) -> None:
         from tasks.store import open_store
         from tasks.weights import resolve_weights
 
-        resolve_weights(params.train.weights, open_store(params.publish.store), params.train.framework)
+        resolve_weights(params.train.weights, open_store(params.publish.store), params.train.framework,
+                        params.train.model)
     if params.cluster.to_resources().ray_address is None:  # a local Ray runs this machine's packages; a
         get_framework(params.train.framework).check_installed()  # cluster's nodes are asked once Ray is up

@@ -119,7 +119,7 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
     starts from epoch 0 even when the identified run finished; passing the same name again resumes it.
     """
     store = open_store(store_uri)
-    staged = resolve_weights(cfg.weights, store, cfg.framework) if cfg.weights else None
+    staged = resolve_weights(cfg.weights, store, cfg.framework, cfg.model) if cfg.weights else None
     if staged:  # what the run starts from is part of its identity
         cfg = replace(cfg, weights_sha256=staged.sha256)
     started_from = {"weights_origin": staged.origin, "weights_sha256": staged.sha256} if staged else {}

@@ -4,7 +4,9 @@ A reference is one of:
 
 * a local file (a state dict as ``*.pt``, ``*.pth`` or ``*.safetensors`` for torch; ``*.keras`` for TensorFlow);
 * ``s3://bucket/key`` of such a file (credentials from the AWS environment, as the store's);
-* ``model:NAME[@VERSION]``: a published version of the run's registry (default: the champion).
+* ``model:NAME[@VERSION]``: a published version of the run's registry (default: the champion);
+* ``torchvision:WEIGHTS``: torchvision's named weights of the run's ``torchvision:<name>`` model (such as
+  ``IMAGENET1K_V1``), from torch's cache (``$TORCH_HOME/hub/checkpoints``), downloaded into it when missing.
 
 A file from outside the store is copied into it once, at ``weights/<sha256>/<file name>``: every node of a
 cluster then fetches the same bytes through the store (once per node, checked against the hash), whatever
@@ -15,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -41,14 +46,18 @@ class StagedWeights:
         return PurePosixPath(self.key).name
 
 
-def resolve_weights(reference: str, store: Store, framework: str) -> StagedWeights:
-    """Find ``reference``'s bytes, check that ``framework`` can load them, and stage them in ``store``.
+def resolve_weights(reference: str, store: Store, framework: str, model: str = "") -> StagedWeights:
+    """Find ``reference``'s bytes, check that ``framework`` can load them into ``model`` (the run's network, for
+    torchvision's named weights), and stage them in ``store``.
 
     Raises:
         UserError: for a file, URI or registry version that is not there, or a format the framework cannot load.
     """
     if reference.startswith("model:"):
         return _published(reference, store, framework)
+    if reference.startswith("torchvision:"):
+        path = _torchvision_cache(reference, model)
+        return _stage(reference, path.name, path.read_bytes(), store)
     if reference.startswith("s3://"):
         bucket_and_key = reference[len("s3://"):]
         folder, _, name = bucket_and_key.rpartition("/")
@@ -67,11 +76,43 @@ def resolve_weights(reference: str, store: Store, framework: str) -> StagedWeigh
         name = path.name
         _check_suffix(reference, name, framework)
         data = path.read_bytes()
+    return _stage(reference, name, data, store)
+
+
+def _stage(reference: str, name: str, data: bytes, store: Store) -> StagedWeights:
     digest = hashlib.sha256(data).hexdigest()
     key = f"weights/{digest}/{name}"
     if not store.exists(key):  # content-addressed: the same bytes are staged once
         store.put_bytes(key, data)
     return StagedWeights(origin=reference, key=key, sha256=digest)
+
+
+# Run in a process of its own: this one (Prefect's) must not load torch. Prints the weights' file in torch's
+# cache, downloading it there first when missing (torchvision checks the download's hash).
+_TORCHVISION_WEIGHTS = """
+import os, sys, torch, torchvision
+weights = torchvision.models.get_model_weights(sys.argv[1])[sys.argv[2]]
+path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+if not os.path.isfile(path):
+    weights.get_state_dict(progress=False, check_hash=True)
+print(path)
+"""
+
+
+def _torchvision_cache(reference: str, model: str) -> Path:
+    """The file of torchvision's weights ``reference`` names for ``model``, in torch's cache."""
+    arch, names = model.partition(":")[2], reference.partition(":")[2]
+    if not model.startswith("torchvision:"):
+        raise UserError(f"weights={reference!r} are torchvision's, for a torchvision network; set model to "
+                        "torchvision:<name>, or give a file, an s3:// URI or model:NAME[@VERSION].")
+    found = subprocess.run([sys.executable, "-c", _TORCHVISION_WEIGHTS, arch, names], capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if found.returncode != 0:
+        last = (found.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise UserError(f"weights={reference!r} of {model}: torchvision could not provide them ({last}); use one "
+                        f"of torchvision.models.get_model_weights({arch!r}) (such as IMAGENET1K_V1), and where there "
+                        "is no network put its file in torch's cache ($TORCH_HOME/hub/checkpoints) first.")
+    return Path(found.stdout.strip().splitlines()[-1])
 
 
 def _check_suffix(reference: str, name: str, framework: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,25 @@ def test_an_s3_object_is_staged_into_the_runs_store(s3_server, tmp_path):
     assert store.get_bytes(staged.key) == b"weights bytes" and staged.file_name == "resnet.pt"
     with pytest.raises(UserError, match="does not exist; check the bucket and key"):
         resolve_weights(f"s3://{s3_server.bucket}/shared/weights/other.pt", store, "torch")
+
+
+def test_torchvision_named_weights_come_from_torchs_cache(tmp_path, monkeypatch):
+    """``torchvision:IMAGENET1K_V1`` for ``torchvision:resnet18``: the file torchvision keeps in
+    $TORCH_HOME/hub/checkpoints, staged as any file (here a state dict of that network put there, as a machine
+    without network gets it)."""
+    import torch
+    import torchvision
+
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / Path(
+        torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    store = open_store(str(tmp_path / "store"))
+    staged = resolve_weights("torchvision:IMAGENET1K_V1", store, "torch", "torchvision:resnet18")
+    assert staged.sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert staged.key == f"weights/{staged.sha256}/{cached.name}" and store.exists(staged.key)
+    with pytest.raises(UserError, match=r"torchvision could not provide them .*get_model_weights\('resnet18'\)"):
+        resolve_weights("torchvision:IMAGENET1K_V9", store, "torch", "torchvision:resnet18")
+    with pytest.raises(UserError, match="are torchvision's, for a torchvision network; set model"):
+        resolve_weights("torchvision:IMAGENET1K_V1", store, "torch", "seed_cnn")
