@@ -56,8 +56,10 @@ def resolve_weights(reference: str, store: Store, framework: str, model: str = "
     if reference.startswith("model:"):
         return _published(reference, store, framework)
     if reference.startswith("torchvision:"):
-        path = _torchvision_cache(reference, model)
-        return _stage(reference, path.name, path.read_bytes(), store)
+        if (found := _resolved.get((reference, model, store.uri))) is None or not store.exists(found.key):
+            path = _torchvision_cache(reference, model)
+            found = _resolved[reference, model, store.uri] = _stage(reference, path.name, path.read_bytes(), store)
+        return found
     if reference.startswith("s3://"):
         bucket_and_key = reference[len("s3://"):]
         folder, _, name = bucket_and_key.rpartition("/")
@@ -73,10 +75,18 @@ def resolve_weights(reference: str, store: Store, framework: str, model: str = "
         if not path.is_file():
             raise UserError(f"weights={reference!r} is not a file on this machine; give a file, an s3:// URI or "
                             "model:NAME[@VERSION].")
-        name = path.name
-        _check_suffix(reference, name, framework)
-        data = path.read_bytes()
+        _check_suffix(reference, path.name, framework)
+        stat = path.stat()
+        seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, store.uri)
+        if (found := _resolved.get(seen)) is None or not store.exists(found.key):
+            found = _resolved[seen] = _stage(reference, path.name, path.read_bytes(), store)
+        return found
     return _stage(reference, name, data, store)
+
+
+# What this process has staged already: a run resolves its weights in the CLI's checks, the flow's and the train
+# task; a local file (by path, size and time) or torchvision's named weights are read and hashed once.
+_resolved: dict[tuple, StagedWeights] = {}
 
 
 def _stage(reference: str, name: str, data: bytes, store: Store) -> StagedWeights:
