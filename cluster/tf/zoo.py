@@ -32,9 +32,11 @@ def keras_application(spec: ModelSpec) -> keras.Model:
     except ValueError as e:
         raise UserError(f"model='keras:{name}' cannot take images of {spec.image_size} pixels ({e}); "
                         "prepare the data with a larger image_size.") from None
-    for layer in backbone.layers:  # Keras's 0.99 leaves the moving statistics at their start for a few hundred
-        if isinstance(layer, keras.layers.BatchNormalization):  # steps: a small dataset's model then predicts
-            layer.momentum = BATCH_NORM_MOMENTUM  # one class (MobileNetV2 on digits: 0.100 after 120 steps)
+    # Keras's 0.99 leaves the moving statistics near their start for hundreds of steps, and a small dataset's
+    # model then predicts one class at test time (docs/performance.md, MobileNetV2 on digits)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = BATCH_NORM_MOMENTUM
     return with_normalisation(spec, backbone, keras.layers.Dense(spec.num_classes, name="logits"), channels=3)
 
 
