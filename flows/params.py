@@ -224,7 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # using both cores, on every training image (--dataset folder:<cifar10-jpeg>). Its epochs are what fits:
     # five on images scaled down, growing from 20 to 28 pixels (45 to 93 s each here), then two at 32 (119 s each).
     "cifar10-fast-cpu": {"data": {"val_fraction": 0.0},
-                         "train": {"recipe": "fast_cifar_muon", "epochs": 8, "batch_size": 1000, "lr": 0.24,
+                         "train": {"recipe": "fast_cifar_muon", "epochs": 9, "batch_size": 1000, "lr": 0.24,
                                    "momentum": 0.85},
                          "cluster": {"num_workers": 1, "cpus_per_worker": 2},
                          "publish": {"model_name": "fast-cifar"}},
