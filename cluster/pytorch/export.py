@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cluster.pytorch.model import build_model, load_weights, view_logits
+from cluster.pytorch.model import Normalizer, build_model, load_weights, view_logits
 from cluster.worker.checkpoint import ModelSpec, read_state
 
 __all__ = ["export_onnx"]
@@ -26,13 +26,10 @@ class _RawPixels(nn.Module):
     def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
         self.model, self.spec = model, spec
-        shape = (1, spec.in_channels, 1, 1)
-        self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(spec.std))).view(shape))
-        self.register_buffer("shift", (torch.tensor(spec.mean) / torch.tensor(spec.std)).view(shape))
+        self.normalize = Normalizer(spec, torch.device("cpu"), channels_last=True)  # the loop's and predict's own
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float() * self.scale - self.shift
-        return torch.softmax(view_logits(self.model, x, self.spec.eval_views), dim=1)
+        return torch.softmax(view_logits(self.model, self.normalize(pixels), self.spec.eval_views), dim=1)
 
 
 def export_onnx(checkpoint_dir: Path, path: Path) -> None:
