@@ -29,7 +29,7 @@ from tasks.images import to_channels
 from tasks.preprocess import decode_images
 from tasks.store import Store
 
-__all__ = ["RUNTIMES", "Chosen", "Prediction", "choose_model", "choose_version", "fetch_model", "image_files",
+__all__ = ["Chosen", "Prediction", "choose_model", "choose_version", "fetch_model", "image_files",
            "load_images", "onnx_probabilities", "predict", "verified_file"]
 
 
@@ -160,9 +160,6 @@ def verified_file(store: Store, chosen: Chosen, file_name: str) -> bytes:
         raise UserError(f"{chosen.uri}/{file_name} does not match the version's manifest; the version is "
                         "damaged: publish it again or choose another --version.")
     return data
-
-
-RUNTIMES = ("framework", "onnx")  # the version's own framework, or onnxruntime on its model.onnx
 
 
 def predict(store: Store, chosen: Chosen, files: list[Path], images: np.ndarray,
