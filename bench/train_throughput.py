@@ -111,16 +111,9 @@ def run(cmd: list[str], threads: dict[str, str]) -> dict:
 
 def run_group(cmd: list[str], ranks: int, threads: dict[str, str]) -> dict:
     """Run ``ranks`` copies of a TensorFlow loop command as one tf.distribute group on 127.0.0.1; rank 0's result."""
-    import socket
+    from cluster.ports import free_ports
 
-    ports = []
-    for _ in range(ranks):  # held open together, so that the ports differ
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        ports.append(probe)
-    workers = [f"127.0.0.1:{probe.getsockname()[1]}" for probe in ports]
-    for probe in ports:
-        probe.close()
+    workers = [f"127.0.0.1:{port}" for port in free_ports(ranks)]
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", **threads}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={
         **env, "RANK": str(rank), "WORLD_SIZE": str(ranks),

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.errors import UserError
+from cluster.ports import free_port
 
 PREFECT_HOST = "127.0.0.1"
 RAY_HOST = "127.0.0.2"  # `ray start` on 127.0.0.1 advertises the machine's outward address instead
@@ -113,7 +114,7 @@ def up(*, prefect_port: int = 4200, ray_cpus: int | None = None, timeout: float 
     token_file.touch(mode=0o600)
     token_file.chmod(0o600)
     token_file.write_text(secrets.token_hex(32))
-    ray_port = _free_port(RAY_HOST)
+    ray_port = free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="trainflow-up-"))  # short: Ray's socket paths must fit 107 bytes
     started: list[subprocess.Popen] = []
     try:
@@ -167,7 +168,7 @@ def _start_ray(port: int, cpus: int | None, temp_dir: Path, token_file: Path, lo
     ray = str(Path(sys.executable).parent / "ray")
     command = [ray, "start", "--head", "--block", f"--node-ip-address={RAY_HOST}", f"--port={port}",
                f"--num-cpus={cpus or os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--dashboard-agent-listen-port={_free_port(RAY_HOST)}", f"--temp-dir={temp_dir / 'ray'}"]
+               f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir / 'ray'}"]
     with open(log, "ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=temp_dir, env=env, start_new_session=True)
@@ -233,9 +234,3 @@ def _check_port_free(host: str, port: int, option: str) -> None:
         except OSError:
             raise UserError(f"{host}:{port} is already in use (another Prefect server?); stop what uses it, "
                             f"or choose another port with {option}.") from None
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -24,7 +24,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.ports import free_port, free_ports
 from tests.docs.runblocks import process_table
 
 HEAD_IP = "127.0.0.2"
@@ -307,7 +307,7 @@ def start_cluster(workdir: Path, *, head_cpus: int = 1, hidden_paths: Iterable[P
     for path in hidden:
         path.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="tfray-", dir="/tmp"))
-    gcs_port, dash_port, client_port = _free_port(), _free_port(), _free_port()
+    gcs_port, dash_port, client_port = free_ports(3)
     cluster = RayTestCluster(
         workdir=workdir, root=root, gcs_address=f"{HEAD_IP}:{gcs_port}", token=secrets.token_hex(32),
         hidden_paths=hidden, dashboard_url=f"http://{HEAD_IP}:{dash_port}" if dashboard else None,
@@ -342,7 +342,7 @@ def hiding_unsupported() -> str | None:
 def _node_args(num_cpus: int, resources: Mapping[str, float] | None) -> list[str]:
     """`ray start` arguments every node gets: loopback address, CPUs, no GPU, a small object store."""
     args = [f"--node-ip-address={HEAD_IP}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-            f"--object-store-memory={128 * 1024 * 1024}", f"--dashboard-agent-listen-port={_free_port()}",
+            f"--object-store-memory={128 * 1024 * 1024}", f"--dashboard-agent-listen-port={free_port()}",
             "--disable-usage-stats", "--block"]
     if resources:
         args.append(f"--resources={json.dumps(dict(resources))}")
@@ -421,13 +421,6 @@ def _installed(module: str, what: str, wanted: bool | None) -> bool:
     if wanted and not present:
         raise RuntimeError(f"the {what} was asked for, but `{module}` is not installed in {sys.prefix}")
     return present if wanted is None else wanted
-
-
-def _free_port() -> int:
-    """A port that is free on 127.0.0.2 now (Ray binds it a moment later; a clash fails the start, with its log)."""
-    with socket.socket() as s:
-        s.bind((HEAD_IP, 0))
-        return s.getsockname()[1]
 
 
 def running(pids: Iterable[int]) -> list[int]:

@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cluster.ports import PORTS, free_ports, is_free
 
 ACCESS_KEY = "trainflow-test"
 SECRET_KEY = "trainflow-test-secret-9f2c"  # a test-only identity of a throwaway local server
@@ -45,21 +46,10 @@ class S3Server:
 
 
 def _free_base_port() -> int:
-    """A port P such that P..P+3 and their gRPC twins P+10000.. are all free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base > 50000:
-            continue
-        ports = [base + i for i in range(4)] + [base + 10000 + i for i in range(4)]
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
+    """A port P such that P..P+3 and their gRPC twins P+10000.. are all free (all within cluster.ports.PORTS)."""
+    for base in free_ports(64, within=range(PORTS.start, PORTS.stop - 10003)):
+        if all(is_free(port) for i in range(4) for port in (base + i, base + 10000 + i)):
             return base
-        except OSError:
-            continue
     raise RuntimeError("no free port range for SeaweedFS on 127.0.0.1")
 
 

@@ -16,12 +16,12 @@ from datetime import timedelta
 import ray
 from ray.train.backend import Backend, BackendConfig
 
-from cluster.worker.context import rendezvous_port
+from cluster.ports import free_port
 
 
 def free_address() -> tuple[str, int]:
     """This node's address and a port free on it, for the group's rendezvous."""
-    return ray.util.get_node_ip_address(), rendezvous_port()
+    return ray.util.get_node_ip_address(), free_port()
 
 
 __all__ = ["ProcessGroupConfig", "backend_config"]

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import ray
 from ray.train.backend import Backend, BackendConfig
 
-from cluster.worker.context import rendezvous_port
+from cluster.ports import free_port
 
 
 def free_address() -> tuple[str, int]:
     """This node's address and a port free on it, for the group's rendezvous."""
-    return ray.util.get_node_ip_address(), rendezvous_port()
+    return ray.util.get_node_ip_address(), free_port()
 
 
 __all__ = ["TensorflowConfig", "backend_config"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -104,19 +103,3 @@ def epoch_metrics(epoch: int, seconds: float, sums: list[float]) -> dict:
     }
 
 
-# A group's rendezvous port is bound seconds after it is chosen (the framework loads in between). A port from the
-# kernel's ephemeral range, where every process's next connection or bind(0) draws, was once taken in that window
-# (TensorFlow: "Could not start gRPC server"); ports below it, and above Ray's worker ports, are taken only by name.
-RENDEZVOUS_PORTS = range(20000, 32768)
-
-
-def rendezvous_port() -> int:
-    """A port free on this machine, outside the ephemeral range, for a worker group to meet on."""
-    for port in random.Random().sample(RENDEZVOUS_PORTS, 64):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("", port))
-            except OSError:
-                continue
-            return port
-    raise OSError(f"no free port among 64 tried in {RENDEZVOUS_PORTS.start}-{RENDEZVOUS_PORTS.stop - 1}")

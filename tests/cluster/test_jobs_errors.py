@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from aiohttp import web
 
 from cluster.errors import UserError
 from cluster.execution import jobs
+from cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_AGENT_REPLY = "No available agent to submit job, please try again later."  # job_head.py's words
@@ -103,12 +102,6 @@ class Clock:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client(url: str):

@@ -38,7 +38,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def warm(tmp_path_factory) -> Iterator[dict[str, str | None]]:
     """`trainflow up` for the module's runs (the environment that points them at it): the cases caught inside
     the flow then start no Ray of their own, as a user's runs do once `up` is running. Stopped by `down`."""
-    from tests.prefectserver import free_port
+    from cluster.ports import free_port
 
     env = {"TRAINFLOW_HOME": str(tmp_path_factory.mktemp("up-home")), "PREFECT_API_URL": None, "RAY_ADDRESS": None,
            "PREFECT_HOME": str(tmp_path_factory.mktemp("up-prefect"))}

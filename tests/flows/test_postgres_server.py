@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.ports import free_port
 from tests.flows.test_cli import trainflow
-from tests.prefectserver import api as call, free_port, start_prefect_server, stop
+from tests.prefectserver import api as call, start_prefect_server, stop
 
 
 def pg_bin() -> Path | None:

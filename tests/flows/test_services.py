@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.prefectserver import free_port
+from cluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
