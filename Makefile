@@ -29,10 +29,17 @@ test-system-deps:
 
 # The tests cover both frameworks: they add the tensorflow extra to the venv.
 $(BIN)/.installed-test: $(BIN)/.installed
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,tensorflow,timm]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[dev,tensorflow,timm,mlflow]'
 	@touch $@
 
-test: $(BIN)/.installed-test test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
+# The MLflow tracking server the tests start: full MLflow, in a venv of its own (see deploy/mlflow-server.txt).
+MLFLOW_SERVER := $(VENV)/mlflow-server
+$(MLFLOW_SERVER)/.installed: deploy/mlflow-server.txt
+	@test -x $(MLFLOW_SERVER)/bin/python || $(PYTHON) -m venv $(MLFLOW_SERVER)
+	$(MLFLOW_SERVER)/bin/pip install --quiet -r deploy/mlflow-server.txt
+	@touch $@
+
+test: $(BIN)/.installed-test $(MLFLOW_SERVER)/.installed test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
 	$(BIN)/python -m pytest -v --durations=15
 
 test-fast: $(BIN)/.installed-test  ## the quick check (under 3 minutes): every test not marked slow

@@ -58,6 +58,8 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "store": ("publish", "store", str),
     "model_name": ("publish", "model_name", str),
     "min_improvement": ("publish", "min_improvement", float),
+    "mlflow_uri": ("tracking", "mlflow_uri", str),
+    "mlflow_experiment": ("tracking", "experiment", str),
 }
 # CLI flag → (section, field, help)
 _FLAGS: dict[str, tuple[str, str, str]] = {
@@ -142,7 +144,10 @@ def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None =
                         "IMAGENET1K_V1) for a torchvision:<name> model",
              "stored_as": "the training images as pixels (default) or encoded: the files, decoded with a "
                           "random-resized crop per image and epoch",
-             "max_side": "encoded: shrink larger images to this longest side (default twice --image-size)"}
+             "max_side": "encoded: shrink larger images to this longest side (default twice --image-size)",
+             "mlflow_uri": "track the run in MLflow there (default $MLFLOW_TRACKING_URI; credentials from the "
+                           "MLFLOW_TRACKING_* environment)",
+             "mlflow_experiment": "the MLflow experiment of the run (default trainflow)"}
     for option, (_, _, kind) in _OPTIONS.items():
         if only is None or option in only:
             run.add_argument(f"--{option.replace('_', '-')}", dest=option, type=kind, help=helps.get(option))
@@ -187,6 +192,7 @@ def format_summary(summary, wall_seconds: float) -> str:
            else "promoted to champion" if summary.promoted else "not promoted"),
         f"  gate            {summary.reason}",
         f"  stored at       {summary.release_uri}",
+        *([f"  tracked         MLflow run {summary.mlflow_run_id}"] if summary.mlflow_run_id else []),
     ]
     return "\n".join(lines)
 

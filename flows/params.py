@@ -19,6 +19,7 @@ from cluster.execution.session import resolve_address
 from tasks import sources
 from tasks.preprocess import PreprocessConfig
 from tasks.sources import SOURCES
+from tasks.tracking import Tracking, check_reachable, tracking_for
 from tasks.train import Resources, TrainLoopConfig
 
 
@@ -195,11 +196,20 @@ class PublishParams(_Section):
                                    description="Test accuracy a new version must gain over the champion")
 
 
+class TrackingParams(_Section):
+    mlflow_uri: str | None = Field(None, max_length=1000, title="MLflow tracking URI",
+                                   description="Track the run in MLflow there (credentials from the MLFLOW_TRACKING_* "
+                                               "environment, never in the URI). Empty: $MLFLOW_TRACKING_URI if set, "
+                                               "else no tracking")
+    experiment: str = Field("trainflow", min_length=1, max_length=200, title="MLflow experiment")
+
+
 class PipelineParams(_Section):
     data: DataParams = Field(default_factory=DataParams, title="Data")
     train: TrainParams = Field(default_factory=TrainParams, title="Training")
     cluster: ClusterParams = Field(default_factory=ClusterParams, title="Ray cluster")
     publish: PublishParams = Field(default_factory=PublishParams, title="Publishing")
+    tracking: TrackingParams = Field(default_factory=TrackingParams, title="Tracking")
 
 
 class PrepareParams(_Section):
@@ -286,6 +296,18 @@ def ship_plugins(params: PipelineParams) -> None:
     from cluster.models import driver_only_modules
 
     session.ship_with_code(driver_only_modules([params.train.model]))
+
+
+def tracking_of(params: PipelineParams) -> Tracking | None:
+    """Where the run is tracked in MLflow (None: nowhere), its server asked before any work starts.
+
+    Raises:
+        UserError: credentials in the URI, the mlflow extra missing, or a server that does not answer.
+    """
+    tracking = tracking_for(params.tracking.mlflow_uri, params.tracking.experiment, params.model_dump(mode="json"))
+    if tracking is not None:
+        check_reachable(tracking)
+    return tracking
 
 
 def preflight(params: PipelineParams) -> None:

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from cluster.execution import session as runtime
 from flows.artifacts import evaluation_artifacts, release_artifact
-from flows.params import PipelineParams, PrepareParams, preflight, preflight_prepare
+from flows.params import PipelineParams, PrepareParams, preflight, preflight_prepare, tracking_of
 from tasks.common import result_storage
 from tasks.evaluate import evaluate_task, preload as preload_evaluation
 from tasks.events import emit
@@ -26,6 +26,7 @@ from tasks.preprocess import count_train_images, preprocess_task
 from tasks.publish import publish_task
 from tasks.refs import Evaluation, PreparedData, RawData, Release, TrainedModel
 from tasks.store import open_store
+from tasks.tracking import track_task
 from tasks.train import check_trainable, train_task
 
 
@@ -56,10 +57,11 @@ class RunSummary(BaseModel):
     reason: str
     release_uri: str
     already_published: bool = False  # the model already was that version: publish wrote nothing
+    mlflow_run_id: str | None = None  # the MLflow run that tracked it, when tracking was on
 
     @classmethod
     def build(cls, stages: list[StageTime], raw: RawData, prepared: PreparedData, model: TrainedModel,
-              evaluation: Evaluation, release: Release) -> RunSummary:
+              evaluation: Evaluation, release: Release, mlflow_run_id: str | None = None) -> RunSummary:
         trained = [] if model.reused else model.history[model.resumed_from_epoch:]
         return cls(stages=stages, accuracy=evaluation.accuracy, f1_macro=evaluation.f1_macro,
                    test_size=evaluation.test_size, ignored_files=raw.ignored_files,
@@ -69,7 +71,8 @@ class RunSummary(BaseModel):
                    training_seconds=sum(m.epoch_seconds for m in trained), nodes=model.node_count,
                    run_id=model.run_id, precision=model.precision.label if model.precision else "unrecorded",
                    model_name=release.name, version=release.version, promoted=release.promoted,
-                   reason=release.reason, release_uri=release.uri, already_published=release.reused)
+                   reason=release.reason, release_uri=release.uri, already_published=release.reused,
+                   mlflow_run_id=mlflow_run_id)
 
 
 def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
@@ -91,6 +94,7 @@ def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
 def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
     """Ingest, preprocess, train on Ray, evaluate and publish one image classifier."""
     preflight(params)
+    tracking = tracking_of(params)
     store = open_store(params.publish.store)
     cache_dir = params.data.cache_dir
     data_cfg, train_cfg, resources = params.data.to_config(), params.train.to_config(), params.cluster.to_resources()
@@ -102,7 +106,8 @@ def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
         check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
         prepared = _run(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri, resources.ray_address)
         threading.Thread(target=preload_evaluation, name="preload-evaluation", daemon=True).start()
-        model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, params.train.force)
+        model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, params.train.force,
+                     tracking)
         # one worker's CPUs: a share that some node is known to hold
         evaluation = _run(stages, "evaluate", evaluate_task, model, prepared, store.uri, resources.ray_address,
                           resources.cpus_per_worker)
@@ -113,7 +118,8 @@ def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
     release = _run(stages, "publish", publish_task, model, evaluation, prepared, params.model_dump(mode="json"),
                    store.uri, params.publish.model_name, params.publish.min_improvement)
     release_artifact(release)
-    return RunSummary.build(stages, raw, prepared, model, evaluation, release)
+    tracked = track_task(tracking, model, prepared, evaluation, release, store.uri) if tracking else None
+    return RunSummary.build(stages, raw, prepared, model, evaluation, release, tracked)
 
 
 @flow(name="prepare-data", flow_run_name="{params.data.label} · {params.data.image_size} px", log_prints=True)

@@ -30,6 +30,7 @@ from tasks.common import in_prefect_run, retry_unless_user_error
 from tasks.events import emit
 from tasks.refs import EpochMetrics, PreparedData, TrainedModel, TrainingPrecision, WorkerPlacement
 from tasks.store import Store, open_store
+from tasks.tracking import TrackedRun, Tracking
 from tasks.weights import resolve_weights
 
 __all__ = ["Resources", "TrainLoopConfig", "run_identity", "train", "train_task"]
@@ -112,11 +113,13 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
           on_failure: Callable[[dict[int, str]], None] = lambda e: None,
           on_wait: Callable[[str], None] = lambda m: None,
           on_progress: Callable[[dict], None] = lambda p: None,
-          on_message: Callable[[str], None] = lambda m: None) -> TrainedModel:
+          on_message: Callable[[str], None] = lambda m: None,
+          on_identified: Callable[[str, str], None] = lambda run_id, checkpoints_uri: None) -> TrainedModel:
     """Train (or resume, or reuse) the run that ``prepared`` and ``cfg`` identify.
 
     ``retrain`` names a fresh run beside the identified one (``<identity>-retrain-<retrain>``), which
     starts from epoch 0 even when the identified run finished; passing the same name again resumes it.
+    ``on_identified(run_id, checkpoints_uri)`` is called once the run is known, before any training.
     """
     store = open_store(store_uri)
     staged = resolve_weights(cfg.weights, store, cfg.framework, cfg.model) if cfg.weights else None
@@ -125,6 +128,7 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
     started_from = {"weights_origin": staged.origin, "weights_sha256": staged.sha256} if staged else {}
     run_id = run_identity(prepared, cfg) + (f"-retrain-{retrain}" if retrain else "")
     run_prefix = f"checkpoints/{run_id}"
+    on_identified(run_id, store.child_uri(run_prefix))
     found = latest_checkpoint(store, run_prefix)
     if found and found[1]["epoch"] >= cfg.epochs:
         return to_trained_model(store, found[0], found[1], run_id, resources.num_workers, found[1]["epoch"],
@@ -162,13 +166,13 @@ def format_epoch(m: dict, epochs: int) -> str:
                                   "{cfg.epochs} epochs",
       retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, store: str,
-               force: bool = False) -> TrainedModel:
+               force: bool = False, tracking: Tracking | None = None) -> TrainedModel:
     """Prefect task: distributed training on Ray.
 
-    Per-epoch metrics go to the run's log and move a progress artifact, both
-    from this (driver) process as Ray's reports arrive. A retry of this task
-    resumes from the last checkpoint; with ``force`` the fresh run is named
-    after this task run, so its retries resume it too.
+    Per-epoch metrics go to the run's log, move a progress artifact and, with ``tracking``, go to the
+    run's MLflow run, all from this (driver) process as Ray's reports arrive. A retry of this task
+    resumes from the last checkpoint; with ``force`` the fresh run is named after this task run, so its
+    retries resume it too.
     """
     log = get_run_logger()
     log.info("training on %d Ray workers, global batch %d (%d per worker)", resources.num_workers,
@@ -178,11 +182,23 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
     if in_prefect_run():
         progress = create_progress_artifact(0.0, description=f"Training {cfg.network}: share of {cfg.epochs} epochs done")
 
+    tracked: list[TrackedRun] = []
+
+    def on_identified(run_id: str, checkpoints_uri: str) -> None:
+        if tracking is not None:
+            tracked.append(TrackedRun.open(tracking, checkpoints_uri, run_id, prepared.fingerprint))
+
     def on_report(metrics: dict) -> None:
         log.info(format_epoch(metrics, cfg.epochs))
         emit("epoch_finished", epochs=cfg.epochs, metrics=metrics)
         if progress is not None:
             update_progress_artifact(progress, 100.0 * metrics["epoch"] / cfg.epochs)
+        for run in tracked:  # the track task logs what is missed here: a hiccup of MLflow's must not stop training
+            try:
+                run.log_epoch(metrics)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("MLflow did not take epoch %d's metrics (%s); the run's end logs them", metrics["epoch"],
+                            exc)
 
     context = TaskRunContext.get()
     retrain = (str(context.task_run.id)[:8] if context else uuid.uuid4().hex[:8]) if force else None
@@ -198,7 +214,7 @@ def train_task(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resource
 
     model = train(prepared, cfg, resources, store, on_report, retrain, on_failure, on_wait=on_message,
                   on_progress=lambda fields: emit("epoch_progress", epochs=cfg.epochs, **fields),
-                  on_message=on_message)
+                  on_message=on_message, on_identified=on_identified)
     if progress is not None:
         update_progress_artifact(progress, 100.0)  # a reused run reports no epochs
     if model.reused:

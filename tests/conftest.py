@@ -169,6 +169,18 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow tracking server (SQLite backend, artifacts in the S3 server's bucket) on 127.0.0.1."""
+    from tests import mlflowserver
+
+    if reason := mlflowserver.unavailable():
+        pytest.skip(reason)
+    server = mlflowserver.start(tmp_path_factory.mktemp("mlflow"), s3_server)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def ray_local(s3_server) -> Iterator[None]:
     """One local Ray for the session; tests that train reuse it instead of starting their own.
 

@@ -343,12 +343,14 @@ def test_dockerfile_takes_the_dependencies_from_pyproject(tmp_path):
     # No pin copied by hand: neither a torch version nor any dependency's specifier appears.
     assert not re.search(r"torch\s*[=<>~]=", dockerfile)
     assert [d for d in project["dependencies"] if d in dockerfile] == []
-    # The build stage's script, run here on the real pyproject.toml, lists exactly those dependencies.
+    # The build stage's script, run here on the real pyproject.toml, lists exactly those dependencies (and
+    # MLflow's client, for runs submitted as Ray jobs that track themselves).
     script = REQUIREMENTS_SCRIPT.search(dockerfile)
     assert script, "no `RUN python - <<'PY' ... PY` step"
     (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
     subprocess.run([sys.executable, "-c", script.group(1)], cwd=tmp_path, check=True, timeout=30)
-    assert (tmp_path / "requirements.txt").read_text().splitlines() == [*project["dependencies"], "ray[default]"]
+    expected = [*project["dependencies"], *project["optional-dependencies"]["mlflow"], "ray[default]"]
+    assert (tmp_path / "requirements.txt").read_text().splitlines() == expected
 
 
 def test_dockerfile_python_satisfies_requires_python():

@@ -34,11 +34,14 @@ RUNS = {"tensorflow": ("tensorflow", []), "torch-streamed": ("torch", ["--in-mem
 REFERENCE = "torch-streamed"
 
 
-def start_run(store: Path, log: Path, run: str = REFERENCE) -> subprocess.Popen:
-    """`trainflow run` in its own session; stdout (JSON summary, Ray workers' prints) and stderr go to ``log``."""
+def start_run(store: Path, log: Path, run: str = REFERENCE,
+              tracking: tuple[str, str] | None = None) -> subprocess.Popen:
+    """`trainflow run` in its own session; stdout (JSON summary, Ray workers' prints) and stderr go to ``log``.
+    ``tracking``: (MLflow URI, experiment) to track it in."""
     framework, extra = RUNS[run]
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *ARGS, *extra, "--framework", framework,
-                             "--store", str(store)],
+    tracked = ["--mlflow-uri", tracking[0], "--mlflow-experiment", tracking[1]] if tracking else []
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *ARGS, *extra, *tracked, "--framework",
+                             framework, "--store", str(store)],
                             cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -59,13 +62,13 @@ def checkpoint_epochs(store: Path) -> list[int]:
     return [state["epoch"] for state in checkpoint_states(store)]
 
 
-def start_until_epoch(tmp_path: Path, epoch: int, log_name: str,
-                      framework: str = REFERENCE) -> tuple[Path, Path, subprocess.Popen, float]:  # a RUNS key
+def start_until_epoch(tmp_path: Path, epoch: int, log_name: str, framework: str = REFERENCE,  # a RUNS key
+                      tracking: tuple[str, str] | None = None) -> tuple[Path, Path, subprocess.Popen, float]:
     """Start a run into ``tmp_path/store`` and return once the driver has logged ``epoch``:
     (store, log, process, monotonic start time). The caller reaps the process."""
     store, log = tmp_path / "store", tmp_path / log_name
     started = time.monotonic()
-    process = start_run(store, log, framework)
+    process = start_run(store, log, framework, tracking)
     try:
         wait_for_epoch(epoch, process, log)
     except BaseException:
@@ -152,6 +155,18 @@ def assert_same_weights(store: Path, reference: dict) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "not the uninterrupted weights"
 
 
+def assert_tracked_once(server, experiment: str, summary: dict) -> None:
+    """One finished MLflow run in ``experiment``, every epoch in its history once, the summary's test accuracy."""
+    client = server.client()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    # by step: an epoch whose report the killed driver logged but did not send is sent at the re-run's end
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy"))
+    assert steps == list(range(1, EPOCHS + 1))
+    assert runs[0].data.metrics["test_accuracy"] == summary["accuracy"]
+
+
 def check_tensorflow_release(store: Path, summary: dict, torch_run: dict) -> None:
     """Parity with torch (same prepared digits, epochs and recipe: within 5 points; measured at lr 0.03: torch
     0.986, TensorFlow 0.961), and a usable release."""
@@ -181,10 +196,11 @@ def check_tensorflow_release(store: Path, summary: dict, torch_run: dict) -> Non
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # about 3 minutes with the uninterrupted runs of the module's fixture
 @pytest.mark.parametrize("framework", ["torch-streamed", "tensorflow"])
-def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path, framework):
+def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, mlflow_server, tmp_path, framework):
     # TensorFlow's reference is torch's run: parity is asserted below, and a run of ~100 s is saved
     reference = uninterrupted
-    store, log, process, started = start_until_epoch(tmp_path, 2, "run.log", framework)
+    tracking = (mlflow_server.uri, f"worker-kill-{framework}")
+    store, log, process, started = start_until_epoch(tmp_path, 2, "run.log", framework, tracking)
     try:
         checkpointed_at = time.monotonic()
         time.sleep(1.0)  # into the next epoch
@@ -212,6 +228,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path,
         assert summary["accuracy"] == reference["accuracy"]
     if framework == "tensorflow":
         check_tensorflow_release(store, summary, reference)
+    assert_tracked_once(mlflow_server, tracking[1], summary)  # the restarted group went on in the same MLflow run
     print(json.dumps({"worker_kill": {  # the cost, for the record (-s shows it)
         "framework": framework, "killed_after_epoch": done_at_kill,
         "seconds_after_that_checkpoint": round(killed_at - checkpointed_at, 1),
@@ -222,9 +239,10 @@ def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted, tmp_path):
+def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted, mlflow_server, tmp_path):
     reference = uninterrupted
-    store, log, process, started = start_until_epoch(tmp_path, 2, "first.log")
+    tracking = (mlflow_server.uri, "driver-kill")
+    store, log, process, started = start_until_epoch(tmp_path, 2, "first.log", tracking=tracking)
     try:
         first_wall = time.monotonic() - started
         os.kill(process.pid, signal.SIGKILL)  # the driver: flow, Prefect client and Ray's owner all at once
@@ -237,7 +255,7 @@ def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted,
 
     log = tmp_path / "second.log"
     started = time.monotonic()
-    rerun = start_run(store, log)
+    rerun = start_run(store, log, tracking=tracking)
     try:
         summary = finish(rerun, log)
         second_wall = time.monotonic() - started
@@ -250,6 +268,7 @@ def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted,
     assert f"resuming from the checkpoint of epoch {done_at_kill}" in log.read_text()
     assert_same_weights(store, reference)  # resumed in a new driver, a new Ray: still the uninterrupted run
     assert summary["accuracy"] == reference["accuracy"]
+    assert_tracked_once(mlflow_server, tracking[1], summary)  # the re-run continued the killed run's MLflow run
     print(json.dumps({"driver_kill": {  # the cost, for the record (-s shows it)
         "killed_after_epoch": done_at_kill, "killed_run_wall_s": round(first_wall, 1),
         "rerun_wall_s": round(second_wall, 1), "uninterrupted_wall_s": round(reference["wall_s"], 1),
