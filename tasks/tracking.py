@@ -81,9 +81,9 @@ def check_reachable(tracking: Tracking, timeout: float = 10.0) -> None:
         return
     import httpx
 
-    try:
-        httpx.get(f"{tracking.uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
-    except httpx.HTTPError as exc:
+    try:  # any answer will do (a proxy in front may want credentials for /health): MLflow's own calls tell more
+        httpx.get(f"{tracking.uri.rstrip('/')}/health", timeout=timeout)
+    except httpx.TransportError as exc:
         raise UserError(f"the MLflow server at {tracking.uri} does not answer ({type(exc).__name__}); start it, "
                         f"or fix --mlflow-uri / {ENV}.") from None
 
