@@ -315,8 +315,10 @@ def preflight(params: PipelineParams) -> None:
 
     Raises:
         UserError: for an unknown or missing dataset, an unusable store, a folder store that the nodes
-            of an existing cluster cannot see, or a framework that is not installed.
+            of an existing cluster cannot see, a framework that is not installed, or an MLflow tracking
+            URI that cannot be used.
     """
+    tracking_of(params)
     preflight_prepare(prepare_params(params))
     ship_plugins(params)
     get_recipe(params.train.recipe).check(params.train.framework, params.data.image_size)
