@@ -310,15 +310,16 @@ def tracking_of(params: PipelineParams) -> Tracking | None:
     return tracking
 
 
-def preflight(params: PipelineParams) -> None:
-    """Checks that need no server or cluster, run before either starts.
+def preflight(params: PipelineParams) -> Tracking | None:
+    """Checks that need no server or cluster, run before either starts; returns where the run is tracked in
+    MLflow (None: nowhere).
 
     Raises:
         UserError: for an unknown or missing dataset, an unusable store, a folder store that the nodes
             of an existing cluster cannot see, a framework that is not installed, or an MLflow tracking
             URI that cannot be used.
     """
-    tracking_of(params)
+    tracking = tracking_of(params)
     preflight_prepare(prepare_params(params))
     ship_plugins(params)
     get_recipe(params.train.recipe).check(params.train.framework, params.data.image_size)
@@ -331,3 +332,4 @@ def preflight(params: PipelineParams) -> None:
                         params.train.model)
     if params.cluster.to_resources().ray_address is None:  # a local Ray runs this machine's packages; a
         get_framework(params.train.framework).check_installed()  # cluster's nodes are asked once Ray is up
+    return tracking

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from cluster.execution import session as runtime
 from flows.artifacts import evaluation_artifacts, release_artifact
-from flows.params import PipelineParams, PrepareParams, preflight, preflight_prepare, tracking_of
+from flows.params import PipelineParams, PrepareParams, preflight, preflight_prepare
 from tasks.common import result_storage
 from tasks.evaluate import evaluate_task, preload as preload_evaluation
 from tasks.events import emit
@@ -93,8 +93,7 @@ def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
       "{params.train.epochs} epochs", log_prints=True)
 def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
     """Ingest, preprocess, train on Ray, evaluate and publish one image classifier."""
-    preflight(params)
-    tracking = tracking_of(params)
+    tracking = preflight(params)
     store = open_store(params.publish.store)
     cache_dir = params.data.cache_dir
     data_cfg, train_cfg, resources = params.data.to_config(), params.train.to_config(), params.cluster.to_resources()

@@ -64,7 +64,8 @@ def tracking_for(uri: str | None, experiment: str, form: Mapping) -> Tracking | 
     if importlib.util.find_spec("mlflow") is None:
         raise UserError(f"tracking in MLflow ({uri}) needs its client, which is not installed; "
                         "pip install 'trainflow[mlflow]', or unset MLFLOW_TRACKING_URI.")
-    if urlsplit(uri).username or urlsplit(uri).password:
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
         raise UserError("mlflow_uri holds a user name or password; give the URI without them and set "
                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
                         "in the environment.")
