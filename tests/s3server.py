@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.ports import PORTS, free_ports, is_free
+from cluster.ports import PORTS, is_free
 
 ACCESS_KEY = "trainflow-test"
 SECRET_KEY = "trainflow-test-secret-9f2c"  # a test-only identity of a throwaway local server
@@ -47,7 +48,7 @@ class S3Server:
 
 def _free_base_port() -> int:
     """A port P such that P..P+3 and their gRPC twins P+10000.. are all free (all within cluster.ports.PORTS)."""
-    for base in free_ports(64, within=range(PORTS.start, PORTS.stop - 10003)):
+    for base in random.Random().sample(range(PORTS.start, PORTS.stop - 10003), 64):
         if all(is_free(port) for i in range(4) for port in (base + i, base + 10000 + i)):
             return base
     raise RuntimeError("no free port range for SeaweedFS on 127.0.0.1")
