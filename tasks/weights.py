@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -56,10 +57,7 @@ def resolve_weights(reference: str, store: Store, framework: str, model: str = "
     if reference.startswith("model:"):
         return _published(reference, store, framework)
     if reference.startswith("torchvision:"):
-        if (found := _resolved.get((reference, model, store.uri))) is None or not store.exists(found.key):
-            path = _torchvision_cache(reference, model)
-            found = _resolved[reference, model, store.uri] = _stage(reference, path.name, path.read_bytes(), store)
-        return found
+        return _once((reference, model, store.uri), store, lambda: _torchvision_cache(reference, model), reference)
     if reference.startswith("s3://"):
         bucket_and_key = reference[len("s3://"):]
         folder, _, name = bucket_and_key.rpartition("/")
@@ -77,16 +75,22 @@ def resolve_weights(reference: str, store: Store, framework: str, model: str = "
                             "model:NAME[@VERSION].")
         _check_suffix(reference, path.name, framework)
         stat = path.stat()
-        seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, store.uri)
-        if (found := _resolved.get(seen)) is None or not store.exists(found.key):
-            found = _resolved[seen] = _stage(reference, path.name, path.read_bytes(), store)
-        return found
+        return _once((str(path.resolve()), stat.st_size, stat.st_mtime_ns, store.uri), store, lambda: path,
+                     reference)
     return _stage(reference, name, data, store)
 
 
 # What this process has staged already: a run resolves its weights in the CLI's checks, the flow's and the train
 # task; a local file (by path, size and time) or torchvision's named weights are read and hashed once.
 _resolved: dict[tuple, StagedWeights] = {}
+
+
+def _once(seen: tuple, store: Store, find: Callable[[], Path], reference: str) -> StagedWeights:
+    """The weights staged for ``seen`` in this process, unless the store has lost them; else ``find``'s file, staged."""
+    if (found := _resolved.get(seen)) is None or not store.exists(found.key):
+        path = find()
+        found = _resolved[seen] = _stage(reference, path.name, path.read_bytes(), store)
+    return found
 
 
 def _stage(reference: str, name: str, data: bytes, store: Store) -> StagedWeights:
