@@ -7,6 +7,9 @@ first line, so a typo or a bad value fails on the driver, before Ray starts.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import asdict, dataclass, fields
 
 from cluster.errors import UserError
@@ -85,3 +88,24 @@ class TrainLoopConfig:
             raise UserError(f"batch_size={self.batch_size} does not split evenly over {world_size} workers; "
                             f"use a multiple of {world_size}.")
         return self.batch_size // world_size
+
+
+# Fields of TrainLoopConfig that change where or how fast a run trains, never what it learns. Every other
+# field is part of the run's identity, so a new field changes the identity unless it is listed here.
+# ``precision`` is in it as the parameter's value ("auto"), not as resolved: the workers resolve auto on their
+# hardware after the identity is fixed, so a finished auto run trained in bf16 on one machine is reused (or
+# resumed) on another that would have chosen fp32. That is accepted: bf16 is tested to stay within a point of
+# fp32's test accuracy, and the checkpoint's state.json says what each run actually used.
+NOT_IDENTITY = frozenset({"data_dir", "use_gpu", "weights"})  # weights: where; weights_sha256 is what
+
+
+def run_identity(fingerprint: str, cfg: TrainLoopConfig) -> str:
+    """A name for the training run of ``cfg`` on the prepared data of ``fingerprint``: the same whenever its
+    result would be."""
+    identity = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IDENTITY}
+    for added in ("model", "weights_sha256"):  # when unset, the identity a run had before the field existed
+        if not identity[added]:
+            del identity[added]
+    blob = json.dumps({"data": fingerprint, **identity}, sort_keys=True)
+    # the name is a folder of the run's storage and a Ray Train run name: torchvision:resnet18 → torchvision-resnet18
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', cfg.network)}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"

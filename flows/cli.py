@@ -2,6 +2,7 @@
 
     trainflow run [--preset NAME] [--dataset ...] [--epochs N] [--workers N] [--gpu] [--force] ...
     trainflow prepare [--preset NAME] [--dataset ...] [--image-size N] [--store ...] [--json]
+    trainflow sweep [run options] --search NAME=SPACE ... [--trials N] [--scheduler asha|fifo] [--max-concurrent K]
     trainflow submit --address http://HEAD:8265 [run options]
     trainflow presets
     trainflow up [--prefect-port 4200] [--cpus N] | trainflow down
@@ -35,6 +36,7 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "image_size": ("data", "image_size", int),
     "limit_train": ("data", "limit_train", int),
     "limit_test": ("data", "limit_test", int),
+    "val_fraction": ("data", "val_fraction", float),
     "stored_as": ("data", "stored_as", str),
     "max_side": ("data", "max_side", int),
     "epochs": ("train", "epochs", int),
@@ -78,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sub.add_parser("prepare", help="ingest and preprocess only: prepared data in the store, which "
                                                     "runs with the same data options and store then reuse"),
                      PREPARE_OPTIONS)
+    sweep = _add_run_options(sub.add_parser("sweep", help="search training parameters on Ray Tune (takes run's "
+                                                          "options), then evaluate and publish the best trial"))
+    sweep.add_argument("--search", action="append", metavar="NAME=SPACE",
+                       help="a parameter's space, once per parameter: lr, momentum, batch_size or seed = choice:a,b,c, "
+                            "uniform:lo:hi, loguniform:lo:hi or int:lo:hi (default lr=loguniform:0.001:0.1)")
+    sweep.add_argument("--trials", type=int, help="how many sets of values to train (default 8)")
+    sweep.add_argument("--scheduler", choices=("asha", "fifo"),
+                       help="asha (default): stop trials that trail the others early; fifo: run every trial to the end")
+    sweep.add_argument("--max-concurrent", dest="max_concurrent", type=int,
+                       help="trials at once (default: as many worker groups as the Ray cluster holds)")
     submit = sub.add_parser("submit", help="run the pipeline as a Ray job on a cluster (takes run's options)")
     submit.add_argument("--address", required=True, help="the Ray head's dashboard, http://HEAD:8265")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
@@ -123,7 +135,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
 
-PREPARE_OPTIONS = frozenset(["dataset", "tfds_data_dir", "image_size", "limit_train", "limit_test", "stored_as",
+PREPARE_OPTIONS = frozenset(["dataset", "tfds_data_dir", "image_size", "limit_train", "limit_test", "val_fraction",
+                             "stored_as",
                              "max_side", "ray_address",
                              "store", "skip_bad_images", "tfds_download", "shared_folder_store"])
 
@@ -172,6 +185,26 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return nested
 
 
+def sweep_overrides(args: argparse.Namespace) -> dict:
+    """``trainflow sweep``'s own options as the sweep section of its parameters."""
+    given = {name: getattr(args, name, None) for name in ("search", "trials", "scheduler", "max_concurrent")}
+    return {"sweep": {name: value for name, value in given.items() if value is not None}}
+
+
+def format_trials(summary) -> str:
+    """A sweep's trials as a table, the best marked."""
+    names = sorted({name for trial in summary.trials for name in trial.values})
+    lines = ["", f"sweep {summary.sweep_id}: {len(summary.trials)} trial(s)",
+             "  " + "  ".join([f"{'trial':<12}", *(f"{n:>10}" for n in names), "best val", "epochs", "outcome"])]
+    for t in summary.trials:
+        values = [f"{t.values[n]:>10.4g}" if isinstance(t.values[n], float) else f"{t.values[n]:>10}" for n in names]
+        best = "-" if t.best_val_accuracy is None else f"{t.best_val_accuracy:.4f}"
+        outcome = (f"failed: {t.error}" if t.error else "stopped early" if t.stopped_early else "finished") + (
+            "  <- best, published" if t.trial_id == summary.best_trial_id else "")
+        lines.append("  " + "  ".join([f"{t.trial_id:<12}", *values, f"{best:>8}", f"{t.epochs:>6}", outcome]))
+    return "\n".join(lines)
+
+
 def format_summary(summary, wall_seconds: float) -> str:
     lines = ["", "trainflow run summary", "-" * 52]
     from flows.console import stage_line
@@ -211,14 +244,20 @@ class _NoUserErrorTraceback(logging.Filter):
 
 
 def _run(args: argparse.Namespace) -> int:
+    """``trainflow run``, and ``trainflow sweep``."""
     from flows import services
 
     if (found := services.running()) is not None:
         services.use_prefect(found)
-    from flows.params import build_params, preflight
+    from flows.params import SweepParams, build_params, preflight, preflight_sweep
 
-    params = build_params(args.preset, overrides_from(args))
-    preflight(params)
+    sweeping = args.command == "sweep"
+    if sweeping:
+        params = build_params(args.preset, {**overrides_from(args), **sweep_overrides(args)}, SweepParams)
+        preflight_sweep(params)
+    else:
+        params = build_params(args.preset, overrides_from(args))
+        preflight(params)
     # SIGTERM stops a run as Ctrl-C does, through the cleanup below (inside a flow run Prefect's own handler
     # raises TerminationSignal instead), so that neither Ray nor Prefect's temporary server outlives the run
     signal.signal(signal.SIGTERM, _interrupt)
@@ -243,10 +282,11 @@ def _run(args: argparse.Namespace) -> int:
                 with runtime.ray_session(resources.ray_address):
                     check_placement(resources)
             from flows.pipeline import train_pipeline
+            from flows.sweep import sweep_pipeline
 
             for name in ("prefect.flow_runs", "prefect.task_runs"):  # where Prefect's engines log run failures
                 logging.getLogger(name).addFilter(_NoUserErrorTraceback())
-            summary = train_pipeline(params)
+            summary = (sweep_pipeline if sweeping else train_pipeline)(params)
     except (KeyboardInterrupt, TerminationSignal):
         print("trainflow: stopped; a re-run with the same parameters resumes from the last checkpoint",
               file=sys.stderr)
@@ -254,7 +294,10 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         runtime.shutdown()
     wall = time.perf_counter() - started
-    print(summary.model_dump_json(indent=2) if args.json else format_summary(summary, wall))
+    if args.json:
+        print(summary.model_dump_json(indent=2))
+    else:
+        print((format_trials(summary) if sweeping else "") + format_summary(summary, wall))
     return 0
 
 

@@ -16,6 +16,7 @@ from cluster.precision import PRECISIONS
 from cluster.models import plugin_models
 from cluster.recipes import RECIPES, get_recipe
 from cluster.execution.session import resolve_address
+from cluster.execution.sweep import SEARCHABLE, SearchSpace, SweepSpec, check_spaces, parse_space
 from tasks import sources
 from tasks.preprocess import PreprocessConfig
 from tasks.sources import SOURCES
@@ -212,6 +213,41 @@ class PipelineParams(_Section):
     tracking: TrackingParams = Field(default_factory=TrackingParams, title="Tracking")
 
 
+class SweepSection(_Section):
+    search: list[str] = Field(
+        default_factory=lambda: ["lr=loguniform:0.001:0.1"], min_length=1, max_length=len(SEARCHABLE),
+        title="Search", description=f"NAME=SPACE, one per parameter searched: NAME is one of {', '.join(SEARCHABLE)}; "
+                                    "SPACE is choice:a,b,c, uniform:lo:hi, loguniform:lo:hi or int:lo:hi (both ends "
+                                    "in). The other parameters are the Training section's")
+    trials: int = Field(8, ge=1, le=1000, title="Trials", description="How many sets of values to train")
+    scheduler: Literal["asha", "fifo"] = Field(
+        "asha", title="Scheduler", description="asha: stop the trials that trail the others at 1, 2, 4, ... epochs; "
+                                               "fifo: every trial runs every epoch")
+    max_concurrent: int | None = Field(None, ge=1, le=1000, title="Trials at once",
+                                       description="Empty: as many worker groups as the Ray cluster holds")
+
+    @model_validator(mode="after")
+    def _spaces_parse(self) -> SweepSection:
+        names = [space.name for space in self.spaces]
+        if len(set(names)) < len(names):
+            raise ValueError(f"sweep.search names a parameter twice ({', '.join(names)}); give one space each.")
+        return self
+
+    @property
+    def spaces(self) -> tuple[SearchSpace, ...]:
+        return tuple(parse_space(text) for text in self.search)
+
+    def to_spec(self, seed: int) -> SweepSpec:
+        return SweepSpec(spaces=self.spaces, trials=self.trials, scheduler=self.scheduler,
+                         max_concurrent=self.max_concurrent, seed=seed)
+
+
+class SweepParams(PipelineParams):
+    """The sweep flow's: a run's sections, whose training parameters the search starts from, and the search."""
+
+    sweep: SweepSection = Field(default_factory=SweepSection, title="Sweep")
+
+
 class PrepareParams(_Section):
     """``trainflow prepare``'s and the prepare-data flow's: the data options and where the prepared data goes."""
 
@@ -253,13 +289,15 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def build_params(preset: str | None = None, overrides: dict[str, Any] | None = None) -> PipelineParams:
-    """Parameters from a named preset plus nested overrides (e.g. ``{"train": {"epochs": 3}}``)."""
+def build_params(preset: str | None = None, overrides: dict[str, Any] | None = None,
+                 kind: type[PipelineParams] = PipelineParams) -> PipelineParams:
+    """Parameters (of ``kind``: a run's or a sweep's) from a named preset plus nested overrides (e.g.
+    ``{"train": {"epochs": 3}}``)."""
     from cluster.errors import UserError
 
     if preset is not None and preset not in PRESETS:
         raise UserError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}.")
-    return PipelineParams.model_validate(_merge(PRESETS[preset] if preset else {}, overrides or {}))
+    return kind.model_validate(_merge(PRESETS[preset] if preset else {}, overrides or {}))
 
 
 def prepare_params(params: PipelineParams) -> PrepareParams:
@@ -332,4 +370,21 @@ def preflight(params: PipelineParams) -> Tracking | None:
                         params.train.model)
     if params.cluster.to_resources().ray_address is None:  # a local Ray runs this machine's packages; a
         get_framework(params.train.framework).check_installed()  # cluster's nodes are asked once Ray is up
+    return tracking
+
+
+def preflight_sweep(params: SweepParams) -> Tracking | None:
+    """A run's checks (:func:`preflight`), and the search's: a validation split to choose by, and every value a
+    trial can draw valid for the run; returns where the sweep is tracked in MLflow (None: nowhere).
+
+    Raises:
+        UserError: as :func:`preflight`, or for a search that cannot work.
+    """
+    from cluster.errors import UserError
+
+    tracking = preflight(params)
+    if params.data.val_fraction <= 0:
+        raise UserError("a sweep chooses its best trial by validation accuracy, and data.val_fraction is 0; set "
+                        "--val-fraction above 0 (for example 0.1).")
+    check_spaces(params.train.to_config(), params.cluster.num_workers, params.sweep.spaces)
     return tracking

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from prefect import flow
 from pydantic import BaseModel
@@ -27,7 +28,7 @@ from tasks.publish import publish_task
 from tasks.refs import Evaluation, PreparedData, RawData, Release, TrainedModel
 from tasks.store import open_store
 from tasks.tracking import track_task
-from tasks.train import check_trainable, train_task
+from tasks.train import Resources, TrainLoopConfig, check_trainable, train_task
 
 
 class StageTime(BaseModel):
@@ -75,7 +76,7 @@ class RunSummary(BaseModel):
                    mlflow_run_id=mlflow_run_id)
 
 
-def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
+def run_stage(stages: list[StageTime], name: str, call, *args, **kwargs):
     """Call a task, recording its wall time and whether Prefect served it from cache."""
     emit("stage_started", name=name)
     start = time.perf_counter()
@@ -89,35 +90,57 @@ def _run(stages: list[StageTime], name: str, call, *args, **kwargs):
     return result
 
 
+Train = Callable[[list[StageTime], PreparedData, TrainLoopConfig, Resources, str], TrainedModel]
+
+
+def train_and_evaluate(params: PipelineParams, stages: list[StageTime], train: Train
+                       ) -> tuple[RawData, PreparedData, TrainedModel, Evaluation]:
+    """Ingest, preprocess, ``train`` (a stage that records itself in ``stages``) and evaluate, with Ray started
+    beside ingest and stopped after evaluate if started here."""
+    store = open_store(params.publish.store)
+    data_cfg, train_cfg, resources = params.data.to_config(), params.train.to_config(), params.cluster.to_resources()
+    owns_ray = runtime.prestart(resources.ray_address)  # Ray starts while ingest runs
+    try:
+        ingest = ingest_task.with_options(result_storage=result_storage(params.data.cache_dir))
+        raw = run_stage(stages, "ingest", ingest, params.data.dataset, params.data.cache_dir)
+        check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
+        prepared = run_stage(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri, resources.ray_address)
+        threading.Thread(target=preload_evaluation, name="preload-evaluation", daemon=True).start()
+        model = train(stages, prepared, train_cfg, resources, store.uri)
+        # one worker's CPUs: a share that some node is known to hold
+        evaluation = run_stage(stages, "evaluate", evaluate_task, model, prepared, store.uri,
+                               resources.ray_address, resources.cpus_per_worker)
+    finally:
+        if owns_ray:
+            runtime.shutdown()
+    evaluation_artifacts(params.publish.model_name, model, evaluation)
+    return raw, prepared, model, evaluation
+
+
+def publish(params: PipelineParams, stages: list[StageTime], model: TrainedModel, evaluation: Evaluation,
+            prepared: PreparedData, lineage_params: dict) -> Release:
+    """The publish stage, with ``lineage_params`` as the parameters the version's lineage records."""
+    release = run_stage(stages, "publish", publish_task, model, evaluation, prepared, lineage_params,
+                        open_store(params.publish.store).uri, params.publish.model_name,
+                        params.publish.min_improvement)
+    release_artifact(release)
+    return release
+
+
 @flow(name="train-pipeline", flow_run_name="{params.data.label} · {params.train.framework} · "
       "{params.train.epochs} epochs", log_prints=True)
 def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
     """Ingest, preprocess, train on Ray, evaluate and publish one image classifier."""
     tracking = preflight(params)
-    store = open_store(params.publish.store)
-    cache_dir = params.data.cache_dir
-    data_cfg, train_cfg, resources = params.data.to_config(), params.train.to_config(), params.cluster.to_resources()
-    owns_ray = runtime.prestart(resources.ray_address)  # Ray starts while ingest runs
-    try:
-        stages: list[StageTime] = []
-        raw = _run(stages, "ingest", ingest_task.with_options(result_storage=result_storage(cache_dir)),
-                   params.data.dataset, cache_dir)
-        check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
-        prepared = _run(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri, resources.ray_address)
-        threading.Thread(target=preload_evaluation, name="preload-evaluation", daemon=True).start()
-        model = _run(stages, "train", train_task, prepared, train_cfg, resources, store.uri, params.train.force,
-                     tracking)
-        # one worker's CPUs: a share that some node is known to hold
-        evaluation = _run(stages, "evaluate", evaluate_task, model, prepared, store.uri, resources.ray_address,
-                          resources.cpus_per_worker)
-    finally:
-        if owns_ray:
-            runtime.shutdown()
-    evaluation_artifacts(params.publish.model_name, model, evaluation)
-    release = _run(stages, "publish", publish_task, model, evaluation, prepared, params.model_dump(mode="json"),
-                   store.uri, params.publish.model_name, params.publish.min_improvement)
-    release_artifact(release)
-    tracked = track_task(tracking, model, prepared, evaluation, release, store.uri) if tracking else None
+    stages: list[StageTime] = []
+
+    def train(stages, prepared, cfg, resources, store):
+        return run_stage(stages, "train", train_task, prepared, cfg, resources, store, params.train.force, tracking)
+
+    raw, prepared, model, evaluation = train_and_evaluate(params, stages, train)
+    release = publish(params, stages, model, evaluation, prepared, params.model_dump(mode="json"))
+    store = open_store(params.publish.store).uri
+    tracked = track_task(tracking, model, prepared, evaluation, release, store) if tracking else None
     return RunSummary.build(stages, raw, prepared, model, evaluation, release, tracked)
 
 
@@ -128,7 +151,7 @@ def prepare_data(params: PrepareParams = PrepareParams()) -> PreparedData:
     preflight_prepare(params)
     store = open_store(params.store)
     stages: list[StageTime] = []
-    raw = _run(stages, "ingest", ingest_task.with_options(result_storage=result_storage(params.data.cache_dir)),
-               params.data.dataset, params.data.cache_dir)
-    return _run(stages, "preprocess", preprocess_task, raw, params.data.to_config(), store.uri,
-                runtime.resolve_address(params.ray_address))
+    ingest = ingest_task.with_options(result_storage=result_storage(params.data.cache_dir))
+    raw = run_stage(stages, "ingest", ingest, params.data.dataset, params.data.cache_dir)
+    return run_stage(stages, "preprocess", preprocess_task, raw, params.data.to_config(), store.uri,
+                     runtime.resolve_address(params.ray_address))

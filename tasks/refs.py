@@ -152,3 +152,29 @@ class Release(_Ref):
     champion_version: int | None
     reason: str
     reused: bool = False
+
+
+class Trial(_Ref):
+    """One trial of a sweep: the values it drew, its training run and how far it got."""
+
+    trial_id: str
+    run_id: str
+    values: dict[str, float | int]
+    epochs: int  # epochs its run trained (fewer than the sweep's when the scheduler stopped it)
+    best_val_accuracy: float | None
+    last_val_accuracy: float | None
+    stopped_early: bool
+    error: str | None = None  # why it failed; None when it did not
+
+
+class SweepResult(_Ref):
+    """A finished sweep: every trial, and the best one's run as the model that evaluate and publish take."""
+
+    sweep_id: str
+    trials: tuple[Trial, ...]
+    best_trial_id: str
+    model: TrainedModel
+
+    @property
+    def best(self) -> Trial:
+        return next(t for t in self.trials if t.trial_id == self.best_trial_id)

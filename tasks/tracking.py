@@ -31,10 +31,10 @@ from pydantic import BaseModel, ConfigDict
 
 from cluster.errors import UserError
 from tasks.common import retry_unless_user_error
-from tasks.refs import EpochMetrics, Evaluation, PreparedData, Release, TrainedModel
+from tasks.refs import EpochMetrics, Evaluation, PreparedData, Release, SweepResult, TrainedModel
 from tasks.store import open_store
 
-__all__ = ["TrackedRun", "Tracking", "check_reachable", "track", "track_task", "tracking_for"]
+__all__ = ["SweepTracking", "TrackedRun", "Tracking", "check_reachable", "track", "track_task", "tracking_for"]
 
 ENV = "MLFLOW_TRACKING_URI"
 RUN_KEY_TAG = "trainflow.run_key"  # sha256 of the checkpoints' URI: a value MLflow's filter syntax takes as is
@@ -106,9 +106,10 @@ class TrackedRun:
         self.client, self.run_id, self.finished, self.logged = client, run_id, finished, logged
 
     @classmethod
-    def open(cls, tracking: Tracking, checkpoints_uri: str, identity: str, fingerprint: str) -> TrackedRun:
+    def open(cls, tracking: Tracking, checkpoints_uri: str, identity: str, fingerprint: str,
+             parent: str | None = None) -> TrackedRun:
         """The MLflow run of the training run whose checkpoints are at ``checkpoints_uri``; created, with the
-        form's parameters, when there is none yet."""
+        form's parameters (nested in MLflow run ``parent`` if given), when there is none yet."""
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -128,7 +129,7 @@ class TrackedRun:
             return cls(client, run.info.run_id, False, logged)
         run = client.create_run(experiment_id, run_name=identity, tags={
             RUN_KEY_TAG: key, "trainflow.checkpoints": checkpoints_uri, "trainflow.run_id": identity,
-            "trainflow.data_fingerprint": fingerprint})
+            "trainflow.data_fingerprint": fingerprint, **({"mlflow.parentRunId": parent} if parent else {})})
         params = [Param(k, v) for k, v in sorted(tracking.params.items())]
         for start in range(0, len(params), BATCH):
             client.log_batch(run.info.run_id, params=params[start:start + BATCH])
@@ -151,7 +152,17 @@ class TrackedRun:
         for metrics in history:
             self.log_epoch(metrics.model_dump())
 
-    def finish(self, evaluation: Evaluation, confusion_png: bytes, release: Release) -> None:
+    def end(self, tags: Mapping[str, object]) -> None:
+        """Set ``tags`` and mark the run finished (a run with no test results: a sweep's trial that lost)."""
+        if self.finished:
+            return
+        for name, value in tags.items():
+            self.client.set_tag(self.run_id, name, str(value))
+        self.client.set_terminated(self.run_id, "FINISHED")
+        self.finished = True
+
+    def finish(self, evaluation: Evaluation, confusion_png: bytes, release: Release,
+               tags: Mapping[str, object] | None = None) -> None:
         """The test metrics, the confusion matrix, the per-class table and the published version; then done."""
         from mlflow.entities import Metric
 
@@ -169,11 +180,53 @@ class TrackedRun:
             "columns": ["class", "precision", "recall", "f1", "support"],
             "data": [[c.name, c.precision, c.recall, c.f1, c.support] for c in evaluation.per_class]},
             "per_class.json")
-        for name, value in {"trainflow.release_uri": release.uri, "trainflow.model_name": release.name,
-                            "trainflow.version": release.version, "trainflow.promoted": release.promoted}.items():
-            self.client.set_tag(self.run_id, name, str(value))
-        self.client.set_terminated(self.run_id, "FINISHED")
-        self.finished = True
+        self.end({"trainflow.release_uri": release.uri, "trainflow.model_name": release.name,
+                  "trainflow.version": release.version, "trainflow.promoted": release.promoted, **(tags or {})})
+
+
+class SweepTracking:
+    """The MLflow runs of a sweep: one for the sweep, and one per trial nested in it (``mlflow.parentRunId``).
+
+    Each is found again as a training run's is, so a resumed sweep continues them. The trials' epochs are
+    logged as the sweep's driver hears them; :meth:`finish` (after publish) adds what it missed, the test
+    results to the best trial's run and the sweep's, and closes them all.
+    """
+
+    def __init__(self, tracking: Tracking, store_uri: str, sweep_id: str, fingerprint: str) -> None:
+        self.tracking, self.store, self.fingerprint = tracking, open_store(store_uri), fingerprint
+        self.sweep = TrackedRun.open(tracking, self.store.child_uri(f"sweeps/{sweep_id}"), sweep_id, fingerprint)
+        self.trials: dict[str, TrackedRun] = {}
+
+    def trial(self, trial_id: str, run_id: str, values: Mapping[str, object]) -> TrackedRun:
+        """The nested run of trial ``trial_id``, which trains run ``run_id`` with ``values``."""
+        if trial_id not in self.trials:
+            params = {**self.tracking.params, **{f"train.{k}": str(v) for k, v in values.items()},
+                      "sweep.trial_id": trial_id}
+            self.trials[trial_id] = TrackedRun.open(self.tracking.model_copy(update={"params": params}),
+                                                    self.store.child_uri(f"checkpoints/{run_id}"), run_id,
+                                                    self.fingerprint, parent=self.sweep.run_id)
+        return self.trials[trial_id]
+
+    def log_epoch(self, trial_id: str, values: Mapping[str, object], metrics: Mapping) -> None:
+        self.trial(trial_id, metrics["run_id"], values).log_epoch(metrics)
+
+    def finish(self, result: SweepResult, evaluation: Evaluation, release: Release,
+               histories: Mapping[str, tuple[EpochMetrics, ...]]) -> str:
+        """Close every trial's run and the sweep's (``histories``: each trial's epochs, by run id, for those
+        the driver missed); returns the sweep's MLflow run id."""
+        png = self.store.get_bytes(self.store.key_of(evaluation.confusion_png_uri))
+        for trial in result.trials:
+            run = self.trial(trial.trial_id, trial.run_id, trial.values)
+            run.log_history(histories.get(trial.run_id, ()))
+            outcome = {"trainflow.stopped_early": trial.stopped_early, "trainflow.error": trial.error or ""}
+            if trial.trial_id == result.best_trial_id:
+                run.finish(evaluation, png, release, {**outcome, "trainflow.best_trial": True})
+            else:
+                run.end(outcome)
+        best = result.best
+        self.sweep.finish(evaluation, png, release, {"trainflow.best_trial": best.trial_id,
+                                                     **{f"trainflow.best.{k}": v for k, v in best.values.items()}})
+        return self.sweep.run_id
 
 
 def track(tracking: Tracking, model: TrainedModel, prepared: PreparedData, evaluation: Evaluation,
@@ -193,3 +246,4 @@ def track_task(tracking: Tracking, model: TrainedModel, prepared: PreparedData, 
                release: Release, store: str) -> str:
     """Prefect task: the run's results into its MLflow run (the train task logged its epochs)."""
     return track(tracking, model, prepared, evaluation, release, store)
+

@@ -9,19 +9,17 @@ from the last finished epoch, and a run that already finished is reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import uuid
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
-from cluster.config import TrainLoopConfig
+from cluster.config import NOT_IDENTITY, TrainLoopConfig, run_identity
 from cluster.errors import UserError
 from cluster.execution.trainer import Resources, check_framework, check_placement, fit
 from cluster.execution.nodecache import StoredData, StoredFile
@@ -33,27 +31,7 @@ from tasks.store import Store, open_store
 from tasks.tracking import TrackedRun, Tracking
 from tasks.weights import resolve_weights
 
-__all__ = ["Resources", "TrainLoopConfig", "run_identity", "train", "train_task"]
-
-# Fields of TrainLoopConfig that change where or how fast a run trains, never what it learns. Every other
-# field is part of the run's identity, so a new field changes the identity unless it is listed here.
-# ``precision`` is in it as the parameter's value ("auto"), not as resolved: the workers resolve auto on their
-# hardware after the identity is fixed, so a finished auto run trained in bf16 on one machine is reused (or
-# resumed) on another that would have chosen fp32. That is accepted: bf16 is tested to stay within a point of
-# fp32's test accuracy, and the checkpoint's state.json says what each run actually used.
-NOT_IDENTITY = frozenset({"data_dir", "use_gpu", "weights"})  # weights: where; weights_sha256 is what
-
-
-def run_identity(prepared: PreparedData, cfg: TrainLoopConfig) -> str:
-    """A name for this training run that is the same whenever its result would be."""
-    identity = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IDENTITY}
-    for added in ("model", "weights_sha256"):  # when unset, the identity a run had before the field existed
-        if not identity[added]:
-            del identity[added]
-    blob = json.dumps({"data": prepared.fingerprint, **identity}, sort_keys=True)
-    # the name is a folder of the run's storage and a Ray Train run name: "torchvision:resnet18" → torchvision-resnet18
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', cfg.network)}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-
+__all__ = ["NOT_IDENTITY", "Resources", "TrainLoopConfig", "run_identity", "train", "train_task"]
 
 def check_trainable(train_images: int, cfg: TrainLoopConfig, resources: Resources) -> None:
     """Mistakes that show only once the data is known and Ray is up, caught before anything is written.
@@ -126,7 +104,7 @@ def train(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, st
     if staged:  # what the run starts from is part of its identity
         cfg = replace(cfg, weights_sha256=staged.sha256)
     started_from = {"weights_origin": staged.origin, "weights_sha256": staged.sha256} if staged else {}
-    run_id = run_identity(prepared, cfg) + (f"-retrain-{retrain}" if retrain else "")
+    run_id = run_identity(prepared.fingerprint, cfg) + (f"-retrain-{retrain}" if retrain else "")
     run_prefix = f"checkpoints/{run_id}"
     on_identified(run_id, store.child_uri(run_prefix))
     found = latest_checkpoint(store, run_prefix)

@@ -7,11 +7,9 @@ from dataclasses import fields, replace
 import pytest
 
 from cluster.config import TrainLoopConfig
-from tasks.refs import PreparedData
 from tasks.train import NOT_IDENTITY, run_identity
 
-PREPARED = PreparedData(uri="file:///store/prepared/x", fingerprint="f" * 64, classes=("a", "b"), image_size=8,
-                        channels=1, counts={"train": 10, "val": 2, "test": 4}, mean=(0.5,), std=(0.2,))
+FINGERPRINT = "f" * 64  # the prepared data's
 BASE = TrainLoopConfig(data_dir="/here")
 # A different value for every field; a new TrainLoopConfig field fails this test until it is listed here
 # and either changes the identity or is declared speed/placement-only in NOT_IDENTITY.
@@ -27,17 +25,16 @@ def test_every_config_field_is_classified():
 
 @pytest.mark.parametrize("name", sorted(OTHER))
 def test_a_field_changes_the_identity_unless_it_only_changes_speed_or_placement(name):
-    changed = run_identity(PREPARED, replace(BASE, **{name: OTHER[name]})) != run_identity(PREPARED, BASE)
+    changed = run_identity(FINGERPRINT, replace(BASE, **{name: OTHER[name]})) != run_identity(FINGERPRINT, BASE)
     assert changed == (name not in NOT_IDENTITY), name
 
 
 def test_precision_after_fp32_is_a_new_run():
-    assert run_identity(PREPARED, replace(BASE, precision="bf16")) != run_identity(PREPARED, BASE)
+    assert run_identity(FINGERPRINT, replace(BASE, precision="bf16")) != run_identity(FINGERPRINT, BASE)
 
 
 def test_the_data_fingerprint_changes_the_identity():
-    other = PREPARED.model_copy(update={"fingerprint": "e" * 64})
-    assert run_identity(other, BASE) != run_identity(PREPARED, BASE)
+    assert run_identity("e" * 64, BASE) != run_identity(FINGERPRINT, BASE)
 
 
 def test_the_recipes_own_network_keeps_the_identity_runs_had_before_models_could_be_named():
@@ -48,6 +45,6 @@ def test_the_recipes_own_network_keeps_the_identity_runs_had_before_models_could
 
     left_out = NOT_IDENTITY | {"model", "weights_sha256"}
     identity = {f.name: getattr(BASE, f.name) for f in fields(BASE) if f.name not in left_out}
-    blob = json.dumps({"data": PREPARED.fingerprint, **identity}, sort_keys=True)
-    assert run_identity(PREPARED, BASE) == f"seed_cnn-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-    assert run_identity(PREPARED, replace(BASE, model="torchvision:resnet18")).startswith("torchvision-resnet18-")
+    blob = json.dumps({"data": FINGERPRINT, **identity}, sort_keys=True)
+    assert run_identity(FINGERPRINT, BASE) == f"seed_cnn-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    assert run_identity(FINGERPRINT, replace(BASE, model="torchvision:resnet18")).startswith("torchvision-resnet18-")

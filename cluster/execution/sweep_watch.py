@@ -1,0 +1,62 @@
+"""What the sweep's caller hears from Ray Tune while it runs: each trial's epochs, and the trials' table.
+
+Tune pickles its callbacks with the experiment's state and brings them back when
+the sweep resumes, in another driver process; so :class:`Watch` keeps nothing of
+its own and calls whatever listener this process set with :func:`listening`.
+Tune calls it on the thread that runs the sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from ray import tune
+
+__all__ = ["Watch", "listening", "trial_row"]
+
+OnResult = Callable[[str, dict, dict], None]  # (trial id, the values it drew, one epoch's report)
+OnChange = Callable[[list[dict]], None]  # every trial's row, when one starts, ends or fails
+
+_listener: tuple[OnResult, OnChange] | None = None
+
+
+@contextmanager
+def listening(on_result: OnResult, on_change: OnChange) -> Iterator[None]:
+    """Route the sweep's events to these two while the block runs (one sweep at a time in a process)."""
+    global _listener
+    _listener = (on_result, on_change)
+    try:
+        yield
+    finally:
+        _listener = None
+
+
+def trial_row(trial) -> dict:
+    """One trial as the caller shows it: its id, drawn values, Tune's status and how far it got."""
+    last = trial.last_result or {}
+    best = (trial.metric_analysis.get("val_accuracy") or {}).get("max")
+    return {"trial_id": trial.trial_id, "values": dict(trial.config), "status": trial.status,
+            "epochs": int(last.get("epoch", 0)), "best_val_accuracy": best, "run_id": last.get("run_id")}
+
+
+class Watch(tune.Callback):
+    """Hands each trial's reports, and the table of trials as it changes, to the listener set here."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if _listener is not None:
+            _listener[0](trial.trial_id, dict(trial.config), result)
+
+    def _changed(self, trials, trial, status: str) -> None:
+        """Tune calls these before it sets the trial's own status: ``status`` is the one it is taking."""
+        if _listener is not None:
+            _listener[1]([{**trial_row(t), **({"status": status} if t is trial else {})} for t in trials])
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._changed(trials, trial, "RUNNING")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._changed(trials, trial, "TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._changed(trials, trial, "ERROR")
