@@ -5,9 +5,10 @@
 
 * ``train-pipeline/nightly``: retrains on a cron schedule (explicit time zone);
 * ``train-pipeline/on-demand``: no schedule; started from the UI or the API;
-* ``prepare-data/prepare``: ingest and preprocess only, into the store that later runs read.
+* ``prepare-data/prepare``: ingest and preprocess only, into the store that later runs read;
+* ``sweep/sweep``: a Ray Tune search over training parameters; its best trial is published.
 
-Both default to the ``digits-quickstart`` preset, so they run anywhere with
+All default to the ``digits-quickstart`` preset, so they run anywhere with
 no data to fetch; every parameter can be changed per run in the UI's form.
 """
 
@@ -18,8 +19,9 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 from cluster.errors import UserError
-from flows.params import build_params, prepare_params
+from flows.params import SweepParams, build_params, prepare_params
 from flows.pipeline import prepare_data, train_pipeline
+from flows.sweep import sweep_pipeline
 
 NIGHTLY_CRON = "0 3 * * *"
 TIMEZONE = "UTC"
@@ -47,6 +49,11 @@ def deployments(every_seconds: float | None = None, store: str | None = None) ->
         prepare_data.to_deployment(
             name="prepare", parameters={"params": prepare_params(quickstart).model_dump(mode="json")}, tags=TAGS,
             description="Ingest and preprocess only, into the store: runs with the same data options then reuse it."),
+        sweep_pipeline.to_deployment(
+            name="sweep", parameters={"params": build_params("digits-quickstart", publish, SweepParams).model_dump(
+                mode="json")}, tags=TAGS,
+            description="Search training parameters on Ray Tune (ASHA stops the trailing trials), then evaluate "
+                        "and publish the best trial."),
     ]
     if every_seconds:
         made.append(train_pipeline.to_deployment(

@@ -386,6 +386,28 @@ def test_a_submitted_flow_trains_across_two_nodes_that_share_no_disk(cluster, s3
     assert len(cluster.wait_for_nodes(2)) == 2  # the run never shuts down a cluster it did not start
 
 
+@pytest.mark.timeout(400)
+def test_a_sweep_spreads_its_trials_over_both_nodes(cluster, s3_server):
+    """Two one-worker trials at once on two one-CPU nodes: Tune runs them side by side, one on each node."""
+    run = trainflow(cluster, "sweep", *RUN[:-4], "--workers", "1", "--epochs", "2", "--search", "lr=choice:0.01,0.05",
+                    "--trials", "2", "--scheduler", "fifo", "--store", f"s3://{s3_server.bucket}/sweep-e2e", "--json")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads(run.stdout[run.stdout.index("{"):])
+    trials = summary["trials"]
+    assert sorted(t["values"]["lr"] for t in trials) == [0.01, 0.05]
+    assert all(t["epochs"] == 2 and not t["stopped_early"] and t["error"] is None for t in trials)
+    nodes = {}
+    for trial in trials:  # where each trial's run trained, from its last checkpoint in S3
+        keys = s3_server.client().list_objects_v2(Bucket=s3_server.bucket,
+                                                  Prefix=f"sweep-e2e/checkpoints/{trial['run_id']}/")["Contents"]
+        state = max((s3_json(s3_server, o["Key"]) for o in keys if o["Key"].endswith("/state.json")),
+                    key=lambda s: s["epoch"])
+        nodes[trial["trial_id"]] = {w["node_id"] for w in state["workers"]}
+    assert set().union(*nodes.values()) == {n.node_id for n in cluster.alive_nodes()}, nodes
+    lineage = s3_json(s3_server, f"sweep-e2e/models/seed-cnn/versions/{summary['version']}/lineage.json")
+    assert lineage["parameters"]["sweep"]["trial_id"] == summary["best_trial_id"]
+
+
 def test_submit_refuses_bad_options_before_contacting_the_cluster(cluster):
     run = trainflow(cluster, "submit", "--address", "http://127.0.0.2:1", "--epochs", "0")
     assert_one_line_error(run, "train.epochs")

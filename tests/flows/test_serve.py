@@ -50,6 +50,11 @@ def test_nightly_schedule_is_declared_and_active(prefect_server, served):
     assert schedule["active"] and schedule["schedule"]["cron"] == "0 3 * * *"
     assert schedule["schedule"]["timezone"] == "UTC"
     assert nightly["parameter_openapi_schema"]["definitions"]["TrainParams"]["properties"]["epochs"]["minimum"] == 1
+    sweep = deployments(prefect_server)["sweep"]  # the same form, and the search's section
+    form = sweep["parameter_openapi_schema"]["definitions"]
+    assert form["TrainParams"] == nightly["parameter_openapi_schema"]["definitions"]["TrainParams"]
+    assert form["SweepSection"]["properties"]["trials"]["minimum"] == 1
+    assert sweep["parameters"]["params"]["sweep"]["search"] == ["lr=loguniform:0.001:0.1"]
 
 
 @pytest.mark.slow

@@ -119,3 +119,18 @@ def test_a_sweep_killed_mid_way_resumes_and_publishes_its_best_trial(mlflow_serv
         else:
             assert "test_accuracy" not in run.data.metrics
     assert len(client.search_runs([experiment])) == TRIALS + 1  # the resumed sweep made no second runs
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--search", "lr=gaussian:0:1"], "choice:a,b,c, uniform:lo:hi, loguniform:lo:hi or int:lo:hi"),
+    (["--search", "batch_size=choice:32,33"], "a trial could draw batch_size=33"),
+    (["--search", "lr=uniform:0.01:0.1", "--search", "lr=choice:0.1"], "names a parameter twice"),
+    (["--val-fraction", "0"], "chooses its best trial by validation accuracy"),
+    (["--trials", "0"], "sweep.trials"),
+])
+def test_a_sweep_that_cannot_work_is_one_line_before_any_work(tmp_path, args, says):
+    run = trainflow("sweep", "--preset", "smoke", "--workers", "2", "--store", str(tmp_path / "store"), *args)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("trainflow: error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert says in errors[0], errors[0]
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))

@@ -27,7 +27,8 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_it(tmp_path):
             out = subprocess.run(prefect + cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
             assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         found = deployments(api)
-        assert set(found) == {"nightly", "on-demand", "prepare"}
+        assert set(found) == {"nightly", "on-demand", "prepare", "sweep"}
+        assert found["sweep"]["parameters"]["params"]["sweep"]["trials"] == 8
         schedule = found["nightly"]["schedules"][0]["schedule"]
         assert (schedule["cron"], schedule["timezone"]) == ("0 3 * * *", "UTC")
         assert found["on-demand"]["parameters"]["params"]["train"] == {"epochs": 12, "lr": 0.01}
