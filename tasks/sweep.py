@@ -3,8 +3,8 @@
 A sweep has a stable identity, like a training run: the prepared data, the loop
 config it starts from and the search itself (spaces, trial count, scheduler,
 seed). Tune keeps its state under ``sweeps/<identity>`` in the store, so a re-run
-after the driver died goes on where it stopped; each trial trains the run its
-values identify, under ``checkpoints/<run identity>`` as any run does.
+after the driver died goes on where it stopped; each trial trains a run named by
+its values' identity and the trial, under ``checkpoints/`` as any run.
 
 The best trial is the one with the highest validation accuracy at its last epoch
 among those that ran every epoch (a trial the scheduler stopped early lost to the
@@ -48,7 +48,7 @@ def sweep_identity(fingerprint: str, cfg: TrainLoopConfig, spec: SweepSpec) -> s
 
 def trial_of(store: Store, plan: TrialPlan, row: dict) -> Trial:
     """A trial as its run stands in the store."""
-    run_id = plan.run_name(row["values"])
+    run_id = plan.run_name(row["values"], row["trial_id"])
     found = latest_checkpoint(store, f"checkpoints/{run_id}")
     history = found[1]["history"] if found else []
     accuracies = [m["val_accuracy"] for m in history if m.get("val_accuracy") is not None]

@@ -5,11 +5,11 @@ trial (:func:`run_trial`, on a Ray worker with no resources of its own) that
 builds and fits the trial's trainer (:func:`cluster.execution.trainer.fit`)
 and hands Tune each epoch's report as the run's Train callback delivers it
 (``ray.tune.report``), so the scheduler sees every epoch and can stop a trial
-between two. A trial's Train run is named by its identity (the data's
-fingerprint and the trial's loop config), so its checkpoints sit in the store
-beside every other run's, and a trial started again (a re-run of the sweep
-after its driver died, found by ``Tuner.restore``) resumes from its last
-checkpoint; a trial whose run already finished is not trained again, its
+between two. A trial's Train run is named by the identity of its values (the
+data's fingerprint and the trial's loop config) and the trial, so its checkpoints
+sit in the store beside every other run's, and a trial started again (a re-run
+of the sweep after its driver died, found by ``Tuner.restore``) resumes from its
+last checkpoint; a trial whose run already finished is not trained again, its
 history is reported as it stands.
 
 The search spaces are parsed here without Ray (the flow's form checks them):
@@ -125,8 +125,10 @@ class TrialPlan:
         """The loop config of a trial that drew ``values``."""
         return replace(self.base, **values)
 
-    def run_name(self, values: Mapping[str, Any]) -> str:
-        return run_identity(self.fingerprint, self.config_of(values))
+    def run_name(self, values: Mapping[str, Any], trial_id: str) -> str:
+        """The training run of trial ``trial_id``: the identity of its values, and the trial (random search
+        can draw the same values twice, and two runs of one name at once would share their checkpoints)."""
+        return f"{run_identity(self.fingerprint, self.config_of(values))}-trial-{trial_id}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,7 +191,7 @@ def run_trial(values: dict, plan: TrialPlan) -> None:
     from cluster.execution.trainer import fit
 
     cfg = plan.config_of(values)
-    name = plan.run_name(values)
+    name = plan.run_name(values, tune.get_context().get_trial_id())
 
     def report(metrics: Mapping) -> None:
         tune.report({**{k: v for k, v in metrics.items() if v is not None}, "run_id": name})
