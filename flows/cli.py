@@ -205,8 +205,8 @@ def format_trials(summary) -> str:
     return "\n".join(lines)
 
 
-def format_summary(summary, wall_seconds: float) -> str:
-    lines = ["", "trainflow run summary", "-" * 52]
+def format_summary(summary, wall_seconds: float, title: str = "trainflow run summary") -> str:
+    lines = ["", title, "-" * 52]
     from flows.console import stage_line
 
     lines += [f"  {stage_line(**stage.model_dump())}" for stage in summary.stages]
@@ -297,7 +297,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(summary.model_dump_json(indent=2))
     else:
-        print((format_trials(summary) if sweeping else "") + format_summary(summary, wall))
+        print(format_trials(summary) + format_summary(summary, wall, "trainflow sweep summary: the best trial's run")
+              if sweeping else format_summary(summary, wall))
     return 0
 
 

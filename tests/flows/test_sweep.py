@@ -134,3 +134,22 @@ def test_a_sweep_that_cannot_work_is_one_line_before_any_work(tmp_path, args, sa
     assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert says in errors[0], errors[0]
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
+
+
+def test_the_trial_table_on_the_console_marks_the_best_and_says_how_each_ended():
+    from types import SimpleNamespace
+
+    from flows.cli import format_trials
+    from tasks.refs import Trial
+
+    trials = [Trial(trial_id="a_00000", run_id="r0", values={"lr": 0.0123, "batch_size": 64}, epochs=4,
+                    best_val_accuracy=0.9, last_val_accuracy=0.88, stopped_early=False),
+              Trial(trial_id="a_00001", run_id="r1", values={"lr": 0.1, "batch_size": 32}, epochs=1,
+                    best_val_accuracy=0.2, last_val_accuracy=0.2, stopped_early=True),
+              Trial(trial_id="a_00002", run_id="r2", values={"lr": 0.05, "batch_size": 32}, epochs=0,
+                    best_val_accuracy=None, last_val_accuracy=None, stopped_early=False, error="boom")]
+    lines = format_trials(SimpleNamespace(sweep_id="sweep-x", best_trial_id="a_00000", trials=trials)).splitlines()
+    assert lines[1] == "sweep sweep-x: 3 trial(s)" and lines[2].split() == ["trial", "batch_size", "lr", "best", "val",
+                                                                            "epochs", "outcome"]
+    assert lines[3].split() == ["a_00000", "64", "0.0123", "0.9000", "4", "finished", "<-", "best,", "published"]
+    assert lines[4].endswith("stopped early") and lines[5].split()[-2:] == ["failed:", "boom"]
