@@ -84,7 +84,7 @@ def search(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, s
     staged = resolve_weights(cfg.weights, store, cfg.framework, cfg.model) if cfg.weights else None
     if staged:
         cfg = replace(cfg, weights_sha256=staged.sha256)
-    check_spaces(cfg, resources.num_workers, spec.spaces)
+    check_spaces(cfg, resources.num_workers, spec.spaces, prepared.counts.get("train", 0))
     sweep_id = sweep_identity(prepared.fingerprint, cfg, spec)
     on_identified(sweep_id)
     plan = TrialPlan(base=replace(cfg, use_gpu=resources.use_gpu), resources=resources,

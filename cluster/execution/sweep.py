@@ -142,16 +142,23 @@ class SweepSpec:
     seed: int = 0
 
 
-def check_spaces(base: TrainLoopConfig, num_workers: int, spaces: tuple[SearchSpace, ...]) -> None:
-    """Every value a trial can draw makes a valid run: checked on the driver, before any work starts.
+def check_spaces(base: TrainLoopConfig, num_workers: int, spaces: tuple[SearchSpace, ...],
+                 train_images: int | None = None) -> None:
+    """Every value a trial can draw makes a valid run: checked on the driver, before any trial starts
+    (``train_images``, once the data is prepared: no batch may be larger).
 
     Raises:
-        UserError: a value out of the parameter's range, or a batch that does not split over the workers.
+        UserError: a value out of the parameter's range, a batch that does not split over the workers, or
+            one larger than the training set.
     """
     for space in spaces:
         for value in space.corners:
             try:
-                replace(base, **{space.name: value}).local_batch_size(num_workers)
+                cfg = replace(base, **{space.name: value})
+                cfg.local_batch_size(num_workers)
+                if train_images is not None and cfg.batch_size > train_images:
+                    raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({train_images} "
+                                    "images).")
             except UserError as exc:
                 raise UserError(f"--search {space}: a trial could draw {space.name}={value}, and then {exc}") \
                     from None

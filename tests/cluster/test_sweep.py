@@ -52,6 +52,10 @@ def test_every_value_a_trial_can_draw_is_checked_before_any_trial():
         check_spaces(base, 2, (parse_space("batch_size=choice:32,33"),))
     with pytest.raises(UserError, match="a trial could draw momentum=1.0.*must be in"):
         check_spaces(base, 1, (parse_space("momentum=uniform:0.5:1"),))
+    check_spaces(base, 1, (parse_space("batch_size=choice:32,64"),), train_images=64)
+    with pytest.raises(UserError, match="could draw batch_size=128, and then batch_size=128 is larger than the "
+                                        r"training set \(100 images\)"):
+        check_spaces(base, 1, (parse_space("batch_size=choice:32,128"),), train_images=100)
 
 
 def test_concurrency_is_what_the_nodes_hold_at_most_what_was_asked():

@@ -153,3 +153,13 @@ def test_the_trial_table_on_the_console_marks_the_best_and_says_how_each_ended()
                                                                             "epochs", "outcome"]
     assert lines[3].split() == ["a_00000", "64", "0.0123", "0.9000", "4", "finished", "<-", "best,", "published"]
     assert lines[4].endswith("stopped early") and lines[5].split()[-2:] == ["failed:", "boom"]
+
+
+def test_a_searched_batch_larger_than_the_training_set_stops_the_sweep_before_any_trial(tmp_path):
+    store = tmp_path / "store"
+    run = trainflow("sweep", "--preset", "smoke", "--workers", "2", "--store", str(store), "--search",
+                    "batch_size=choice:32,4096")
+    errors = [line for line in run.stderr.splitlines() if line.startswith("trainflow: error:")]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "could draw batch_size=4096, and then batch_size=4096 is larger than the training set" in errors[0]
+    assert {p.name for p in store.iterdir()} == {"prepared"}  # the prepared data only: no trial, sweep or model
