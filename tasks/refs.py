@@ -174,6 +174,7 @@ class SweepResult(_Ref):
     trials: tuple[Trial, ...]
     best_trial_id: str
     model: TrainedModel
+    reused: bool = False  # the sweep had finished before: no trial ran in this call
 
     @property
     def best(self) -> Trial:

@@ -92,17 +92,24 @@ def search(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, s
                      storage_path=store.ray_storage_path("checkpoints"), storage_filesystem=store.ray_filesystem(),
                      weights=staged and StoredFile(filesystem=store.ray_filesystem(),
                                                    path=store.ray_storage_path(staged.key), sha256=staged.sha256))
+    started: list[str] = []  # trials that ran in this call
+
+    def changed(rows: list[dict]) -> None:
+        started.extend(row["trial_id"] for row in rows if row["status"] == "RUNNING")
+        on_change(rows)
+
     with ray_session(resources.ray_address):
         spec = replace(spec, max_concurrent=concurrency(resources, spec.max_concurrent, live_nodes()))
         rows = tune_sweep(plan, spec, name=sweep_id, storage_path=store.ray_storage_path("sweeps"),
-                          storage_filesystem=store.ray_filesystem(), on_result=on_result, on_change=on_change)
+                          storage_filesystem=store.ray_filesystem(), on_result=on_result, on_change=changed)
     trials = [trial_of(store, plan, row) for row in sorted(rows, key=lambda r: r["trial_id"])]
     best = best_trial(trials, cfg.epochs)
     key, state = latest_checkpoint(store, f"checkpoints/{best.run_id}")
-    model = to_trained_model(store, key, state, best.run_id, resources.num_workers, 0, False)
+    model = to_trained_model(store, key, state, best.run_id, resources.num_workers, 0, not started)
     if staged:
         model = model.model_copy(update={"weights_origin": staged.origin, "weights_sha256": staged.sha256})
-    return SweepResult(sweep_id=sweep_id, trials=tuple(trials), best_trial_id=best.trial_id, model=model)
+    return SweepResult(sweep_id=sweep_id, trials=tuple(trials), best_trial_id=best.trial_id, model=model,
+                       reused=not started)
 
 
 def trial_table(rows: list[dict], epochs: int) -> list[dict]:

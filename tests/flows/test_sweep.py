@@ -120,6 +120,17 @@ def test_a_sweep_killed_mid_way_resumes_and_publishes_its_best_trial(mlflow_serv
             assert "test_accuracy" not in run.data.metrics
     assert len(client.search_runs([experiment])) == TRIALS + 1  # the resumed sweep made no second runs
 
+    # the same sweep once more: found finished in the store; nothing trained, published or tracked again
+    again = trainflow(*ARGS, "--store", str(store), env={ENV: mlflow_server.uri})
+    assert again.returncode == 0, again.stderr[-4000:]
+    repeat = json.loads(again.stdout[again.stdout.index("{"):])
+    assert {s["name"]: s["skipped"] for s in repeat["stages"]} == {
+        "ingest": True, "preprocess": True, "sweep": True, "evaluate": False, "publish": True}
+    assert repeat["epochs_trained"] == 0 and repeat["already_published"] and repeat["version"] == 1
+    assert [t["trial_id"] for t in repeat["trials"]] == [t["trial_id"] for t in trials]
+    assert repeat["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert len(client.search_runs([experiment])) == TRIALS + 1
+
 
 @pytest.mark.parametrize("args, says", [
     (["--search", "lr=gaussian:0:1"], "choice:a,b,c, uniform:lo:hi, loguniform:lo:hi or int:lo:hi"),
