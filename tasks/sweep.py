@@ -114,12 +114,11 @@ def search(prepared: PreparedData, cfg: TrainLoopConfig, resources: Resources, s
 
 def trial_table(rows: list[dict], epochs: int) -> list[dict]:
     """The trials as the Prefect UI's table shows them, one row each, in the order Tune made them."""
+    status = {"TERMINATED": "finished", "ERROR": "failed", "RUNNING": "running"}  # else waiting (pending, paused)
     table = []
     for row in sorted(rows, key=lambda r: r["trial_id"]):
-        ended = row["status"] in ("TERMINATED", "ERROR")
         table.append({"trial": row["trial_id"], **{k: row["values"][k] for k in sorted(row["values"])},
-                      "status": {"TERMINATED": "finished", "ERROR": "failed"}.get(row["status"], "running")
-                      if ended or row["status"] == "RUNNING" else "waiting",
+                      "status": status.get(row["status"], "waiting"),
                       "best val accuracy": None if row["best_val_accuracy"] is None
                       else round(row["best_val_accuracy"], 4),
                       "epochs run": row["epochs"],
