@@ -136,9 +136,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 PREPARE_OPTIONS = frozenset(["dataset", "tfds_data_dir", "image_size", "limit_train", "limit_test", "val_fraction",
-                             "stored_as",
-                             "max_side", "ray_address",
-                             "store", "skip_bad_images", "tfds_download", "shared_folder_store"])
+                             "stored_as", "max_side", "ray_address", "store", "skip_bad_images", "tfds_download",
+                             "shared_folder_store"])
 
 
 def _add_run_options(run: argparse.ArgumentParser, only: frozenset[str] | None = None) -> argparse.ArgumentParser:

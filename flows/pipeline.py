@@ -93,23 +93,22 @@ def run_stage(stages: list[StageTime], name: str, call, *args, **kwargs):
 Train = Callable[[list[StageTime], PreparedData, TrainLoopConfig, Resources, str], TrainedModel]
 
 
-def train_and_evaluate(params: PipelineParams, stages: list[StageTime], train: Train
+def train_and_evaluate(params: PipelineParams, stages: list[StageTime], train: Train, store: str
                        ) -> tuple[RawData, PreparedData, TrainedModel, Evaluation]:
-    """Ingest, preprocess, ``train`` (a stage that records itself in ``stages``) and evaluate, with Ray started
-    beside ingest and stopped after evaluate if started here."""
-    store = open_store(params.publish.store)
+    """Ingest, preprocess, ``train`` (a stage that records itself in ``stages``) and evaluate into the store at
+    URI ``store``, with Ray started beside ingest and stopped after evaluate if started here."""
     data_cfg, train_cfg, resources = params.data.to_config(), params.train.to_config(), params.cluster.to_resources()
     owns_ray = runtime.prestart(resources.ray_address)  # Ray starts while ingest runs
     try:
         ingest = ingest_task.with_options(result_storage=result_storage(params.data.cache_dir))
         raw = run_stage(stages, "ingest", ingest, params.data.dataset, params.data.cache_dir)
         check_trainable(count_train_images(raw, data_cfg), train_cfg, resources)
-        prepared = run_stage(stages, "preprocess", preprocess_task, raw, data_cfg, store.uri, resources.ray_address)
+        prepared = run_stage(stages, "preprocess", preprocess_task, raw, data_cfg, store, resources.ray_address)
         threading.Thread(target=preload_evaluation, name="preload-evaluation", daemon=True).start()
-        model = train(stages, prepared, train_cfg, resources, store.uri)
+        model = train(stages, prepared, train_cfg, resources, store)
         # one worker's CPUs: a share that some node is known to hold
-        evaluation = run_stage(stages, "evaluate", evaluate_task, model, prepared, store.uri,
-                               resources.ray_address, resources.cpus_per_worker)
+        evaluation = run_stage(stages, "evaluate", evaluate_task, model, prepared, store, resources.ray_address,
+                               resources.cpus_per_worker)
     finally:
         if owns_ray:
             runtime.shutdown()
@@ -118,11 +117,11 @@ def train_and_evaluate(params: PipelineParams, stages: list[StageTime], train: T
 
 
 def publish(params: PipelineParams, stages: list[StageTime], model: TrainedModel, evaluation: Evaluation,
-            prepared: PreparedData, lineage_params: dict) -> Release:
-    """The publish stage, with ``lineage_params`` as the parameters the version's lineage records."""
-    release = run_stage(stages, "publish", publish_task, model, evaluation, prepared, lineage_params,
-                        open_store(params.publish.store).uri, params.publish.model_name,
-                        params.publish.min_improvement)
+            prepared: PreparedData, lineage_params: dict, store: str) -> Release:
+    """The publish stage into the store at URI ``store``, with ``lineage_params`` as the parameters the
+    version's lineage records."""
+    release = run_stage(stages, "publish", publish_task, model, evaluation, prepared, lineage_params, store,
+                        params.publish.model_name, params.publish.min_improvement)
     release_artifact(release)
     return release
 
@@ -132,14 +131,14 @@ def publish(params: PipelineParams, stages: list[StageTime], model: TrainedModel
 def train_pipeline(params: PipelineParams = PipelineParams()) -> RunSummary:
     """Ingest, preprocess, train on Ray, evaluate and publish one image classifier."""
     tracking = preflight(params)
+    store = open_store(params.publish.store).uri
     stages: list[StageTime] = []
 
     def train(stages, prepared, cfg, resources, store):
         return run_stage(stages, "train", train_task, prepared, cfg, resources, store, params.train.force, tracking)
 
-    raw, prepared, model, evaluation = train_and_evaluate(params, stages, train)
-    release = publish(params, stages, model, evaluation, prepared, params.model_dump(mode="json"))
-    store = open_store(params.publish.store).uri
+    raw, prepared, model, evaluation = train_and_evaluate(params, stages, train, store)
+    release = publish(params, stages, model, evaluation, prepared, params.model_dump(mode="json"), store)
     tracked = track_task(tracking, model, prepared, evaluation, release, store) if tracking else None
     return RunSummary.build(stages, raw, prepared, model, evaluation, release, tracked)
 

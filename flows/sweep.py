@@ -37,19 +37,19 @@ def lineage_params(params: SweepParams, sweep_id: str, best: Trial) -> dict:
 def sweep_pipeline(params: SweepParams = SweepParams()) -> SweepSummary:
     """Prepare the data once, train a Ray Tune search of trials, evaluate and publish the best one."""
     tracking = preflight_sweep(params)
+    store = open_store(params.publish.store).uri
     stages: list[StageTime] = []
     swept = []
 
     def sweep(stages, prepared, cfg, resources, store):
         swept.append(run_stage(stages, "sweep", sweep_task, prepared, cfg, resources, store,
-                          params.sweep.to_spec(params.train.seed), tracking))
+                               params.sweep.to_spec(params.train.seed), tracking))
         return swept[0].model
 
-    raw, prepared, model, evaluation = train_and_evaluate(params, stages, sweep)
+    raw, prepared, model, evaluation = train_and_evaluate(params, stages, sweep, store)
     result = swept[0]
-    release = publish(params, stages, model, evaluation, prepared, lineage_params(params, result.sweep_id,
-                                                                                   result.best))
-    store = open_store(params.publish.store).uri
+    release = publish(params, stages, model, evaluation, prepared,
+                      lineage_params(params, result.sweep_id, result.best), store)
     tracked = track_sweep_task(tracking, result, prepared, evaluation, release, store) if tracking else None
     summary = RunSummary.build(stages, raw, prepared, model, evaluation, release, tracked)
     return SweepSummary(**summary.model_dump(), sweep_id=result.sweep_id, best_trial_id=result.best_trial_id,
