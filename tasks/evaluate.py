@@ -29,12 +29,20 @@ from tasks.train import stored_data
 
 
 def preload() -> None:
-    """Import what scoring needs (scikit-learn's metrics, matplotlib): seconds a flow can spend while it trains."""
-    import matplotlib
+    """Import what scoring needs (scikit-learn's metrics, matplotlib): seconds a flow can spend while it trains.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
-    import sklearn.metrics
+    A warm-up on a thread of its own, so it never fails the flow: an import that meets another thread's import
+    half-way (SciPy looks for torch in ``sys.modules`` and can find it half loaded) is left to
+    :func:`compute_metrics`, which imports these again where an error is reported.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+        import sklearn.metrics
+    except Exception:
+        pass
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple[str, ...]) -> dict:

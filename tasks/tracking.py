@@ -126,14 +126,16 @@ class TrackedRun:
             if run.info.status != "RUNNING":
                 client.update_run(run.info.run_id, status="RUNNING")
             logged = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
-            return cls(client, run.info.run_id, False, logged)
-        run = client.create_run(experiment_id, run_name=identity, tags={
-            RUN_KEY_TAG: key, "trainflow.checkpoints": checkpoints_uri, "trainflow.run_id": identity,
-            "trainflow.data_fingerprint": fingerprint, **({"mlflow.parentRunId": parent} if parent else {})})
-        params = [Param(k, v) for k, v in sorted(tracking.params.items())]
+        else:
+            run, logged = client.create_run(experiment_id, run_name=identity, tags={
+                RUN_KEY_TAG: key, "trainflow.checkpoints": checkpoints_uri, "trainflow.run_id": identity,
+                "trainflow.data_fingerprint": fingerprint, **({"mlflow.parentRunId": parent} if parent else {})}), set()
+        # MLflow creates a run and logs its parameters in separate calls: a driver killed between them left a run
+        # without parameters, which its re-run continues, so what is missing is logged whenever a run is opened
+        params = [Param(k, v) for k, v in sorted(tracking.params.items()) if k not in run.data.params]
         for start in range(0, len(params), BATCH):
             client.log_batch(run.info.run_id, params=params[start:start + BATCH])
-        return cls(client, run.info.run_id, False, set())
+        return cls(client, run.info.run_id, False, logged)
 
     def log_epoch(self, metrics: Mapping) -> None:
         """One epoch's report (``cluster.worker.context.epoch_metrics``), at step = epoch; once."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from cluster.errors import UserError
-from tasks.tracking import ENV, tracking_for
+from tasks.tracking import ENV, RUN_KEY_TAG, Tracking, TrackedRun, tracking_for
 from tests.flows.test_cli import ROOT, trainflow
 from tests.s3server import SECRET_KEY
 
@@ -89,3 +90,17 @@ def test_a_run_is_one_mlflow_run_and_a_reused_rerun_adds_nothing(mlflow_server, 
                                env={k: v for k, v in os.environ.items() if k != ENV})
     assert untracked.returncode == 0, untracked.stderr[-3000:]
     assert json.loads(untracked.stdout.strip().splitlines()[-1]) == [None, False]
+
+
+def test_a_run_left_without_parameters_gets_them_when_it_is_continued(mlflow_server):
+    """A driver killed between MLflow's create_run and its log_batch leaves a run with no parameters: the re-run,
+    which continues that run, logs them (the run is found by its checkpoints' URI, as after any crash)."""
+    client = mlflow_server.client()
+    experiment = client.create_experiment("half-created")
+    checkpoints = "s3://trainflow/checkpoints/half-created-run"
+    left = client.create_run(experiment, tags={RUN_KEY_TAG: hashlib.sha256(checkpoints.encode()).hexdigest()})
+    tracking = Tracking(uri=mlflow_server.uri, experiment="half-created", params={"train.lr": "0.01", "seed": "0"})
+    continued = TrackedRun.open(tracking, checkpoints, "half-created-run", "fingerprint")
+    assert continued.run_id == left.info.run_id
+    assert client.get_run(left.info.run_id).data.params == {"train.lr": "0.01", "seed": "0"}
+    assert TrackedRun.open(tracking, checkpoints, "half-created-run", "fingerprint").run_id == left.info.run_id
