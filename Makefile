@@ -39,12 +39,8 @@ $(MLFLOW_SERVER)/.installed: deploy/mlflow-server.txt
 	$(MLFLOW_SERVER)/bin/pip install --quiet -r deploy/mlflow-server.txt
 	@touch $@
 
-# Two test processes (pytest-xdist), each module whole in one of them: on 2 cores one process left a third of the
-# machine idle while tests waited on servers, subprocess starts and timed waits. Each process starts its own servers.
-TEST_WORKERS ?= 2
-
 test: $(BIN)/.installed-test $(MLFLOW_SERVER)/.installed test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
-	$(BIN)/python -m pytest -v --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -v --durations=15
 
 test-fast: $(BIN)/.installed-test  ## the quick check (under 3 minutes): every test not marked slow
 	$(BIN)/python -m pytest -m "not slow" --durations=10
