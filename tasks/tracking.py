@@ -127,9 +127,10 @@ class TrackedRun:
                 client.update_run(run.info.run_id, status="RUNNING")
             logged = {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")}
         else:
-            run, logged = client.create_run(experiment_id, run_name=identity, tags={
+            run = client.create_run(experiment_id, run_name=identity, tags={
                 RUN_KEY_TAG: key, "trainflow.checkpoints": checkpoints_uri, "trainflow.run_id": identity,
-                "trainflow.data_fingerprint": fingerprint, **({"mlflow.parentRunId": parent} if parent else {})}), set()
+                "trainflow.data_fingerprint": fingerprint, **({"mlflow.parentRunId": parent} if parent else {})})
+            logged = set()
         # MLflow creates a run and logs its parameters in separate calls: a driver killed between them left a run
         # without parameters, which its re-run continues, so what is missing is logged whenever a run is opened
         params = [Param(k, v) for k, v in sorted(tracking.params.items()) if k not in run.data.params]
