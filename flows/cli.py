@@ -269,9 +269,12 @@ def _run(args: argparse.Namespace) -> int:
     resources = params.cluster.to_resources()
     runtime.show_worker_logs(args.verbose)
     if found is not None:
+        used = [f"Prefect server {found.ui_url} (UI)"] if os.environ.get("PREFECT_API_URL") == found.prefect_url else []
         if resources.ray_address is None:
             runtime.use_local_head(found.ray_address, found.token_file)
-        print(f"trainflow: using `trainflow up`'s {found.describe()}", file=sys.stderr)
+            used.append(f"Ray head {found.ray_address}")
+        if used:
+            print(f"trainflow: using `trainflow up`'s {' and '.join(used)}", file=sys.stderr)
     try:
         with _console(args):  # from here on, Prefect's log lines (its temporary server's first) are the console's
             # Ray takes seconds to start: overlap that with our imports. (Without PREFECT_API_URL, Prefect itself

@@ -17,6 +17,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from cluster.execution import session as runtime
+from flows import services
 from flows.artifacts import evaluation_artifacts, release_artifact
 from flows.params import PipelineParams, PrepareParams, preflight, preflight_prepare
 from tasks.common import result_storage
@@ -98,6 +99,8 @@ def train_and_evaluate(params: PipelineParams, stages: list[StageTime], train: T
     """Ingest, preprocess, ``train`` (a stage that records itself in ``stages``) and evaluate into the store at
     URI ``store``, with Ray started beside ingest and stopped after evaluate if started here."""
     data_cfg, train_cfg, resources = params.data.to_config(), params.train.to_config(), params.cluster.to_resources()
+    if resources.ray_address is None:  # `trainflow up`'s head, for the runs `trainflow serve` starts too
+        services.use_ray_head()
     owns_ray = runtime.prestart(resources.ray_address)  # Ray starts while ingest runs
     try:
         ingest = ingest_task.with_options(result_storage=result_storage(params.data.cache_dir))

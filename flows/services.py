@@ -5,9 +5,11 @@ Ray head on loopback, each a foreground process in a session of its own, and
 writes what it started to ``$TRAINFLOW_HOME/services.json`` (default
 ``~/.trainflow``): the processes (PID and start time, so a reused PID is
 never mistaken for ours), the addresses, and the path of the Ray head's token,
-a file only its owner can read. ``trainflow run`` uses them while that file
-names live processes, so its runs land in the server whose UI is open and
-skip starting Ray and a temporary Prefect server. ``down`` stops those
+a file only its owner can read. While that file names live processes,
+``trainflow run`` uses both, so its runs land in the server whose UI is open and
+skip starting Ray and a temporary Prefect server, and every run given no Ray
+address (those that ``trainflow serve`` or a Prefect worker start too) trains
+on the head instead of starting a Ray of its own. ``down`` stops those
 processes and their descendants, and nothing else: another Ray or Prefect on
 the machine is never touched.
 """
@@ -97,6 +99,17 @@ def use_prefect(services: Services) -> None:
     """Point this process's Prefect client at ``services``' server, unless the user chose one; before Prefect
     is imported (it reads its settings once)."""
     os.environ.setdefault("PREFECT_API_URL", services.prefect_url)
+
+
+def use_ray_head() -> Services | None:
+    """When ``up``'s services run, let this process's "start Ray locally" join their Ray head instead
+    (:func:`cluster.execution.session.use_local_head`); returns what it found."""
+    found = running()
+    if found is not None:
+        from cluster.execution import session
+
+        session.use_local_head(found.ray_address, found.token_file)
+    return found
 
 
 def up(*, prefect_port: int = 4200, ray_cpus: int | None = None, timeout: float = 90) -> Services:

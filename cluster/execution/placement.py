@@ -2,7 +2,7 @@
 
 A request that no set of live nodes can ever hold fails at once, naming what
 the nodes have; one that fits but finds the resources taken waits, saying so
-every 30 s, and gives up after ``wait_for_resources`` seconds.
+after 5 s and every 30 s after that, and gives up after ``wait_for_resources`` seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from cluster.errors import UserError
 from cluster.execution.session import wait_ready
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
+FIRST_LOG_S = 5.0  # a wait longer than a start-up's is worth saying early
 LOG_EVERY_S = 30.0
 
 
@@ -113,7 +114,7 @@ def free_resources() -> str:
 
 
 def wait_for_placement(resources: Resources, log: Callable[[str], None]) -> None:
-    """Block until the cluster can place the worker group now, logging every 30 s while it waits.
+    """Block until the cluster can place the worker group now, logging after 5 s and then every 30 s while it waits.
 
     The placement group reserved here is released at once: Ray Train makes its own.
 
@@ -124,10 +125,11 @@ def wait_for_placement(resources: Resources, log: Callable[[str], None]) -> None
 
     group = placement_group([resources.bundle] * resources.num_workers, strategy=resources.placement_strategy)
     deadline = time.monotonic() + resources.wait_for_resources
+    step = FIRST_LOG_S
     try:
         while True:
             left = deadline - time.monotonic()
-            if wait_ready(group.ready(), max(0.0, min(LOG_EVERY_S, left))):
+            if wait_ready(group.ready(), max(0.0, min(step, left))):
                 return
             if time.monotonic() >= deadline:
                 raise ResourcesUnavailable(
@@ -135,6 +137,7 @@ def wait_for_placement(resources: Resources, log: Callable[[str], None]) -> None
                     f"{resources.wait_for_resources:g} s ({free_resources()}); free resources, add nodes or raise "
                     "wait_for_resources.")
             log(f"waiting for resources: {resources.describe()}; {free_resources()}")
+            step = LOG_EVERY_S
     finally:
         remove_placement_group(group)
 

@@ -71,9 +71,12 @@ def use_local_head(address: str, token_file: str) -> None:
     """Let "start Ray locally" connect to the long-running one-machine head at ``address`` instead.
 
     That head runs this machine's packages (as a Ray started here would), so no code is shipped and
-    it is never shut down by this process. Its token is read from ``token_file``.
+    it is never shut down by this process. Its token is read from ``token_file``. Once this process has
+    started or joined a Ray, it keeps that one and this does nothing.
     """
     global _local_head
+    if _pending is not None:
+        return
     _local_head = address
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = token_file

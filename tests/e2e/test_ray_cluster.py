@@ -155,14 +155,14 @@ def test_a_busy_cluster_logs_that_it_waits_and_gives_up(cluster, s3_server):
         assert holder.stdout.readline().strip() == "HOLDING"
         started = time.monotonic()
         run = trainflow(cluster, "run", *RUN, "--epochs", "1", "--store", f"s3://{s3_server.bucket}/busy",
-                        "--ray-address", cluster.gcs_address, "--wait-for-resources", "40")
+                        "--ray-address", cluster.gcs_address, "--wait-for-resources", "12")
         elapsed = time.monotonic() - started
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    assert_one_line_error(run, "no room for 2 workers", "wait_for_resources=40", "free in the cluster")
+    assert_one_line_error(run, "no room for 2 workers", "wait_for_resources=12", "free in the cluster")
     assert len(re.findall(r"waiting for resources: 2 workers x \(1 CPU\) placed SPREAD", run.stdout + run.stderr)) == 1
-    assert 40 <= elapsed < 90, elapsed  # one "waiting" line: the wait logs every 30 s
+    assert 12 <= elapsed < 60, elapsed  # one "waiting" line: the wait logs after 5 s, then every 30 s
 
 
 def start_trainflow(cluster: RayTestCluster, log: Path, *args: str) -> subprocess.Popen:

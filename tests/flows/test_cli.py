@@ -14,7 +14,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.conftest import make_tar, pattern_image
+from tests.conftest import COLD, make_tar, pattern_image
 from tests.flows.test_console import ray_noise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +59,8 @@ def started_with(env: dict[str, str]) -> list[psutil.Process]:
 def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     archive = make_tar(mixed_image_set(tmp_path / "mixed"), tmp_path / "mixed.tar.gz")
     store = tmp_path / "store"
-    # inherited by every process the run starts; no PREFECT_API_URL: the run starts (and stops) its own server
-    mark = {"TRAINFLOW_TEST_RUN": str(tmp_path), "PREFECT_API_URL": None}
+    # inherited by every process the run starts; COLD: the run starts (and stops) its own Ray and Prefect server
+    mark = {"TRAINFLOW_TEST_RUN": str(tmp_path), **COLD}
     data_options = ["--dataset", f"folder:{archive}", "--image-size", "16", "--skip-bad-images",
                     "--stored-as", "encoded", "--store", str(store)]  # the files kept, decoded with random crops
     prepared = trainflow("prepare", *data_options, "--json", env=mark)  # once; the run then finds it in the store
@@ -102,14 +102,13 @@ def test_a_torchvision_network_by_name_fine_tuned_from_a_published_version_on_gr
     from tests.conftest import write_class_folders
 
     store = str(tmp_path / "store")
-    no_server = {"PREFECT_API_URL": None}
     network = ["--model", "torchvision:resnet18", "--batch-size", "16", "--store", store, "--json"]
-    source = trainflow("run", "--preset", "smoke", *network, "--model-name", "digits-resnet", env=no_server)
+    source = trainflow("run", "--preset", "smoke", *network, "--model-name", "digits-resnet")
     assert source.returncode == 0, source.stderr[-3000:]
     images = write_class_folders(tmp_path / "gray", classes=3, per_class=20, size=8, channels=1)
     tuned = trainflow("run", "--dataset", f"folder:{images}", "--image-size", "8", "--workers", "1", "--epochs", "2",
                       "--recipe", "finetune", "--lr", "0.002", *network, "--weights", "model:digits-resnet",
-                      "--model-name", "gray-resnet", env=no_server)
+                      "--model-name", "gray-resnet")
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "starting from model.pt; new head: fc.weight, fc.bias" in tuned.stderr, tuned.stderr[-3000:]
     summary = json.loads(tuned.stdout[tuned.stdout.index("{"):])
@@ -126,7 +125,7 @@ def test_a_torchvision_network_by_name_fine_tuned_from_a_published_version_on_gr
     rows = json.loads(predicted.stdout[predicted.stdout.index("{"):])["predictions"]
     assert len(rows) == 20 and {row["class"] for row in rows} <= {"class_0", "class_1", "class_2"}
     wrong = trainflow("run", "--dataset", f"folder:{images}", "--image-size", "8", *network, "--weights",
-                      "model:digits-resnet@7", env=no_server)
+                      "model:digits-resnet@7")
     assert wrong.returncode != 0 and "model 'digits-resnet' has no published version 7" in wrong.stderr
 
 
