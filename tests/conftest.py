@@ -17,19 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # Set before anything imports ray or prefect: keeps Ray on loopback and Prefect offline.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# A developer's own `trainflow up` (recorded in ~/.trainflow) must not serve the runs the tests start: the session
-# starts its own (`_services_up`) in a home of its own. COLD_HOME holds none: a run pointed there starts its own Ray.
+# A developer's own `trainflow up` (recorded in ~/.trainflow) must not serve the runs the tests start: they start
+# their own services, and some look for Ray's processes among the run's children.
 os.environ["TRAINFLOW_HOME"] = tempfile.mkdtemp(prefix="trainflow-test-home-")
-COLD_HOME = tempfile.mkdtemp(prefix="trainflow-test-cold-")
-# Environment overrides for a `trainflow` run that must not find the session's `trainflow up`: it starts (and stops)
-# a Ray of its own; with COLD also Prefect's temporary server, as a user's very first run does.
-COLD_RAY = {"TRAINFLOW_HOME": COLD_HOME}
-COLD = {**COLD_RAY, "PREFECT_API_URL": None}
 
 # pytest-timeout (pyproject.toml: `timeout`, method signal) fails a test that overruns, and the session goes on.
 # Its SIGALRM reaches Python code only: a hang inside C code that never returns to the interpreter (a stuck
@@ -48,7 +41,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _stderr_fd is not None:
         os.close(_stderr_fd)
     shutil.rmtree(os.environ["TRAINFLOW_HOME"], ignore_errors=True)
-    shutil.rmtree(COLD_HOME, ignore_errors=True)
 
 
 def _timeout_of(item: pytest.Item) -> float:
@@ -88,37 +80,26 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _services_up(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One `trainflow up` (a Prefect server and a one-machine Ray head) for every `trainflow` process the
-    session's flow and end-to-end tests start, found as a user's runs find it once `up` runs.
+def _one_prefect_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One Prefect server for every `trainflow` process the session's flow and end-to-end tests start.
 
-    Without it each run would start Prefect's temporary server and a Ray of its own, seconds of a 2-core
-    machine's time per run over dozens of runs. The tests of those cold paths, and the tests that look for Ray's
-    processes among a run's children, run with COLD; the docs' commands run as a new user would.
+    Without PREFECT_API_URL each run starts Prefect's temporary server and waits for it (about 5 s of a
+    2-core machine's time per run, over dozens of runs). The tests of that temporary server, and the docs'
+    commands run as a new user would, take PREFECT_API_URL out of their runs' environment.
     """
     wanted = any(Path(item.path).parent.name in ("flows", "e2e") for item in request.session.items)
     if not wanted or os.environ.get("PREFECT_API_URL"):
         yield
         return
-    from cluster.ports import free_port
+    from tests.prefectserver import start_prefect_server, stop
 
-    request.getfixturevalue("s3_server")  # first: Ray's workers inherit the AWS environment, as a node has its own
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-session")),
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
-    env.pop("RAY_ADDRESS", None)
-    cli = [sys.executable, "-m", "flows.cli"]
-    up = subprocess.run([*cli, "up", "--prefect-port", str(free_port()), "--cpus", "2"], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stdout + up.stderr
+    api, process = start_prefect_server(tmp_path_factory.mktemp("prefect-session"))
+    os.environ["PREFECT_API_URL"] = api
     try:
-        from flows import services
-
-        os.environ["PREFECT_API_URL"] = services.running().prefect_url
         yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        down = subprocess.run([*cli, "down"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert down.returncode == 0, down.stdout + down.stderr
+        stop(process)
 
 
 def pattern_image(label: int, size: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:

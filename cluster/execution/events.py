@@ -1,11 +1,12 @@
 """A training run's events, from its workers and its Train controller to the caller, through one Ray actor.
 
 The caller starts a :class:`RunEvents` actor beside each run. Rank 0 puts its
-progress and messages there, a Train ``UserCallback`` in the controller puts
-each epoch's report and each worker failure, and the caller takes them on its
-own thread while the run goes on. Puts never wait for an answer, so a step is
-never held up; a take waits in the actor until an event comes (or its wait is
-over), so a run between events costs the caller no calls.
+progress and messages there, a Train ``UserCallback`` in the controller
+(:mod:`cluster.execution.callback`) puts each epoch's report and each worker
+failure, and the caller takes them on its own thread while the run goes on.
+Puts never wait for an answer, so a step is never held up; a take waits in the
+actor until an event comes (or its wait is over), so a run between events costs
+the caller no calls.
 
 Ray Train gives the caller no handle to stop a run that it watches from
 another thread. So the callback, as it is unpickled in each of the run's actors
@@ -14,6 +15,9 @@ another thread. So the callback, as it is unpickled in each of the run's actors
 the caller stops a run by killing its actors and removing the group. (Train's
 own placement-group cleaner asks Ray's state API, which a Ray started without
 its dashboard does not serve.)
+
+This module imports Ray alone, so the actor's process does not load Ray Train
+(and through it pandas and pyarrow) for a class that needs neither.
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ import asyncio
 from typing import Any
 
 import ray
-from ray.train import UserCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-__all__ = ["ForwardToEvents", "RunEvents", "start_events"]
+__all__ = ["RunEvents", "start_events"]
 
 # (kind, payload): "actor", "placement_group", "report", "failure", "progress", "message", "ended"
 Event = tuple[str, Any]
@@ -63,26 +66,3 @@ def start_events():
     here = ray.get_runtime_context().get_node_id()
     strategy = NodeAffinitySchedulingStrategy(here, soft=False)
     return ray.remote(num_cpus=0, scheduling_strategy=strategy)(RunEvents).remote()
-
-
-class ForwardToEvents(UserCallback):
-    """Runs in Ray Train's controller: puts each epoch's report and each failure (and the run's actors' handles)."""
-
-    def __init__(self, events) -> None:
-        self.events = events
-
-    def __setstate__(self, state: dict) -> None:
-        # Unpickled in each actor of the run, as Train builds its controller, then each worker, with the run's
-        # configuration: the first "actor" event is the controller's
-        self.__dict__.update(state)
-        context = ray.get_runtime_context()
-        if context.get_actor_id() is not None:
-            self.events.put.remote("actor", context.current_actor)
-
-    # These two wait for their put: the caller's "ended" then comes after the run's last report
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        ray.get(self.events.put.remote("report", metrics[0]))  # already summed over ranks: rank 0's copy
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        ray.get(self.events.put.remote("failure", {rank: " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                                                   for rank, exc in worker_exceptions.items()}))

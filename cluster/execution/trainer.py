@@ -121,7 +121,7 @@ def build_trainer(cfg: TrainLoopConfig, framework: Framework, resources: Resourc
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from cluster.execution.events import ForwardToEvents
+    from cluster.execution.callback import ForwardToEvents
     from cluster.execution.worker_entry import run_worker
 
     return DataParallelTrainer(

@@ -5,7 +5,7 @@ and the fix, no traceback anywhere, and a store exactly as it was before (a
 store that already holds a champion, so "nothing published, pointer unchanged"
 is checked, not assumed). Cases caught by the preflight take a few seconds;
 those caught inside the flow (by ingest, or before preprocess writes) start a
-flow run (on the session's `trainflow up`, whose Ray they use) and so take longer:
+flow run (on the module's `trainflow up`, whose Ray they use) and so take longer:
 they are marked slow, and `make test-fast` keeps the preflight cases and the
 champion store's real run.
 """
@@ -19,7 +19,7 @@ import os
 import shutil
 import tarfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,10 +35,27 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def champion_store(tmp_path_factory) -> Path:
+def warm(tmp_path_factory) -> Iterator[dict[str, str | None]]:
+    """`trainflow up` for the module's runs (the environment that points them at it): the cases caught inside
+    the flow then start no Ray of their own, as a user's runs do once `up` is running. Stopped by `down`."""
+    from cluster.ports import free_port
+
+    env = {"TRAINFLOW_HOME": str(tmp_path_factory.mktemp("up-home")), "PREFECT_API_URL": None, "RAY_ADDRESS": None,
+           "PREFECT_HOME": str(tmp_path_factory.mktemp("up-prefect"))}
+    started = trainflow("up", "--prefect-port", str(free_port()), "--cpus", "2", env=env, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield env
+    finally:
+        stopped = trainflow("down", env=env, timeout=300)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+@pytest.fixture(scope="module")
+def champion_store(tmp_path_factory, warm) -> Path:
     """A store holding one published champion, made by a real smoke run."""
     store = tmp_path_factory.mktemp("champion") / "store"
-    out = trainflow("run", "--preset", "smoke", "--store", str(store))
+    out = trainflow("run", "--preset", "smoke", "--store", str(store), env=warm)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (store / "models" / "seed-cnn" / "champion.json").exists()
     return store
@@ -169,7 +186,7 @@ def assert_one_clear_line(out, words: list[str]) -> None:
 
 
 @pytest.mark.parametrize("case", [*PREFLIGHT, *(pytest.param(case, marks=pytest.mark.slow) for case in IN_FLOW)])
-def test_bad_input_is_one_clear_line_and_changes_nothing(case, champion_store, tmp_path):
+def test_bad_input_is_one_clear_line_and_changes_nothing(case, champion_store, warm, tmp_path):
     if case == "gpus-on-a-cpu-cluster" and shutil.which("nvidia-smi"):
         pytest.skip("this machine has a GPU, so a one-GPU worker fits")
     build, words = CASES[case]
@@ -179,7 +196,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, champion_store, t
     store = tmp_path / "store"
     shutil.copytree(champion_store, store)
     before = snapshot(store)
-    out = trainflow("run", "--preset", "smoke", "--store", str(store), *extra, timeout=300)
+    out = trainflow("run", "--preset", "smoke", "--store", str(store), *extra, timeout=300, env=warm)
     assert_one_clear_line(out, words)
     assert snapshot(store) == before  # nothing published, no prepared data, champion pointer as it was
     cache = Path(os.environ["TRAINFLOW_CACHE_DIR"])

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.conftest import COLD, make_tar, pattern_image
+from tests.conftest import make_tar, pattern_image
 from tests.flows.test_console import ray_noise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +59,8 @@ def started_with(env: dict[str, str]) -> list[psutil.Process]:
 def test_run_on_a_mixed_image_archive_prints_a_summary(tmp_path):
     archive = make_tar(mixed_image_set(tmp_path / "mixed"), tmp_path / "mixed.tar.gz")
     store = tmp_path / "store"
-    # inherited by every process the run starts; COLD: the run starts (and stops) its own Ray and Prefect server
-    mark = {"TRAINFLOW_TEST_RUN": str(tmp_path), **COLD}
+    # inherited by every process the run starts; no PREFECT_API_URL: the run starts (and stops) its own server
+    mark = {"TRAINFLOW_TEST_RUN": str(tmp_path), "PREFECT_API_URL": None}
     data_options = ["--dataset", f"folder:{archive}", "--image-size", "16", "--skip-bad-images",
                     "--stored-as", "encoded", "--store", str(store)]  # the files kept, decoded with random crops
     prepared = trainflow("prepare", *data_options, "--json", env=mark)  # once; the run then finds it in the store

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import COLD_RAY
 from tests.flows.test_cli import ROOT
 
 EPOCHS = 6
@@ -41,10 +40,9 @@ def start_run(store: Path, log: Path, run: str = REFERENCE,
     ``tracking``: (MLflow URI, experiment) to track it in."""
     framework, extra = RUNS[run]
     tracked = ["--mlflow-uri", tracking[0], "--mlflow-experiment", tracking[1]] if tracking else []
-    # a Ray of its own (COLD_RAY): the tests find its workers among the driver's descendants, and kill the driver
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *ARGS, *extra, *tracked, "--framework",
-                             framework, "--store", str(store)], cwd=ROOT, env={**os.environ, **COLD_RAY},
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                             framework, "--store", str(store)],
+                            cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finish(process: subprocess.Popen, log: Path, timeout: float = 420) -> dict:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import COLD_RAY
 from tests.flows.test_cli import trainflow
 
 PYPROJECT = """\
@@ -65,9 +64,7 @@ def installed(tmp_path_factory) -> dict[str, str]:
                           "--target", str(site), str(tmp / "src")], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-3000:]
     assert list(site.glob("tinyplug-0.1.0.dist-info/entry_points.txt"))
-    # with a Ray of its own (COLD_RAY), whose workers inherit that path: the session's `trainflow up` started before
-    # the package was installed, and its workers would not see it, as a cluster's nodes would not
-    return {"PYTHONPATH": str(site), **COLD_RAY}
+    return {"PYTHONPATH": str(site)}
 
 
 def test_an_installed_plugin_is_listed(installed):

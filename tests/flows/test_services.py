@@ -59,6 +59,15 @@ def test_up_then_runs_use_its_server_and_ray_and_down_stops_only_them(tmp_path):
         # ... and its workers ran on up's Ray node
         lineage = json.loads(next((tmp_path / "store" / "models").glob("*/versions/1/lineage.json")).read_text())
         assert {w["node_id"] for w in lineage["workers"]} == {raylet_node_id(state["ray"]["pid"])}
+        # a run the CLI did not start (the flow called as `trainflow serve` or a Prefect worker calls it) trains
+        # on up's Ray as well, instead of starting a Ray of its own
+        code = ("import sys; from flows.params import build_params; from flows.pipeline import train_pipeline; "
+                "train_pipeline(build_params('smoke', {'publish': {'store': sys.argv[1]}}))")
+        served = subprocess.run([sys.executable, "-c", code, str(tmp_path / "served")], cwd=ROOT, timeout=300,
+                                env={**env, "PREFECT_API_URL": state["prefect_url"]}, capture_output=True, text=True)
+        assert served.returncode == 0, served.stderr[-4000:]
+        lineage = json.loads(next((tmp_path / "served" / "models").glob("*/versions/1/lineage.json")).read_text())
+        assert {w["node_id"] for w in lineage["workers"]} == {raylet_node_id(state["ray"]["pid"])}
     finally:
         stopped = trainflow("down", env=env)
     assert stopped.returncode == 0 and "stopped prefect" in stopped.stdout, stopped.stdout + stopped.stderr
