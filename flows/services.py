@@ -101,15 +101,14 @@ def use_prefect(services: Services) -> None:
     os.environ.setdefault("PREFECT_API_URL", services.prefect_url)
 
 
-def use_ray_head() -> Services | None:
+def use_ray_head() -> None:
     """When ``up``'s services run, let this process's "start Ray locally" join their Ray head instead
-    (:func:`cluster.execution.session.use_local_head`); returns what it found."""
+    (:func:`cluster.execution.session.use_local_head`)."""
     found = running()
     if found is not None:
         from cluster.execution import session
 
         session.use_local_head(found.ray_address, found.token_file)
-    return found
 
 
 def up(*, prefect_port: int = 4200, ray_cpus: int | None = None, timeout: float = 90) -> Services:
