@@ -40,7 +40,7 @@ $(MLFLOW_SERVER)/.installed: deploy/mlflow-server.txt
 	@touch $@
 
 test: $(BIN)/.installed-test $(MLFLOW_SERVER)/.installed test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
-	$(BIN)/python -m pytest -v --durations=15
+	$(BIN)/python -m pytest -v --durations=15 -n 2 --dist loadgroup
 
 test-fast: $(BIN)/.installed-test  ## the quick check (under 3 minutes): every test not marked slow
 	$(BIN)/python -m pytest -m "not slow" --durations=10

@@ -79,7 +79,49 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["TRAINFLOW_CACHE_DIR"] = previous
 
 
-@pytest.fixture(scope="session", autouse=True)
+# `make test` runs the suite in two processes (pytest-xdist, `-n 2 --dist loadgroup`). One takes, in order, every
+# module that starts Ray, a flow or a `trainflow` run, or uses the session's servers; the other, the modules that
+# need none of them, each whole in one process. Two Rays starting at once on two busy cores can starve a raylet past
+# the fixed 30 s that Ray waits for it to register (`The current node timed out during startup`), so they never run
+# side by side. A module below must not start Ray or `trainflow`, nor use the servers' fixtures (checked below).
+NEEDS_NO_SERVER = frozenset({
+    "tests/bench/test_gpu_fast_cifar.py",
+    "tests/cluster/test_cifar10_recipes.py", "tests/cluster/test_fast_cifar.py",
+    "tests/cluster/test_fast_cifar_muon.py", "tests/cluster/test_finetune.py", "tests/cluster/test_frameworks.py",
+    "tests/cluster/test_models.py", "tests/cluster/test_nodecache.py", "tests/cluster/test_onnx.py",
+    "tests/cluster/test_placement.py", "tests/cluster/test_ports.py", "tests/cluster/test_precision.py",
+    "tests/cluster/test_stream.py", "tests/cluster/test_sweep.py", "tests/cluster/test_torch_allreduce.py",
+    "tests/cluster/test_torch_backend.py", "tests/cluster/test_torch_loop.py", "tests/cluster/test_torch_sharded.py",
+    "tests/deploy/test_configs.py", "tests/docs/test_docs.py",
+    "tests/tasks/test_ingest.py", "tests/tasks/test_predict.py", "tests/tasks/test_preprocess.py",
+    "tests/tasks/test_retry_policy.py", "tests/tasks/test_sources.py", "tests/tasks/test_store.py",
+    "tests/tasks/test_store_contract.py", "tests/tasks/test_train.py",
+    "tests/test_architecture.py", "tests/test_pins.py",
+})
+SERVERS_LANE = "servers"  # the xdist group of every other module
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lane(item: pytest.Item) -> str:
+    """The xdist group ``item`` runs in: its module's own, or SERVERS_LANE."""
+    module = Path(item.path).relative_to(ROOT).as_posix()
+    return module if module in NEEDS_NO_SERVER else SERVERS_LANE
+
+
+SERVER_FIXTURES = frozenset({"ray_local", "s3_server", "mlflow_server", "_one_prefect_server"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    misplaced = [f"{item.nodeid} uses {sorted(SERVER_FIXTURES & set(item.fixturenames))}" for item in items
+                 if lane(item) != SERVERS_LANE and SERVER_FIXTURES & set(item.fixturenames)]
+    if misplaced:
+        raise pytest.UsageError("tests/conftest.py: take these modules out of NEEDS_NO_SERVER, or the fixtures out of "
+                                "their tests: " + "; ".join(misplaced))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(lane(item)))
+
+
+@pytest.fixture(scope="session")
 def _one_prefect_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One Prefect server for every `trainflow` process the session's flow and end-to-end tests start.
 
@@ -100,6 +142,13 @@ def _one_prefect_server(request: pytest.FixtureRequest, tmp_path_factory: pytest
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         stop(process)
+
+
+@pytest.fixture(autouse=True)
+def _prefect_server_for_the_servers_lane(request: pytest.FixtureRequest) -> None:
+    """The session's Prefect server, started for the first test of the servers' lane (the other lane needs none)."""
+    if lane(request.node) == SERVERS_LANE:
+        request.getfixturevalue("_one_prefect_server")
 
 
 def pattern_image(label: int, size: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:
