@@ -39,6 +39,8 @@ $(MLFLOW_SERVER)/.installed: deploy/mlflow-server.txt
 	$(MLFLOW_SERVER)/bin/pip install --quiet -r deploy/mlflow-server.txt
 	@touch $@
 
+# Two test processes: one runs every module that starts Ray or a server, in order; the other the rest
+# (tests/conftest.py, NEEDS_NO_SERVER).
 test: $(BIN)/.installed-test $(MLFLOW_SERVER)/.installed test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
 	$(BIN)/python -m pytest -v --durations=15 -n 2 --dist loadgroup
 

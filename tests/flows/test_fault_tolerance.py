@@ -5,7 +5,8 @@ descendants by its Ray process title, and the driver is the `trainflow run`
 subprocess itself. Each run is compared with one uninterrupted run of the same
 seed, torch streaming its shards (a resumed torch run must end with its very
 weights; a resumed TensorFlow run is held to parity with it: within 5 points,
-same data, epochs and recipe).
+same data, epochs and recipe). The torch run loses a worker and then its driver:
+one run for both crashes.
 """
 
 from __future__ import annotations
@@ -193,45 +194,53 @@ def check_tensorflow_release(store: Path, summary: dict, torch_run: dict) -> Non
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [[None, 32, 32, 1], False]
 
 
+def kill_a_worker(process: subprocess.Popen, log: Path) -> tuple[int, float]:
+    """SIGKILL one of the run's two Ray training workers a second into the epoch after the last reported one:
+    (that epoch, seconds from its report to the kill)."""
+    reported_at = time.monotonic()
+    time.sleep(1.0)  # into the next epoch
+    workers = train_workers(process.pid)
+    assert len(workers) == 2, [title(p) for p in descendants(process.pid)]
+    done_at_kill = last_reported_epoch(log)
+    os.kill(workers[-1], signal.SIGKILL)
+    return done_at_kill, time.monotonic() - reported_at
+
+
+def assert_worker_group_restarted(log: Path, done_at_kill: int) -> None:
+    """The flow's log says a worker failed and the group went on from the checkpoint of ``done_at_kill``."""
+    output = log.read_text()
+    assert f"resuming from the checkpoint of epoch {done_at_kill}" in output, output[-4000:]
+    assert "Ray training worker(s) failed: rank" in output and "restarts the worker group" in output, output[-4000:]
+    assert done_at_kill < EPOCHS
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # about 3 minutes with the uninterrupted runs of the module's fixture
-@pytest.mark.parametrize("framework", ["torch-streamed", "tensorflow"])
-def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, mlflow_server, tmp_path, framework):
-    # TensorFlow's reference is torch's run: parity is asserted below, and a run of ~100 s is saved
-    reference = uninterrupted
+@pytest.mark.timeout(600)  # about 3 minutes with the uninterrupted run of the module's fixture
+def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, mlflow_server, tmp_path):
+    """TensorFlow (torch loses a worker in the test below). Its reference is torch's uninterrupted run, with
+    which parity is asserted: no uninterrupted TensorFlow run."""
+    reference, framework = uninterrupted, "tensorflow"
     tracking = (mlflow_server.uri, f"worker-kill-{framework}")
     store, log, process, started = start_until_epoch(tmp_path, 2, "run.log", framework, tracking)
     try:
-        checkpointed_at = time.monotonic()
-        time.sleep(1.0)  # into the next epoch
-        workers = train_workers(process.pid)
-        assert len(workers) == 2, [title(p) for p in descendants(process.pid)]
-        done_at_kill = last_reported_epoch(log)
-        killed_at = time.monotonic()
-        os.kill(workers[-1], signal.SIGKILL)
+        done_at_kill, after_checkpoint_s = kill_a_worker(process, log)
         summary = finish(process, log)
         wall = time.monotonic() - started
     finally:
         reap(process)
-    output = log.read_text()
-    assert f"resuming from the checkpoint of epoch {done_at_kill}" in output, output[-4000:]
-    assert "Ray training worker(s) failed: rank" in output and "restarts the worker group" in output  # flow log
-    assert done_at_kill < EPOCHS and summary["resumed_from_epoch"] == 0  # resumed inside this run, by Ray
+    assert_worker_group_restarted(log, done_at_kill)
+    assert summary["resumed_from_epoch"] == 0  # resumed inside this run, by Ray
     assert summary["restarts"] == [done_at_kill]  # and the summary says so
     lineage = json.loads((store / "models" / "seed-cnn" / "versions" / "1" / "lineage.json").read_text())
     assert lineage["worker_group_restarts"] == [{"resumed_after_epoch": done_at_kill}]
     # the final checkpoint's history holds every epoch once: only the interrupted epoch was run twice
     assert checkpoint_epochs(store)[-1] == EPOCHS
     assert [m["epoch"] for m in checkpoint_states(store)[-1]["history"]] == list(range(1, EPOCHS + 1))
-    if framework == "torch-streamed":  # a resumed run is the uninterrupted run: the same shards and batches
-        assert_same_weights(store, reference)
-        assert summary["accuracy"] == reference["accuracy"]
-    if framework == "tensorflow":
-        check_tensorflow_release(store, summary, reference)
+    check_tensorflow_release(store, summary, reference)
     assert_tracked_once(mlflow_server, tracking[1], summary)  # the restarted group went on in the same MLflow run
     print(json.dumps({"worker_kill": {  # the cost, for the record (-s shows it)
         "framework": framework, "killed_after_epoch": done_at_kill,
-        "seconds_after_that_checkpoint": round(killed_at - checkpointed_at, 1),
+        "seconds_after_that_checkpoint": round(after_checkpoint_s, 1),
         "wall_s": round(wall, 1), "uninterrupted_wall_s": round(reference["wall_s"], 1),
         "seconds_lost": round(wall - reference["wall_s"], 1), "accuracy": summary["accuracy"],
         "uninterrupted_accuracy": reference["accuracy"]}}))
@@ -239,18 +248,24 @@ def test_killed_worker_resumes_from_the_last_checkpoint(uninterrupted, mlflow_se
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted, mlflow_server, tmp_path):
+def test_killed_worker_then_killed_driver_resume_to_the_uninterrupted_weights(uninterrupted, mlflow_server, tmp_path):
+    """torch streaming its shards: a worker killed after epoch 2 (Ray restarts the group from that checkpoint),
+    then the driver killed after epoch 4 (the re-run skips the finished stages and resumes from it); the weights
+    published at the end are the uninterrupted run's, bit for bit, and MLflow holds one run with each epoch once."""
     reference = uninterrupted
-    tracking = (mlflow_server.uri, "driver-kill")
+    tracking = (mlflow_server.uri, "worker-then-driver-kill")
     store, log, process, started = start_until_epoch(tmp_path, 2, "first.log", tracking=tracking)
     try:
+        worker_killed_after, _ = kill_a_worker(process, log)
+        wait_for_epoch(worker_killed_after + 2, process, log)
         first_wall = time.monotonic() - started
         os.kill(process.pid, signal.SIGKILL)  # the driver: flow, Prefect client and Ray's owner all at once
         process.wait(timeout=30)
     finally:
         reap(process)
+    assert_worker_group_restarted(log, worker_killed_after)
     done_at_kill = last_reported_epoch(log)
-    assert done_at_kill < EPOCHS
+    assert worker_killed_after < done_at_kill < EPOCHS
     assert not (store / "models").exists()  # nothing was published by the killed run
 
     log = tmp_path / "second.log"
@@ -267,6 +282,7 @@ def test_killed_driver_resumes_on_rerun_and_skips_finished_stages(uninterrupted,
     assert summary["epochs_trained"] == EPOCHS - done_at_kill
     assert f"resuming from the checkpoint of epoch {done_at_kill}" in log.read_text()
     assert_same_weights(store, reference)  # resumed in a new driver, a new Ray: still the uninterrupted run
+    assert [m["epoch"] for m in checkpoint_states(store)[-1]["history"]] == list(range(1, EPOCHS + 1))
     assert summary["accuracy"] == reference["accuracy"]
     assert_tracked_once(mlflow_server, tracking[1], summary)  # the re-run continued the killed run's MLflow run
     print(json.dumps({"driver_kill": {  # the cost, for the record (-s shows it)
