@@ -40,9 +40,9 @@ $(MLFLOW_SERVER)/.installed: deploy/mlflow-server.txt
 	@touch $@
 
 # Two test processes: one runs every module that starts Ray or a server, in order; the other the rest
-# (tests/conftest.py, NEEDS_NO_SERVER).
+# (tests/conftest.py: NEEDS_NO_SERVER and its scheduler).
 test: $(BIN)/.installed-test $(MLFLOW_SERVER)/.installed test-system-deps  ## the whole suite, slow and CIFAR-10 tests included
-	$(BIN)/python -m pytest -v --durations=15 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -v --durations=15 -n 2
 
 test-fast: $(BIN)/.installed-test  ## the quick check (under 3 minutes): every test not marked slow
 	$(BIN)/python -m pytest -m "not slow" --durations=10

@@ -79,11 +79,12 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ["TRAINFLOW_CACHE_DIR"] = previous
 
 
-# `make test` runs the suite in two processes (pytest-xdist, `-n 2 --dist loadgroup`). One takes, in order, every
-# module that starts Ray, a flow or a `trainflow` run, or uses the session's servers; the other, the modules that
-# need none of them, each whole in one process. Two Rays starting at once on two busy cores can starve a raylet past
-# the fixed 30 s that Ray waits for it to register (`The current node timed out during startup`), so they never run
-# side by side. A module below must not start Ray or `trainflow`, nor use the servers' fixtures (checked below).
+# `make test` runs the suite in two processes (pytest-xdist, `-n 2`), in two lanes (the scheduler below). One takes,
+# in order, every module that starts Ray, a flow or a `trainflow` run, or uses the session's servers; the other, the
+# modules that need none of them, each whole in one process. Two Rays starting at once on two busy cores can starve a
+# raylet past the fixed 30 s that Ray waits for it to register (`The current node timed out during startup`), so
+# they never run side by side. A module below must not start Ray or `trainflow`, nor use the servers' fixtures
+# (checked below).
 NEEDS_NO_SERVER = frozenset({
     "tests/bench/test_gpu_fast_cifar.py",
     "tests/cluster/test_cifar10_recipes.py", "tests/cluster/test_fast_cifar.py",
@@ -98,27 +99,39 @@ NEEDS_NO_SERVER = frozenset({
     "tests/tasks/test_store_contract.py", "tests/tasks/test_train.py",
     "tests/test_architecture.py", "tests/test_pins.py",
 })
-SERVERS_LANE = "servers"  # the xdist group of every other module
+SERVERS_LANE = "servers"  # the one unit of work that holds every other module
+SERVER_FIXTURES = frozenset({"ray_local", "s3_server", "mlflow_server", "_one_prefect_server"})
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lane(item: pytest.Item) -> str:
-    """The xdist group ``item`` runs in: its module's own, or SERVERS_LANE."""
-    module = Path(item.path).relative_to(ROOT).as_posix()
+def lane(module: str) -> str:
+    """The unit of work that the test module ``module`` (a path from the repository's root) belongs to."""
     return module if module in NEEDS_NO_SERVER else SERVERS_LANE
 
 
-SERVER_FIXTURES = frozenset({"ray_local", "s3_server", "mlflow_server", "_one_prefect_server"})
+def module_of(item: pytest.Item) -> str:
+    return Path(item.path).relative_to(ROOT).as_posix()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist's scheduler by scope, each scope a lane: the servers' modules in one process, in order, and
+    each other module whole in whichever process is free."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid.split("::", 1)[0])
+
+    return Lanes(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     misplaced = [f"{item.nodeid} uses {sorted(SERVER_FIXTURES & set(item.fixturenames))}" for item in items
-                 if lane(item) != SERVERS_LANE and SERVER_FIXTURES & set(item.fixturenames)]
+                 if lane(module_of(item)) != SERVERS_LANE and SERVER_FIXTURES & set(item.fixturenames)]
     if misplaced:
         raise pytest.UsageError("tests/conftest.py: take these modules out of NEEDS_NO_SERVER, or the fixtures out of "
                                 "their tests: " + "; ".join(misplaced))
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(lane(item)))
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +160,7 @@ def _one_prefect_server(request: pytest.FixtureRequest, tmp_path_factory: pytest
 @pytest.fixture(autouse=True)
 def _prefect_server_for_the_servers_lane(request: pytest.FixtureRequest) -> None:
     """The session's Prefect server, started for the first test of the servers' lane (the other lane needs none)."""
-    if lane(request.node) == SERVERS_LANE:
+    if lane(module_of(request.node)) == SERVERS_LANE:
         request.getfixturevalue("_one_prefect_server")
 
 
