@@ -162,6 +162,36 @@ def _prefect_server_for_the_servers_lane(request: pytest.FixtureRequest) -> None
     """The session's Prefect server, started for the first test of the servers' lane (the other lane needs none)."""
     if lane(module_of(request.node)) == SERVERS_LANE:
         request.getfixturevalue("_one_prefect_server")
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        yield_the_cpu()
+
+
+LIGHT_LANE_AUTOGROUP_NICE, LIGHT_LANE_NICE = 10, 19
+
+
+def yield_the_cpu() -> None:
+    """Let the process running the light lane (and what it starts) take only the CPU the servers' lane leaves.
+
+    Ray runs its workers at nice 15, so a test process at nice 0 beside them took most of a shared core from a
+    training worker, and two workers that wait on each other every step (DDP, TensorFlow's collectives) lost far
+    more than that core. Linux shares CPU between sessions first (autogroups) and by nice only within one: the
+    light lane gets a session of its own whose autogroup weighs little, and the lowest nice for kernels without
+    autogroups. Nothing here can be undone without privileges: it is done once, for the rest of the process's
+    life (the servers' lane runs first in its process, so it never follows this).
+    """
+    global _yielded
+    if _yielded:
+        return
+    _yielded = True
+    try:
+        os.setsid()
+        Path("/proc/self/autogroup").write_text(str(LIGHT_LANE_AUTOGROUP_NICE))
+    except OSError:
+        pass  # not Linux, no autogroups, or already a session leader
+    os.setpriority(os.PRIO_PROCESS, 0, LIGHT_LANE_NICE)
+
+
+_yielded = False
 
 
 def pattern_image(label: int, size: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:
