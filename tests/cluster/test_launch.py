@@ -33,7 +33,7 @@ def in_place(store_uri: str, ref) -> StoredData:
 # once, in the real `trainflow run --preset smoke` of tests/flows/test_bad_input.py.
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
-def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, tmp_path, workers):
+def test_trains_on_ray_reports_every_epoch_checkpoints_and_resumes(ray_local, prepared, tmp_path, workers):
     store_uri, ref = prepared
     store = open_store(store_uri)
     data = store.local_dir(store.key_of(ref.uri), tmp_path)
@@ -51,17 +51,15 @@ def test_trains_on_ray_reports_every_epoch_and_checkpoints(ray_local, prepared, 
     accuracy = float(np.mean(predict(Path(final), x_test) == y_test))
     assert accuracy > 0.8, accuracy
 
-
-@pytest.mark.slow
-def test_rerun_with_same_name_resumes_from_its_last_checkpoint(ray_local, prepared, tmp_path):
-    data = in_place(*prepared)
-    cfg = TrainLoopConfig(data_dir="", epochs=2, lr=0.01, batch_size=16)
-    fit(cfg, Resources(num_workers=1), data=data, run_name="resume", storage_path=str(tmp_path / "ray"))
-    reports: list[dict] = []
-    final = fit(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 3}), Resources(num_workers=1), data=data,
-                run_name="resume", storage_path=str(tmp_path / "ray"), on_report=reports.append)
-    assert [r["epoch"] for r in reports] == [3]
-    assert read_state(Path(final))[1] == 3
+    if workers == 2:
+        return
+    # the same run name, one more epoch: it resumes from its last checkpoint and trains that epoch alone
+    more: list[dict] = []
+    resumed = fit(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 7}), Resources(num_workers=workers, max_failures=0),
+                  data=in_place(store_uri, ref), run_name=f"w{workers}", storage_path=str(tmp_path / "ray"),
+                  on_report=more.append)
+    assert [r["epoch"] for r in more] == [7]
+    assert read_state(Path(resumed))[1] == 7 and [h["epoch"] for h in read_state(Path(resumed))[2]] == list(range(1, 8))
 
 
 def test_more_workers_than_the_cluster_has_fails_fast(ray_local, prepared, tmp_path):

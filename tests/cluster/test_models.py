@@ -96,6 +96,7 @@ def test_an_unknown_torchvision_name_says_where_the_names_are():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # three TensorFlow processes, in the light lane of `make test` (tests/conftest.py)
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
 def test_a_keras_application_trains_on_grayscale_and_loads_safely(tmp_path):
     """keras:MobileNetV2 on one-channel images: the loop in a process of TensorFlow alone, then its checkpoint's
