@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import functools
 import importlib.util
 import os
 import shutil
@@ -158,8 +159,9 @@ def _one_prefect_server(request: pytest.FixtureRequest, tmp_path_factory: pytest
 
 
 @pytest.fixture(autouse=True)
-def _prefect_server_for_the_servers_lane(request: pytest.FixtureRequest) -> None:
-    """The session's Prefect server, started for the first test of the servers' lane (the other lane needs none)."""
+def _by_lane(request: pytest.FixtureRequest) -> None:
+    """The servers' lane gets the session's Prefect server (started for its first test; the other lane needs none);
+    under pytest-xdist, the light lane's process yields the CPU."""
     if lane(module_of(request.node)) == SERVERS_LANE:
         request.getfixturevalue("_one_prefect_server")
     elif os.environ.get("PYTEST_XDIST_WORKER"):
@@ -169,6 +171,7 @@ def _prefect_server_for_the_servers_lane(request: pytest.FixtureRequest) -> None
 LIGHT_LANE_AUTOGROUP_NICE, LIGHT_LANE_NICE = 10, 19
 
 
+@functools.cache  # once per process: it cannot be undone
 def yield_the_cpu() -> None:
     """Let the process running the light lane (and what it starts) take only the CPU the servers' lane leaves.
 
@@ -176,22 +179,16 @@ def yield_the_cpu() -> None:
     training worker, and two workers that wait on each other every step (DDP, TensorFlow's collectives) lost far
     more than that core. Linux shares CPU between sessions first (autogroups) and by nice only within one: the
     light lane gets a session of its own whose autogroup weighs little, and the lowest nice for kernels without
-    autogroups. Nothing here can be undone without privileges: it is done once, for the rest of the process's
-    life (the servers' lane runs first in its process, so it never follows this).
+    autogroups. Nothing here can be undone without privileges: it holds for the rest of the process's life (the
+    servers' lane, the largest unit of work, is handed out first and runs first in its process, so it never
+    follows this).
     """
-    global _yielded
-    if _yielded:
-        return
-    _yielded = True
     try:
         os.setsid()
         Path("/proc/self/autogroup").write_text(str(LIGHT_LANE_AUTOGROUP_NICE))
     except OSError:
         pass  # not Linux, no autogroups, or already a session leader
     os.setpriority(os.PRIO_PROCESS, 0, LIGHT_LANE_NICE)
-
-
-_yielded = False
 
 
 def pattern_image(label: int, size: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:
