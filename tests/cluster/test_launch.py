@@ -39,7 +39,8 @@ def test_trains_on_ray_reports_every_epoch_checkpoints_and_resumes(ray_local, pr
     data = store.local_dir(store.key_of(ref.uri), tmp_path)
     reports: list[dict] = []
     cfg = TrainLoopConfig(data_dir="", epochs=6, lr=0.01, batch_size=16)
-    final = fit(cfg, Resources(num_workers=workers, max_failures=0), data=in_place(store_uri, ref),
+    stored = in_place(store_uri, ref)
+    final = fit(cfg, Resources(num_workers=workers, max_failures=0), data=stored,
                 run_name=f"w{workers}", storage_path=str(tmp_path / "ray"), on_report=reports.append)
 
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5, 6]  # once per epoch, not once per worker
@@ -56,10 +57,10 @@ def test_trains_on_ray_reports_every_epoch_checkpoints_and_resumes(ray_local, pr
     # the same run name, one more epoch: it resumes from its last checkpoint and trains that epoch alone
     more: list[dict] = []
     resumed = fit(TrainLoopConfig(**{**cfg.to_dict(), "epochs": 7}), Resources(num_workers=workers, max_failures=0),
-                  data=in_place(store_uri, ref), run_name=f"w{workers}", storage_path=str(tmp_path / "ray"),
-                  on_report=more.append)
+                  data=stored, run_name=f"w{workers}", storage_path=str(tmp_path / "ray"), on_report=more.append)
     assert [r["epoch"] for r in more] == [7]
-    assert read_state(Path(resumed))[1] == 7 and [h["epoch"] for h in read_state(Path(resumed))[2]] == list(range(1, 8))
+    _, epoch, history = read_state(Path(resumed))
+    assert epoch == 7 and [h["epoch"] for h in history] == list(range(1, 8))
 
 
 def test_more_workers_than_the_cluster_has_fails_fast(ray_local, prepared, tmp_path):
