@@ -114,7 +114,7 @@ def train_loop(cfg: TrainLoopConfig, ctx: WorkerContext) -> list[dict]:
             batches = partial(_streamed, pieces, open_shard, local_batch, cfg.seed, epoch, ctx.rank, manifest)
         else:
             shard = epoch_shard(n_train, cfg.seed, epoch, ctx.rank, ctx.world_size)
-            batches = partial(_in_memory, x_train[shard], y_train[shard], local_batch)
+            batches = partial(in_memory_batches, x_train[shard], y_train[shard], local_batch)
         metrics = run_epoch(steps, batches, n_train // ctx.world_size, (x_val, y_val), local_batch, epoch, ctx)
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -198,7 +198,7 @@ def _without_autotune(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.prefetch(2).with_options(options)
 
 
-def _in_memory(x: np.ndarray, y: np.ndarray, batch: int) -> tf.data.Dataset:
+def in_memory_batches(x: np.ndarray, y: np.ndarray, batch: int) -> tf.data.Dataset:
     return _without_autotune(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch))
 
 

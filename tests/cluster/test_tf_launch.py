@@ -41,9 +41,6 @@ def test_tensorflow_trains_on_ray_reports_every_epoch_and_resumes(ray_local, pre
                 storage_path=str(tmp_path), on_report=reports.append)
 
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5]  # once per epoch, not once per worker
-    # no epoch waits for tf.data's autotuner: with the distributed input pipeline, epochs 2-5 here lasted 1.31, 1.32,
-    # 1.31, 0.81 s (its wake-ups at 0.63, 1.27 s, ...); fed directly, 0.49-0.59 s on two cores
-    assert sorted(r["epoch_seconds"] for r in reports[1:])[1] < 1.0, reports
     assert reports[-1]["train_loss"] < 0.5 * reports[0]["train_loss"], reports
     saved = state(final)
     assert saved["framework"] == "tensorflow" and saved["epoch"] == 5
