@@ -179,9 +179,11 @@ def yield_the_cpu() -> None:
     training worker, and two workers that wait on each other every step (DDP, TensorFlow's collectives) lost far
     more than that core. Linux shares CPU between sessions first (autogroups) and by nice only within one: the
     light lane gets a session of its own whose autogroup weighs little, and the lowest nice for kernels without
-    autogroups. Nothing here can be undone without privileges: it holds for the rest of the process's life (the
-    servers' lane, the largest unit of work, is handed out first and runs first in its process, so it never
-    follows this).
+    autogroups. It also keeps to one core (every thread of the process, and what it starts, one torch thread):
+    at the lowest weight on both cores it still filled every idle moment of each, and the servers' lane ran a
+    quarter slower beside it than alone (docs/performance.md). Nothing here can be undone without privileges: it
+    holds for the rest of the process's life (the servers' lane, the largest unit of work, is handed out first
+    and runs first in its process, so it never follows this).
     """
     try:
         os.setsid()
@@ -189,6 +191,29 @@ def yield_the_cpu() -> None:
     except OSError:
         pass  # not Linux, no autogroups, or already a session leader
     os.setpriority(os.PRIO_PROCESS, 0, LIGHT_LANE_NICE)
+    keep_to_one_core()
+
+
+def keep_to_one_core() -> None:
+    """Every thread of this process, and all it starts from now on, on the last core it may use; one thread for
+    torch and for OpenMP in the processes it starts."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return
+    for thread in os.listdir("/proc/self/task"):  # the affinity is each thread's own; new threads inherit it
+        try:
+            os.sched_setaffinity(int(thread), {cores[-1]})
+        except OSError:
+            pass  # the thread has ended
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def cores_for_tests() -> int:
+    """The cores a test that trains in this process may use: one in the light lane under pytest-xdist
+    (:func:`yield_the_cpu`), else all this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def pattern_image(label: int, size: int, rng: np.random.Generator, channels: int = 3) -> np.ndarray:

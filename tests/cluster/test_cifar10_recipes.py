@@ -4,16 +4,16 @@ torch loop in this process (no Ray, no servers), every core, the same seed, epoc
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import cores_for_tests
 from tests.e2e.test_cifar10 import cifar_dir_or_skip
 
 
 def train_here(data: Path, into: Path, **options) -> tuple[float, int]:
-    """Two epochs of the torch loop in this process on every core, seed 0, on the prepared subset: (test
+    """Two epochs of the torch loop in this process on every core it may use, seed 0, on the prepared subset: (test
     accuracy of the final checkpoint, images/s of its last epoch)."""
     import torch
 
@@ -24,7 +24,7 @@ def train_here(data: Path, into: Path, **options) -> tuple[float, int]:
 
     x_test, y_test = load_split(data, "test")
     before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cores_for_tests())
     try:
         history = train_loop(TrainLoopConfig(data_dir=str(data), epochs=2, seed=0, **options), LocalContext(into))
     finally:
