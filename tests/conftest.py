@@ -180,10 +180,10 @@ def yield_the_cpu() -> None:
     more than that core. Linux shares CPU between sessions first (autogroups) and by nice only within one: the
     light lane gets a session of its own whose autogroup weighs little, and the lowest nice for kernels without
     autogroups. It also keeps to one core (every thread of the process, and what it starts, one torch thread):
-    at the lowest weight on both cores it still filled every idle moment of each, and the servers' lane ran a
-    quarter slower beside it than alone (docs/performance.md). Nothing here can be undone without privileges: it
-    holds for the rest of the process's life (the servers' lane, the largest unit of work, is handed out first
-    and runs first in its process, so it never follows this).
+    on both cores at the lowest weight, its two torch threads lost time to each other and the lane ran longer
+    (docs/performance.md, the suite); the servers' lane has one core that the light lane never takes. Nothing
+    here can be undone without privileges: it holds for the rest of the process's life (the servers' lane, the
+    largest unit of work, is handed out first and runs first in its process, so it never follows this).
     """
     try:
         os.setsid()
