@@ -8,9 +8,10 @@ Needs only torch, numpy, Pillow and CIFAR-10's JPEG archives (``train.tar.gz``, 
 1. Decodes both archives with the project's decoder (``tasks.images``) and writes them in the prepared-data
    format (``cluster.data``), normalised with the training set's statistics, as preprocess does.
 2. Trains ``fast_cifar`` ``--runs`` times with seeds 0, 1, …, in one process on one device, the whole data set
-   resident there. As the records do, the clock covers training only (the model's construction and whitening
-   included), starts after a compilation warm-up on a throwaway model (``--compile``), and stops once the last
-   step is done (CUDA synchronised); test accuracy (with the recipe's test-time views) is measured after.
+   resident there, in the precision ``auto`` picks for the device (bf16 where it is native). As the records do,
+   the clock covers training only (the model's construction and whitening included), starts after a compilation
+   warm-up on a throwaway model (``--compile``), and stops once the last step is done (CUDA synchronised); test
+   accuracy (with the recipe's test-time views) is measured after.
    time_to_94 is that training time for a run that reached 94 %, else null.
 3. Runs the per-worker loop itself (``python -m cluster.pytorch.loop``) under ``torchrun`` with one rank per
    GPU (NCCL between ranks when there are two or more), checkpoints and test predictions included.
@@ -91,7 +92,7 @@ def train_once(cfg: TrainLoopConfig, spec: tb.ModelSpec, data: dict, device: tor
     """One timed run of the recipe: (trained model, seconds from construction to the last step)."""
     x_train, y_train = data["train"]
     normalize = tb.Normalizer(spec, device, channels_last=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     parts = fast_cifar.torch_parts(cfg)
     _sync(device)
     start = time.perf_counter()
@@ -115,11 +116,11 @@ def train_once(cfg: TrainLoopConfig, spec: tb.ModelSpec, data: dict, device: tor
 
 
 @torch.no_grad()
-def test_accuracy(model: torch.nn.Module, spec: tb.ModelSpec, data: dict, device: torch.device) -> float:
+def test_accuracy(model: torch.nn.Module, spec: tb.ModelSpec, data: dict, device: torch.device, dtype: str) -> float:
     x_test, y_test = data["test"]
     normalize = tb.Normalizer(spec, device, channels_last=True)
     model.eval()
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         logits = torch.cat([tb.view_logits(model, normalize(x_test[i:i + 2000]), spec.eval_views)
                             for i in range(0, len(y_test), 2000)])
     return (logits.argmax(1) == y_test).float().mean().item()
@@ -170,11 +171,14 @@ def main() -> None:
         meta = prepare(args.archives, Path(tmp) / "prepared", args.limit)
         decode_seconds = time.perf_counter() - t0
         spec = tb.ModelSpec.from_manifest("fast_net", meta, eval_views="flip_shift")
+        # bf16 where the device computes it natively (a GPU of Ampere or later, a CPU with AVX-512 BF16 or AMX),
+        # else fp32: emulated bf16 is several times slower than fp32
+        precision = tb.resolve_precision("auto", True, device)
         data = {s: tuple(torch.from_numpy(a).to(device) for a in load_split(Path(tmp) / "prepared", s))
                 for s in ("train", "test")}
         cfg = TrainLoopConfig(data_dir=str(Path(tmp) / "prepared"), recipe="fast_cifar", epochs=args.epochs,
                               batch_size=args.batch_size, lr=LR_PER_1024 * args.batch_size / 1024, momentum=0.85,
-                              precision="bf16", channels_last=True, use_gpu=device.type == "cuda")
+                              precision=precision.dtype, channels_last=True, use_gpu=device.type == "cuda")
         warm_up = None
         if args.compile:  # compile both batch shapes (full and last) before any clock starts
             t0 = time.perf_counter()
@@ -183,7 +187,7 @@ def main() -> None:
         runs = []
         for seed in range(args.runs):
             model, seconds = train_once(replace(cfg, seed=seed), spec, data, device, args.compile)
-            accuracy = test_accuracy(model, spec, data, device)
+            accuracy = test_accuracy(model, spec, data, device, cfg.precision)
             runs.append({"seed": seed, "seconds": round(seconds, 3), "test_accuracy": round(accuracy, 4),
                          "time_to_94": round(seconds, 3) if accuracy >= TARGET else None})
         torchrun = (run_torchrun(Path(tmp) / "prepared", cfg, args.torchrun_epochs, Path(tmp))
@@ -191,7 +195,7 @@ def main() -> None:
     reached = [r["time_to_94"] for r in runs if r["time_to_94"] is not None]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "epochs": args.epochs, "compiled": args.compile,
+        "torch": torch.__version__, "epochs": args.epochs, "compiled": args.compile, "precision": precision.dtype,
         "train_images": len(data["train"][1]),
         "decode_seconds": round(decode_seconds, 1), "compile_warm_up_seconds": warm_up, "runs": runs,
         "median_seconds": statistics.median(r["seconds"] for r in runs),

@@ -52,7 +52,10 @@ def start(workdir: Path, s3: S3Server, timeout: float = 120) -> MlflowServer:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     artifacts = f"s3://{s3.bucket}/mlflow-artifacts"
-    env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+    # no job execution (MLflow's GenAI jobs, which the tests never run): without it the server starts eight idle
+    # job consumers that poll for the rest of the session
+    env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = workdir / "mlflow.log"
     command = [str(SERVER_BIN), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", artifacts]

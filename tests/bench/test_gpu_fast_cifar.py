@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_gpu_check_script_trains_the_recipe_and_runs_the_loop_under_torchrun(tmp_path):
+    from cluster.precision import BF16_CPU_FLAGS, cpu_flags
+
     (tmp_path / "archives").mkdir()
     for split, per_class in (("train", 60), ("test", 20)):
         write_class_folders(tmp_path / split, classes=4, per_class=per_class, size=32, suffix=".jpg")
@@ -39,6 +41,8 @@ def test_gpu_check_script_trains_the_recipe_and_runs_the_loop_under_torchrun(tmp
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["device"] == "cpu" and result["train_images"] == 240
+    # bf16 only where this CPU computes it natively: emulated, it would be several times slower than fp32
+    assert result["precision"] == ("bf16" if BF16_CPU_FLAGS & cpu_flags() else "fp32")
     assert [r["seed"] for r in result["runs"]] == [0, 1]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] > 0 for r in result["runs"])
     assert result["share_reaching_94"] == sum(r["time_to_94"] is not None for r in result["runs"]) / 2
