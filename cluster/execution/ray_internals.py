@@ -15,7 +15,11 @@ pyproject.toml).
      checkpoint only when it polls the workers (every 2 s by default), so a crash
      right after an epoch's checkpoint more often repeats that epoch on resume;
    - Train's print patch, which routes workers' ``print`` through a logger: each
-     line of a worker then reached the driver's console twice.
+     line of a worker then reached the driver's console twice;
+   - Train's preemption watcher, an actor per run that polls whether a node is
+     being drained, off on a one-machine Ray (started by the run or by
+     `trainflow up`), where there is no other node to drain: one process fewer
+     starting Ray Train's modules beside the workers (docs/performance.md).
 
 2. Whether a run ended because its worker group could not be placed in time
    (``WorkerGroupStartupTimeoutError``, which Train raises as the cause of a
@@ -41,21 +45,25 @@ TRAIN_SETTINGS = {
     "start_timeout_s": "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
     "poll_interval_s": "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "print_patch": "RAY_TRAIN_ENABLE_PRINT_PATCH",
+    "preemption_watcher": "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
 }
 DEFAULTS = {"poll_interval_s": "0.5", "print_patch": "0"}
 
 
 @contextmanager
-def train_settings(start_timeout_s: float) -> Iterator[None]:
+def train_settings(start_timeout_s: float, one_machine: bool = False) -> Iterator[None]:
     """Ray Train's environment settings for one run, in this process's environment while the block runs.
 
     Train reads them from the driver's environment when ``fit`` builds the run's
-    controller; a user's own value of a setting is left as it is.
+    controller; a user's own value of a setting is left as it is. ``one_machine``:
+    the Ray in use is one machine's alone (no preemption watcher).
     """
     values = {**DEFAULTS, "start_timeout_s": f"{start_timeout_s:g}"}
+    if one_machine:
+        values["preemption_watcher"] = "0"
     saved = {name: os.environ.get(name) for name in TRAIN_SETTINGS.values()}
     for key, name in TRAIN_SETTINGS.items():
-        if key == "start_timeout_s" or name not in os.environ:
+        if key == "start_timeout_s" or (key in values and name not in os.environ):
             os.environ[name] = values[key]
     try:
         yield

@@ -65,6 +65,7 @@ class _Starter:
 _pending: _Starter | None = None
 _worker_logs = True
 _local_head: str | None = None  # `trainflow up`'s Ray head, used instead of starting one
+_own_machine = False  # the Ray in use is this machine's alone: started here, or `trainflow up`'s head
 
 
 def use_local_head(address: str, token_file: str) -> None:
@@ -204,8 +205,10 @@ def connect(address: str | None) -> Connection:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    global _own_machine
     if ray.is_initialized():
         return "already"
+    _own_machine = address is None
     if address is not None:
         _init_cluster(address)
         return "joined"
@@ -217,6 +220,12 @@ def connect(address: str | None) -> Connection:
     ray.init(address="local", include_dashboard=False, log_to_driver=_worker_logs,
              logging_config=ray.LoggingConfig(log_level="ERROR"))
     return "started"
+
+
+def on_one_machine() -> bool:
+    """Whether the Ray this process connected to is one machine's alone (started here, or `trainflow up`'s
+    head), which no node can join or leave; False for a cluster reached by address, or before any connection."""
+    return _own_machine
 
 
 def _stop_ray() -> None:

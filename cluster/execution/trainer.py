@@ -162,7 +162,7 @@ def watch_fit(trainer: DataParallelTrainer, events, handlers: Handlers, on_wait:
     groups: list = []
     with ExitStack() as starting:
         starting.enter_context(_starting)
-        starting.enter_context(ray_internals.train_settings(start_timeout))
+        starting.enter_context(ray_internals.train_settings(start_timeout, one_machine=session.on_one_machine()))
         settings = starting.pop_all()  # released once the controller is up (it has read them) or the run ended
 
     def on_actor(handle) -> None:

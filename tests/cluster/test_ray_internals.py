@@ -31,6 +31,19 @@ def test_train_settings_hold_for_the_block_and_leave_a_users_own_values(monkeypa
     assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in os.environ
 
 
+def test_the_preemption_watcher_is_off_on_one_machine_only(monkeypatch):
+    watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    monkeypatch.delenv(watcher, raising=False)
+    with ray_internals.train_settings(start_timeout_s=5, one_machine=True):
+        assert os.environ[watcher] == "0"
+    with ray_internals.train_settings(start_timeout_s=5):  # a cluster: Train's default
+        assert watcher not in os.environ
+    monkeypatch.setenv(watcher, "1")  # the user's own
+    with ray_internals.train_settings(start_timeout_s=5, one_machine=True):
+        assert os.environ[watcher] == "1"
+    assert os.environ[watcher] == "1"
+
+
 def test_a_start_timeout_is_told_apart_from_other_controller_errors():
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
