@@ -62,8 +62,8 @@ def article_fp32(subset, tmp_path_factory) -> tuple[Path, float, int]:
 @pytest.mark.cifar
 @pytest.mark.timeout(900)  # also preparing the subset
 @pytest.mark.skipif(not BF16_CPU_FLAGS & cpu_flags(), reason=(
-    "this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is emulated, about ten times slower than fp32, and "
-    "auto never trains in it here; tests/cluster/test_precision.py compares the two on digits on any CPU"))
+    "this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is emulated, about ten times slower than fp32 "
+    "(docs/performance.md), and auto never trains in it here; tests/cluster/test_torch_loop.py still trains in bf16"))
 def test_bf16_channels_last_within_a_point_of_fp32_on_the_subset(article_fp32, tmp_path):
     """fp32 and bf16 + channels_last in this process on the prepared subset, same seed, epochs and batches.
 
