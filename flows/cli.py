@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "submit":
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL a run starts Prefect's temporary server and waits for it, 20 s by default: too short
+    # on a small machine whose cores Ray and the run's imports keep busy at the same time
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         if args.command == "presets":
             from cluster.models import plugin_models
