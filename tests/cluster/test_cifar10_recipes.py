@@ -81,7 +81,9 @@ def test_bf16_channels_last_within_a_point_of_fp32_on_the_subset(article_fp32, t
 
 @pytest.mark.slow
 @pytest.mark.cifar
-@pytest.mark.timeout(900)  # also preparing the subset
+# also preparing the subset and training the article's baseline where the bf16 comparison skips: on one core of a
+# 2-core AVX2 EPYC, beside the servers' lane, its final checkpoint came after 867 s
+@pytest.mark.timeout(1500)
 def test_fast_recipe_beats_the_article_in_the_same_epochs_on_the_subset(article_fp32, tmp_path):
     """Both recipes in this process on the prepared subset (4 500 training images), two epochs each (the
     article's is the fp32 run above); test accuracy from each run's final checkpoint, with fast_cifar's test-time
