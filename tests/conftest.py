@@ -322,6 +322,40 @@ def prepared(tmp_path_factory: pytest.TempPathFactory):
     return store_uri, preprocess(raw, PreprocessConfig(image_size=16, test_fraction=0.25), store_uri)
 
 
+def descendants(root: int) -> list[int]:
+    """Every process whose parent chain reaches ``root``, read from /proc."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def needs_native_bf16(still_covered_by: str) -> pytest.MarkDecorator:
+    """Skip a test that trains in bf16 on the CPU where the CPU emulates it (about ten times slower than fp32,
+    docs/performance.md), saying what still covers it there."""
+    from cluster.precision import BF16_CPU_FLAGS, cpu_flags
+
+    return pytest.mark.skipif(not BF16_CPU_FLAGS & cpu_flags(), reason=(
+        "this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is emulated, about ten times slower than fp32, and "
+        f"auto never trains in it here; {still_covered_by}"))
+
+
 # TensorFlow Datasets is the tensorflow extra, which `make test` installs; without it the tfds tests skip
 needs_tfds = pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is None,
                                 reason="tensorflow_datasets is not installed: pip install 'trainflow[tensorflow]'")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.precision import BF16_CPU_FLAGS, cpu_flags
-from tests.conftest import cores_for_tests
+from tests.conftest import cores_for_tests, needs_native_bf16
 from tests.e2e.test_cifar10 import cifar_dir_or_skip
 
 
@@ -61,9 +60,7 @@ def article_fp32(subset, tmp_path_factory) -> tuple[Path, float, int]:
 @pytest.mark.slow
 @pytest.mark.cifar
 @pytest.mark.timeout(900)  # also preparing the subset
-@pytest.mark.skipif(not BF16_CPU_FLAGS & cpu_flags(), reason=(
-    "this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is emulated, about ten times slower than fp32 "
-    "(docs/performance.md), and auto never trains in it here; tests/cluster/test_torch_loop.py still trains in bf16"))
+@needs_native_bf16("tests/cluster/test_torch_loop.py still trains in bf16")
 def test_bf16_channels_last_within_a_point_of_fp32_on_the_subset(article_fp32, tmp_path):
     """fp32 and bf16 + channels_last in this process on the prepared subset, same seed, epochs and batches.
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from cluster.pytorch import model as tb
 from cluster.config import TrainLoopConfig
-from cluster.precision import BF16_CPU_FLAGS, cpu_flags
 from cluster.recipes import RECIPES, fast_cifar as fc, get_recipe
 from cluster.recipes.schedules import constant, warmup_linear_decay
 from cluster.pytorch.loop import LocalContext, train_loop
 from tests.cluster.test_torch_loop import data_dir
+from tests.conftest import needs_native_bf16
 
 
 def spec(size: int = 32, channels: int = 3, classes: int = 10) -> tb.ModelSpec:
@@ -197,10 +197,9 @@ class CrashingContext(LocalContext):
         super().report(metrics, checkpoint_dir)
 
 
-# Muon orthogonalises its filters' updates in bf16 (as airbench94_muon does), emulated on a CPU without native bf16
-NO_NATIVE_BF16 = pytest.mark.skipif(not BF16_CPU_FLAGS & cpu_flags(), reason=(
-    "fast_cifar_muon orthogonalises in bf16, which this CPU (no AVX-512 BF16 or AMX) emulates: its four epochs ran "
-    "past the 300 s timeout; its pieces are tested in tests/cluster/test_fast_cifar_muon.py on any CPU"))
+# Muon orthogonalises its filters' updates in bf16 (as airbench94_muon does), whatever the run trains in
+NO_NATIVE_BF16 = needs_native_bf16("fast_cifar_muon orthogonalises in bf16, and its pieces are tested in "
+                                   "tests/cluster/test_fast_cifar_muon.py on any CPU")
 
 
 @pytest.mark.parametrize("recipe", [pytest.param(name, marks=NO_NATIVE_BF16) if name == "fast_cifar_muon" else name

@@ -20,6 +20,7 @@ from cluster.execution.nodecache import StoredData
 from cluster.pytorch.model import predict, read_state
 from tasks.store import open_store
 from tasks.train import stored_data
+from tests.conftest import descendants, title
 
 
 def in_place(store_uri: str, ref) -> StoredData:
@@ -30,15 +31,10 @@ def in_place(store_uri: str, ref) -> StoredData:
 
 
 def ray_titles() -> set[str]:
-    """The titles of this machine's Ray processes (``ray::TrainController``, ...), read from their command lines."""
-    import psutil
-
-    titles = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        argv = proc.info["cmdline"] or []
-        if argv and argv[0].startswith("ray::"):
-            titles.add(argv[0].split()[0].split(".")[0])
-    return titles
+    """The titles of the Ray processes this test process started (``ray::TrainController``, ...): the session's
+    Ray, not another on the machine."""
+    titles = (title(pid) for pid in descendants(os.getpid()))
+    return {name.split()[0].split(".")[0] for name in titles if name.startswith("ray::")}
 
 
 # Each fit starts a Ray Train worker group (~20 s on two cores): slow. `make test-fast` still trains through Ray

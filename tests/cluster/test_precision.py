@@ -10,6 +10,7 @@ import pytest
 from cluster.config import TrainLoopConfig
 from cluster.errors import UserError
 from cluster.precision import BF16_CPU_FLAGS, Precision, agree, cpu_flags, describe, resolve
+from tests.conftest import needs_native_bf16
 
 SAPPHIRE_RAPIDS = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"})
 COOPER_LAKE = frozenset({"avx512f", "avx512_bf16"})
@@ -117,9 +118,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BF16_CPU_FLAGS & cpu_flags(), reason=(
-    "this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 is emulated, about ten times slower than fp32 "
-    "(docs/performance.md), and auto never trains in it here; tests/cluster/test_torch_loop.py still trains in bf16"))
+@needs_native_bf16("tests/cluster/test_torch_loop.py still trains in bf16")
 def test_bf16_channels_last_within_a_point_of_fp32_on_digits(digits, tmp_path):
     """Same seed, epochs, batches and learning rate; test accuracy of the final checkpoints, as evaluation sees it."""
     import torch

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import descendants, title
 from tests.flows.test_cli import ROOT
 
 EPOCHS = 6
@@ -91,30 +92,6 @@ def wait_for_epoch(epoch: int, process: subprocess.Popen, log: Path, timeout: fl
         assert process.poll() is None, log.read_text()[-4000:]
         assert time.monotonic() < deadline, f"epoch {epoch} not reported within {timeout} s"
         time.sleep(0.1)
-
-
-def descendants(root: int) -> list[int]:
-    """Every process whose parent chain reaches ``root``, read from /proc."""
-    parent = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, ppid in parent.items() if ppid in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def train_workers(driver: int) -> list[int]:
