@@ -130,6 +130,11 @@ class TrialPlan:
         can draw the same values twice, and two runs of one name at once would share their checkpoints)."""
         return f"{run_identity(self.fingerprint, self.config_of(values))}-trial-{trial_id}"
 
+    def reports(self, values: Mapping[str, Any], trial_id: str) -> list[dict]:
+        """What trial ``trial_id``'s run has reported, epoch by epoch, up to its latest checkpoint."""
+        done = latest_state(self.storage_filesystem, f"{self.storage_path}/{self.run_name(values, trial_id)}")
+        return (done or {}).get("history", [])
+
 
 @dataclass(frozen=True, kw_only=True)
 class SweepSpec:
@@ -203,10 +208,10 @@ def run_trial(values: dict, plan: TrialPlan) -> None:
     def report(metrics: Mapping) -> None:
         tune.report({**{k: v for k, v in metrics.items() if v is not None}, "run_id": name})
 
-    done = latest_state(plan.storage_filesystem, f"{plan.storage_path}/{name}")
-    for metrics in (done or {}).get("history", []):  # what the run has already trained: the scheduler's view
+    trained = plan.reports(values, tune.get_context().get_trial_id())
+    for metrics in trained:  # what the run has already trained: the scheduler's view
         report(metrics)
-    if done and done["epoch"] >= cfg.epochs:
+    if trained and trained[-1]["epoch"] >= cfg.epochs:
         return
     fit(cfg, plan.resources, data=plan.data, run_name=name, storage_path=plan.storage_path,
         storage_filesystem=plan.storage_filesystem, on_report=report, weights=plan.weights)
@@ -231,10 +236,10 @@ def tune_sweep(plan: TrialPlan, spec: SweepSpec, *, name: str, storage_path: str
     import functools
 
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from cluster.execution.sweep_watch import Watch, listening
+    from cluster.execution.sweep_watch import ResumingASHA, Watch, listening
 
     trainable = tune.with_resources(functools.partial(run_trial, plan=plan), TRIAL_DRIVER)
     path = f"{storage_path.rstrip('/')}/{name}"
@@ -242,7 +247,7 @@ def tune_sweep(plan: TrialPlan, spec: SweepSpec, *, name: str, storage_path: str
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_filesystem)
     else:
-        scheduler = (ASHAScheduler(time_attr=TIME_ATTR, max_t=plan.base.epochs, grace_period=1, reduction_factor=2)
+        scheduler = (ResumingASHA(time_attr=TIME_ATTR, max_t=plan.base.epochs, grace_period=1, reduction_factor=2)
                      if spec.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space={s.name: s.to_tune() for s in spec.spaces},
@@ -254,7 +259,7 @@ def tune_sweep(plan: TrialPlan, spec: SweepSpec, *, name: str, storage_path: str
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                       callbacks=[Watch()], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)))
-    with listening(on_result, on_change):
+    with listening(on_result, on_change, lambda trial_id, values: plan.reports(values, trial_id)):
         grid = tuner.fit()
     return [{"trial_id": result.path.rstrip("/").rsplit("/", 1)[-1],
              "values": {k: result.config[k] for k in sorted(result.config)},

@@ -101,3 +101,38 @@ def test_the_table_says_what_each_trial_did():
     assert table[1] == {"trial": "x_00001", "batch_size": 32, "lr": 0.1, "status": "finished",
                         "best val accuracy": 0.3123, "epochs run": 1, "stopped early": True}
     assert table[0]["stopped early"] is False and table[2]["status"] == "waiting"
+
+
+def test_a_resumed_asha_judges_new_trials_against_the_finished_ones():
+    """Tune restores a sweep's scheduler as it was when the sweep started; the finished trials' rungs come back
+    from their runs' reports (Tune's own ASHA would let the trailing trial below run on)."""
+    from ray.tune.experiment import Trial as TuneTrial
+    from ray.tune.schedulers import TrialScheduler
+
+    from cluster.execution.sweep_watch import ResumingASHA, listening
+
+    def fresh():
+        return ResumingASHA(time_attr="epoch", metric="val_accuracy", mode="max", max_t=4, grace_period=1,
+                            reduction_factor=2)
+
+    done = TuneTrial("sweep", config={"lr": 0.05}, trial_id="t_00000", stub=True)
+    done.set_status(TuneTrial.TERMINATED)
+    ran = {"t_00000": [{"epoch": e, "val_accuracy": a} for e, a in [(1, 0.6), (2, 0.7), (3, 0.75), (4, 0.8)]]}
+    asked = []
+
+    def reports(trial_id, values):
+        asked.append((trial_id, values))
+        return ran.get(trial_id, [])
+
+    trailing = TuneTrial("sweep", config={"lr": 0.001}, trial_id="t_00001", stub=True)
+    with listening(lambda *_: None, lambda rows: None, reports):
+        resumed = fresh()
+        resumed.on_trial_add(None, done)
+        resumed.on_trial_add(None, trailing)
+        assert resumed.on_trial_result(None, trailing, {"epoch": 1, "val_accuracy": 0.3}) == TrialScheduler.STOP
+    assert asked == [("t_00000", {"lr": 0.05})]  # only the finished trial's runs are read
+
+    forgetful = fresh()  # outside `listening` (and so Tune's own ASHA on a resumed sweep): nothing to learn from
+    forgetful.on_trial_add(None, done)
+    forgetful.on_trial_add(None, trailing)
+    assert forgetful.on_trial_result(None, trailing, {"epoch": 1, "val_accuracy": 0.3}) == TrialScheduler.CONTINUE
