@@ -47,10 +47,11 @@ def sweep_identity(fingerprint: str, cfg: TrainLoopConfig, spec: SweepSpec) -> s
 
 
 def trial_of(store: Store, plan: TrialPlan, row: dict) -> Trial:
-    """A trial as its run stands in the store."""
+    """A trial as the scheduler saw it: the epochs of its run in the store that it reported to Tune (a run
+    that Tune stopped can have trained on for a moment, until its workers were stopped)."""
     run_id = plan.run_name(row["values"], row["trial_id"])
     found = latest_checkpoint(store, f"checkpoints/{run_id}")
-    history = found[1]["history"] if found else []
+    history = (found[1]["history"] if found else [])[:row["epochs"]]
     accuracies = [m["val_accuracy"] for m in history if m.get("val_accuracy") is not None]
     return Trial(trial_id=row["trial_id"], run_id=run_id, values=row["values"], epochs=len(history),
                  best_val_accuracy=max(accuracies, default=None),
@@ -181,6 +182,7 @@ def track_sweep_task(tracking: Tracking, result: SweepResult, prepared: Prepared
     histories = {}
     for trial in result.trials:
         found = latest_checkpoint(opened, f"checkpoints/{trial.run_id}")
-        histories[trial.run_id] = tuple(EpochMetrics(**m) for m in found[1]["history"]) if found else ()
+        history = found[1]["history"][:trial.epochs] if found else []  # what the scheduler saw (trial_of)
+        histories[trial.run_id] = tuple(EpochMetrics(**m) for m in history)
     return SweepTracking(tracking, store, result.sweep_id, prepared.fingerprint).finish(result, evaluation, release,
                                                                                        histories)

@@ -225,7 +225,8 @@ def trial_dirname(trial) -> str:
 def tune_sweep(plan: TrialPlan, spec: SweepSpec, *, name: str, storage_path: str, storage_filesystem=None,
                on_result: Callable[[str, dict, dict], None] = lambda trial, values, metrics: None,
                on_change: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
-    """Run (or resume) the sweep ``name``; returns one row per trial: its id, drawn values and error (or None).
+    """Run (or resume) the sweep ``name``; returns one row per trial: its id, drawn values, the epochs Tune saw it
+    report (a stopped trial's run may have trained on for a moment before it was stopped) and error (or None).
 
     The experiment's state is kept under ``storage_path/name``: called again after its driver died, the
     sweep goes on from there (finished trials are not run again; unfinished ones resume from their runs'
@@ -263,6 +264,7 @@ def tune_sweep(plan: TrialPlan, spec: SweepSpec, *, name: str, storage_path: str
         grid = tuner.fit()
     return [{"trial_id": result.path.rstrip("/").rsplit("/", 1)[-1],
              "values": {k: result.config[k] for k in sorted(result.config)},
+             "epochs": int((result.metrics or {}).get(TIME_ATTR, 0)),
              "error": None if result.error is None else " ".join(str(result.error).split())[:300]}
             for result in grid]
 

@@ -18,11 +18,11 @@ from tasks.tracking import ENV
 from tests.flows.test_cli import ROOT, trainflow
 
 EPOCHS, TRIALS = 4, 4
-# one trial at a time: ASHA's decisions then depend on the trials' (deterministic) accuracies alone, not on
-# which of two trials reaches a rung first
+# one trial at a time, in fp32 on every CPU: ASHA's decisions then depend on the trials' (deterministic)
+# accuracies alone, not on which of two trials reaches a rung first or on what `auto` picks on this CPU
 ARGS = ["sweep", "--preset", "digits-quickstart", "--image-size", "8", "--workers", "1", "--epochs", str(EPOCHS),
-        "--search", "lr=loguniform:0.001:0.1", "--search", "batch_size=choice:32,64", "--trials", str(TRIALS),
-        "--max-concurrent", "1", "--mlflow-experiment", "sweep", "--json"]
+        "--precision", "fp32", "--search", "lr=loguniform:0.001:0.1", "--search", "batch_size=choice:32,64",
+        "--trials", str(TRIALS), "--max-concurrent", "1", "--mlflow-experiment", "sweep", "--json"]
 
 
 def checkpoints(store: Path, run_id: str) -> list[str]:
