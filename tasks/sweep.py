@@ -46,12 +46,17 @@ def sweep_identity(fingerprint: str, cfg: TrainLoopConfig, spec: SweepSpec) -> s
     return f"sweep-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def trial_of(store: Store, plan: TrialPlan, row: dict) -> Trial:
-    """A trial as the scheduler saw it: the epochs of its run in the store that it reported to Tune (a run
-    that Tune stopped can have trained on for a moment, until its workers were stopped)."""
-    run_id = plan.run_name(row["values"], row["trial_id"])
+def reported_history(store: Store, run_id: str, epochs: int) -> list[dict]:
+    """The first ``epochs`` epochs of run ``run_id`` in the store: those its trial reported to Tune (a run that
+    Tune stopped can have trained on for a moment, until its workers were stopped)."""
     found = latest_checkpoint(store, f"checkpoints/{run_id}")
-    history = (found[1]["history"] if found else [])[:row["epochs"]]
+    return (found[1]["history"] if found else [])[:epochs]
+
+
+def trial_of(store: Store, plan: TrialPlan, row: dict) -> Trial:
+    """A trial as the scheduler saw it (:func:`reported_history`)."""
+    run_id = plan.run_name(row["values"], row["trial_id"])
+    history = reported_history(store, run_id, row["epochs"])
     accuracies = [m["val_accuracy"] for m in history if m.get("val_accuracy") is not None]
     return Trial(trial_id=row["trial_id"], run_id=run_id, values=row["values"], epochs=len(history),
                  best_val_accuracy=max(accuracies, default=None),
@@ -179,10 +184,7 @@ def track_sweep_task(tracking: Tracking, result: SweepResult, prepared: Prepared
     """Prefect task: the sweep's results into its MLflow run and its trials' (the sweep logged their epochs as
     they came); returns the sweep's MLflow run id."""
     opened = open_store(store)
-    histories = {}
-    for trial in result.trials:
-        found = latest_checkpoint(opened, f"checkpoints/{trial.run_id}")
-        history = found[1]["history"][:trial.epochs] if found else []  # what the scheduler saw (trial_of)
-        histories[trial.run_id] = tuple(EpochMetrics(**m) for m in history)
+    histories = {trial.run_id: tuple(EpochMetrics(**m) for m in reported_history(opened, trial.run_id, trial.epochs))
+                 for trial in result.trials}
     return SweepTracking(tracking, store, result.sweep_id, prepared.fingerprint).finish(result, evaluation, release,
                                                                                        histories)

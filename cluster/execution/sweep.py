@@ -203,12 +203,13 @@ def run_trial(values: dict, plan: TrialPlan) -> None:
     from cluster.execution.trainer import fit
 
     cfg = plan.config_of(values)
-    name = plan.run_name(values, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    name = plan.run_name(values, trial_id)
 
     def report(metrics: Mapping) -> None:
         tune.report({**{k: v for k, v in metrics.items() if v is not None}, "run_id": name})
 
-    trained = plan.reports(values, tune.get_context().get_trial_id())
+    trained = plan.reports(values, trial_id)
     for metrics in trained:  # what the run has already trained: the scheduler's view
         report(metrics)
     if trained and trained[-1]["epoch"] >= cfg.epochs:
